@@ -1,0 +1,71 @@
+"""Build the ready-to-run encoder: tower tensors → (LoRA merged) → device and dtype → fused q/k/v."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from .checkpoint import CheckpointError, EncoderConfig, load_tower_state, read_config
+from .encoder import AudioEncoder
+from .logmel import LogMel
+from .lora import MergeReport, merge_adapter
+
+logger = logging.getLogger(__name__)
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {device}: CUDA is not available on this machine")
+    return dev
+
+
+def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
+    if dtype == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    return DTYPES[dtype]
+
+
+@dataclass
+class LoadedModel:
+    encoder: AudioEncoder
+    logmel: LogMel
+    cfg: EncoderConfig
+    device: torch.device
+    dtype: torch.dtype
+    model_fingerprint: str
+    adapter: MergeReport | None
+
+
+def load_model(model_dir: Path, adapter_dir: Path | None, device: torch.device, dtype: torch.dtype) -> LoadedModel:
+    cfg = read_config(Path(model_dir))
+    state, model_fp = load_tower_state(Path(model_dir))
+    with torch.device("meta"):
+        encoder = AudioEncoder(cfg)
+    expected = set(encoder.state_dict())
+    missing, unexpected = sorted(expected - set(state)), sorted(set(state) - expected)
+    if missing or unexpected:
+        raise CheckpointError(
+            f"{model_dir}: audio_tower tensors do not match audio_config: missing {missing[:5]}, unexpected {unexpected[:5]}"
+        )
+    # The merge is done in float32 whatever the checkpoint's dtype, then cast once.
+    encoder.load_state_dict({k: v.float() for k, v in state.items()}, strict=True, assign=True)
+    del state
+    adapter = None
+    if adapter_dir is not None:
+        encoder, adapter = merge_adapter(encoder, Path(adapter_dir))
+    encoder = encoder.to(device=device, dtype=dtype)
+    encoder.prepare_for_inference()
+    logger.info(
+        "model: %d layers × d_model %d on %s in %s (tower %s…%s)",
+        cfg.encoder_layers, cfg.d_model, device, str(dtype).removeprefix("torch."),
+        model_fp[:8], f", adapter {adapter.fingerprint[:8]}…" if adapter else "",
+    )
+    return LoadedModel(encoder, LogMel(cfg.num_mel_bins, device), cfg, device, dtype, model_fp, adapter)

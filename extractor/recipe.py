@@ -1,0 +1,49 @@
+"""What a run computes, frozen, saved beside the outputs and compared on resume."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, fields
+
+from .constants import CHUNK_SECONDS, SAMPLE_RATE
+
+RECIPE_VERSION = 1
+METADATA_KEY = b"qwen2_audio_embeddings.recipe"
+# Fields that change the numbers: a resume into an output written with other values is refused.
+# package_version is recorded but not compared, so a bug-fix release can finish a run.
+NOT_COMPARED = ("package_version",)
+
+
+@dataclass(frozen=True)
+class Recipe:
+    model_fingerprint: str
+    adapter_fingerprint: str | None
+    d_model: int
+    padding_mask: bool
+    dtype: str  # compute dtype on the device: float32 | bfloat16 | float16
+    pooling: str = "mean"  # mean | none (per-frame output)
+    output_dtype: str = "float32"
+    windowing: str = f"{CHUNK_SECONDS}s-consecutive-from-0"
+    frame_pooling: str = "mean-of-valid-frames-over-all-windows"
+    sample_rate: int = SAMPLE_RATE
+    recipe_version: int = RECIPE_VERSION
+    package_version: str = ""
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), sort_keys=True)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "Recipe":
+        names = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in names})
+
+    def differences(self, other: "Recipe") -> list[str]:
+        """Human-readable 'field: old → new' for each compared field that differs."""
+        out = []
+        for f in fields(self):
+            if f.name in NOT_COMPARED:
+                continue
+            a, b = getattr(other, f.name), getattr(self, f.name)
+            if a != b:
+                out.append(f"{f.name}: {a!r} (existing output) → {b!r} (this run)")
+        return out
