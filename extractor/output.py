@@ -24,7 +24,7 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from .recipe import METADATA_KEY, Recipe
+from .recipe import Recipe
 
 logger = logging.getLogger(__name__)
 

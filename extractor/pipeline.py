@@ -11,31 +11,27 @@ Queues between them are bounded, so host memory stays flat however long the mani
 
 from __future__ import annotations
 
-import json
 import logging
-import math
 import os
 import queue
 import threading
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import polars as pl
-import pyarrow as pa
 import torch
 
 from . import __version__
-from .batching import Batch, Window, make_batch, plan_batches, split_windows
-from .constants import OUTPUT_FRAME_RATE_HZ, SAMPLE_RATE, encoder_tokens, mel_frames
+from .batching import Window, make_batch, plan_batches, split_windows
 from .decode import DecodeRequest
-from .embed import encode_batch, to_device
 from .manifest import Manifest, ManifestSpec, read_manifest, shard_of
 from .model import LoadedModel, load_model, resolve_device, resolve_dtype
 from .output import OutputDir, Shard
 from .progress import Progress
-from .recipe import METADATA_KEY, Recipe
+from .recipe import Recipe
+from .runner import Budget, DeviceLoop, RowResults
+from .writer import PartWriter
 from .workers import DecodePool, WorkerFailure
 
 logger = logging.getLogger(__name__)
@@ -66,6 +62,9 @@ class JobOptions:
     token_budget: int | None = None  # None: device default
     shard: Shard = Shard()
     progress: bool = True
+    # "module:function" run in the decode workers instead of decode_request; for tests that need
+    # a decoder which really crashes or hangs. Not a user-facing knob.
+    decode_fn: str | None = None
 
 
 @dataclass
@@ -108,12 +107,6 @@ class Summary:
         return d
 
 
-def window_flops(n_mel: int, tokens: int, cfg) -> float:
-    """Useful FLOPs of one window by the shared cost formula (real audio only)."""
-    D, L = cfg.d_model, cfg.encoder_layers
-    return 2 * cfg.num_mel_bins * D * 3 * n_mel + 2 * D * D * 3 * tokens + L * (24 * tokens * D * D + 4 * tokens * tokens * D)
-
-
 def default_decode_workers() -> int:
     return max(1, min(16, (os.cpu_count() or 2) - 1))
 
@@ -122,174 +115,6 @@ def default_token_budget(device: torch.device) -> int:
     # GPU: ~32k tokens per batch fills an H100's GEMMs (M ≥ 16k) while the fc1 activation stays
     # well under 1 GB in bf16. CPU: one full window; CPU batches hold one window each anyway.
     return 32_768 if device.type == "cuda" else 1_500
-
-
-# ---------------------------------------------------------------------------------------------
-# Results of one row, assembled from its windows
-# ---------------------------------------------------------------------------------------------
-
-
-@dataclass
-class RowState:
-    windows_left: int
-    duration_s: float
-    sum: np.ndarray | None = None
-    frames: int = 0
-    frame_parts: dict[int, np.ndarray] = field(default_factory=dict)
-
-
-class RowResults:
-    """Thread-safe accumulator: window outputs in, finished rows out."""
-
-    def __init__(self, d_model: int, keep_frames: bool):
-        self.d_model = d_model
-        self.keep_frames = keep_frames
-        self._rows: dict[int, RowState] = {}
-        self._lock = threading.Lock()
-
-    def register(self, item: int, n_windows: int, duration_s: float) -> None:
-        with self._lock:
-            self._rows[item] = RowState(n_windows, duration_s)
-
-    def add(self, window: Window, window_sum: np.ndarray, frames: np.ndarray | None):
-        """Returns (item, embedding, frames, duration) when this was the item's last window."""
-        with self._lock:
-            st = self._rows[window.item]
-            st.sum = window_sum.astype(np.float64) if st.sum is None else st.sum + window_sum
-            st.frames += window.out
-            if frames is not None:
-                st.frame_parts[window.index] = frames
-            st.windows_left -= 1
-            if st.windows_left:
-                return None
-            del self._rows[window.item]
-        emb = (st.sum / st.frames).astype(np.float32)
-        all_frames = np.concatenate([st.frame_parts[i] for i in sorted(st.frame_parts)]) if self.keep_frames else None
-        return window.item, emb, all_frames, st.duration_s
-
-
-# ---------------------------------------------------------------------------------------------
-# Writer
-# ---------------------------------------------------------------------------------------------
-
-
-class PartWriter:
-    """Collects finished rows and failures; commits a part when it is big or old enough."""
-
-    def __init__(self, out: OutputDir, manifest: Manifest, pending: pl.DataFrame, recipe: Recipe, opts: JobOptions, d_model: int, progress: Progress):
-        self.out, self.manifest, self.pending, self.recipe, self.opts, self.d_model = out, manifest, pending, recipe, opts, d_model
-        self.progress = progress
-        self.seq = out.next_seq()
-        self.rows: list[tuple[int, np.ndarray, np.ndarray | None, float]] = []
-        self.failures: list[tuple[int, str]] = []
-        self.bytes = 0
-        self.first_at: float | None = None
-        self.embedded = self.failed = 0
-        self.audio_s = 0.0
-        self._q: queue.Queue = queue.Queue(maxsize=4096)
-        self.error: BaseException | None = None
-        self._thread = threading.Thread(target=self._loop, name="writer", daemon=True)
-        self._kept = list(opts.manifest.keep_columns)
-        self._meta = {METADATA_KEY: recipe.to_json().encode()}
-
-    def start(self) -> None:
-        self._thread.start()
-
-    def put_row(self, item, emb, frames, duration) -> None:
-        self._check()
-        self._q.put(("row", (item, emb, frames, duration)))
-
-    def put_failure(self, item: int, error: str) -> None:
-        self._check()
-        self._q.put(("fail", (item, error)))
-
-    def close(self) -> None:
-        self._q.put(("close", None))
-        self._thread.join()
-        self._check()
-
-    def _check(self) -> None:
-        if self.error is not None:
-            raise RuntimeError(f"writing the output failed: {self.error}") from self.error
-
-    def _loop(self) -> None:
-        try:
-            while True:
-                try:
-                    kind, payload = self._q.get(timeout=1.0)
-                except queue.Empty:
-                    kind, payload = "tick", None
-                if kind == "row":
-                    self.rows.append(payload)
-                    self.bytes += payload[1].nbytes + (payload[2].nbytes if payload[2] is not None else 0)
-                    self.first_at = self.first_at or time.monotonic()
-                elif kind == "fail":
-                    self.failures.append(payload)
-                    self.first_at = self.first_at or time.monotonic()
-                elif kind == "close":
-                    self._commit()
-                    return
-                n = len(self.rows) + len(self.failures)
-                if n and (
-                    n >= self.opts.part_rows
-                    or self.bytes >= self.opts.part_bytes
-                    or time.monotonic() - self.first_at >= self.opts.commit_seconds
-                ):
-                    self._commit()
-        except BaseException as e:  # surfaced to the device loop through _check()
-            logger.error("writer failed: %s", e)
-            self.error = e
-            # Keep draining so producers never block on a dead writer.
-            while True:
-                try:
-                    if self._q.get(timeout=0.1)[0] == "close":
-                        return
-                except queue.Empty:
-                    continue
-
-    def _commit(self) -> None:
-        name = f"part-{self.out.shard.tag}-{self.seq:06d}.parquet"
-        if self.rows:
-            self.out.commit_table(self._rows_table(), name, failures=False)
-        if self.failures:
-            self.out.commit_table(self._failures_table(), name, failures=True)
-        if self.rows or self.failures:
-            self.seq += 1
-            audio = sum(r[3] for r in self.rows)
-            self.embedded += len(self.rows)
-            self.failed += len(self.failures)
-            self.audio_s += audio
-            self.progress.update(len(self.rows) + len(self.failures), len(self.failures), audio)
-        self.rows, self.failures, self.bytes, self.first_at = [], [], 0, None
-
-    def _rows_table(self) -> pa.Table:
-        items = [r[0] for r in self.rows]
-        base = self.pending[items]
-        np_dtype = np.float16 if self.opts.output_dtype == "float16" else np.float32
-        pa_type = pa.float16() if self.opts.output_dtype == "float16" else pa.float32()
-        emb = np.stack([r[1] for r in self.rows]).astype(np_dtype)
-        cols = {
-            "id": self.manifest.to_arrow("id", base["id"]),
-            "embedding": pa.FixedSizeListArray.from_arrays(pa.array(emb.reshape(-1), type=pa_type), self.d_model),
-            "duration_s": pa.array([r[3] for r in self.rows], type=pa.float64()),
-        }
-        if self.opts.pooling == "none":
-            counts = np.array([len(r[2]) for r in self.rows], dtype=np.int32)
-            flat = np.concatenate([r[2] for r in self.rows]).astype(np_dtype)
-            inner = pa.FixedSizeListArray.from_arrays(pa.array(flat.reshape(-1), type=pa_type), self.d_model)
-            offsets = pa.array(np.concatenate([[0], np.cumsum(counts)]).astype(np.int32))
-            cols["frames"] = pa.ListArray.from_arrays(offsets, inner)
-            cols["frame_rate_hz"] = pa.array(np.full(len(items), OUTPUT_FRAME_RATE_HZ), type=pa.float64())
-        for c in self._kept:
-            cols[c] = self.manifest.to_arrow(c, base[c])
-        return pa.table(cols).replace_schema_metadata(self._meta)
-
-    def _failures_table(self) -> pa.Table:
-        items = [f[0] for f in self.failures]
-        base = self.pending[items]
-        return pa.table(
-            {"id": self.manifest.to_arrow("id", base["id"]), "path": self.manifest.to_arrow("path", base["path"]), "error": pa.array([f[1] for f in self.failures], type=pa.string())}
-        ).replace_schema_metadata(self._meta)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -335,7 +160,7 @@ class Producer(threading.Thread):
         try:
             pool_tokens = 0
             windows: list[Window] = []
-            with DecodePool(self.workers, timeout_s=self.opts.decode_timeout_s) as pool:
+            with DecodePool(self.workers, timeout_s=self.opts.decode_timeout_s, decode_fn=_resolve(self.opts.decode_fn)) as pool:
                 for items, result in pool.imap(decode_requests(self.pending, self.opts.max_duration_s)):
                     if self.stop.is_set():
                         return
@@ -369,121 +194,13 @@ class Producer(threading.Thread):
             self.batches.put(None)
 
 
-@dataclass
-class Budget:
-    tokens: int
+def _resolve(spec: str | None):
+    if spec is None:
+        return None
+    import importlib
 
-
-# ---------------------------------------------------------------------------------------------
-# Device loop
-# ---------------------------------------------------------------------------------------------
-
-
-def _split(windows: list[Window]) -> list[list[Window]]:
-    half = len(windows) // 2
-    return [windows[:half], windows[half:]]
-
-
-class DeviceLoop:
-    """Runs batches; one batch stays in flight so the next one's copies and launches overlap."""
-
-    def __init__(self, model: LoadedModel, results: RowResults, writer: PartWriter, budget: Budget, summary: Summary):
-        self.model, self.results, self.writer, self.budget, self.summary = model, results, writer, budget, summary
-        self.keep_frames = results.keep_frames
-        self.cuda = model.device.type == "cuda"
-
-    def _launch(self, batch: Batch):
-        dev = to_device(batch, self.model.device)
-        sums, frames = encode_batch(self.model, batch, dev, keep_frames=self.keep_frames)
-        if self.cuda:
-            host_sums = torch.empty(sums.shape, dtype=sums.dtype, pin_memory=True)
-            host_sums.copy_(sums, non_blocking=True)
-            host_frames = None
-            if frames is not None:
-                host_frames = torch.empty(frames.shape, dtype=frames.dtype, pin_memory=True)
-                host_frames.copy_(frames, non_blocking=True)
-            event = torch.cuda.Event()
-            event.record()
-            return batch, host_sums, host_frames, event
-        return batch, sums, frames, None
-
-    def _finish(self, inflight) -> None:
-        batch, sums, frames, event = inflight
-        if event is not None:
-            event.synchronize()
-        sums = sums.numpy()
-        frames = frames.numpy() if frames is not None else None
-        for j, w in enumerate(batch.windows):
-            f = frames[batch.frame_window == j] if frames is not None else None
-            done = self.results.add(w, sums[j], f)
-            if done is not None:
-                self.writer.put_row(*done)
-        self.summary.batches += 1
-
-    def _launch_with_backoff(self, batch: Batch) -> list:
-        """Launch a batch; on out-of-memory halve the budget and split it, never losing a window."""
-        try:
-            return [self._launch(batch)]
-        except torch.cuda.OutOfMemoryError:
-            if len(batch.windows) == 1:
-                raise
-            torch.cuda.empty_cache()
-            self.budget.tokens = max(self.budget.tokens // 2, max(w.tokens for w in batch.windows))
-            self.summary.oom_retries += 1
-            logger.warning("out of GPU memory on a batch of %d windows (%d tokens); retrying in halves, token budget now %d",
-                           len(batch.windows), batch.num_tokens, self.budget.tokens)
-            out = []
-            for half in _split(batch.windows):
-                out.extend(self._launch_with_backoff(make_batch(half)))
-                # Finish all but the last immediately: halves must not pile up on a full device.
-                while len(out) > 1:
-                    self._finish(out.pop(0))
-            return out
-
-    def run(self, producer: Producer, t0: float) -> None:
-        inflight = []
-        steady_start = None
-        cfg = self.model.cfg
-        idle = 0.0
-        while True:
-            t_wait = time.monotonic()
-            batch = producer.batches.get()
-            waited = time.monotonic() - t_wait
-            if batch is None:
-                break
-            if self.summary.time_to_first_batch_s is None:
-                self.summary.time_to_first_batch_s = time.monotonic() - t0
-            elif steady_start is not None:
-                idle += waited
-            flops = sum(window_flops(mel_frames(len(w.samples)), encoder_tokens(mel_frames(len(w.samples))), cfg) for w in batch.windows)
-            audio = sum(len(w.samples) for w in batch.windows) / SAMPLE_RATE
-            self.summary.useful_flops += flops
-            launched = self._launch_with_backoff(batch)
-            for item in inflight:
-                self._finish(item)
-            inflight = launched
-            if steady_start is None:
-                # Steady state starts once the first batch is back: compilation, warm-up and the
-                # decode pipeline's fill are behind us.
-                for item in inflight:
-                    self._finish(item)
-                inflight = []
-                steady_start = time.monotonic()
-            else:
-                self.summary.steady_useful_flops += flops
-                self.summary.steady_audio_seconds += audio
-            self.writer._check()
-        for item in inflight:
-            self._finish(item)
-        if steady_start is not None:
-            self.summary.steady_wall_seconds = time.monotonic() - steady_start
-            if self.summary.steady_wall_seconds > 0:
-                self.summary.device_idle_fraction = idle / self.summary.steady_wall_seconds
-
-
-# ---------------------------------------------------------------------------------------------
-# The job
-# ---------------------------------------------------------------------------------------------
+    module, _, name = spec.partition(":")
+    return getattr(importlib.import_module(module), name)
 
 
 class ConfigError(Exception):
@@ -575,7 +292,10 @@ def _finish_summary(summary: Summary, t0: float, failed_total: int, opts: JobOpt
 def _stream(source: Manifest, pending: pl.DataFrame, opts: JobOptions, model: LoadedModel, out: OutputDir, recipe: Recipe, summary: Summary, t0: float) -> None:
     progress = Progress(len(pending), enabled=opts.progress)
     results = RowResults(model.cfg.d_model, keep_frames=opts.pooling == "none")
-    writer = PartWriter(out, source, pending, recipe, opts, model.cfg.d_model, progress)
+    writer = PartWriter(
+        out, source, pending, recipe, progress,
+        keep_columns=opts.manifest.keep_columns, part_rows=opts.part_rows, part_bytes=opts.part_bytes, commit_seconds=opts.commit_seconds,
+    )
     budget = Budget(opts.token_budget or default_token_budget(model.device))
     # CPU: one window per batch, so a row's numbers never depend on which rows shared its batch
     # (CPU GEMMs are not batch-invariant; measured 7.6e-6 differences) and a resumed run gives
@@ -588,7 +308,7 @@ def _stream(source: Manifest, pending: pl.DataFrame, opts: JobOptions, model: Lo
     writer.start()
     producer.start()
     try:
-        DeviceLoop(model, results, writer, budget, summary).run(producer, t0)
+        DeviceLoop(model, results, writer, budget, summary).run(producer.batches, t0)
     except BaseException:
         producer.stop.set()
         raise

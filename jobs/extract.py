@@ -60,6 +60,7 @@ def _columns(value: str | None) -> tuple[str, ...]:
 @click.option("--num-shards", type=click.IntRange(min=1), default=1, show_default=True)
 @click.option("--summary-json", type=click.Path(dir_okay=False), help="Write the run's summary here (for XCom and dashboards).")
 @click.option("--log-level", default="INFO", show_default=True)
+@click.option("--decode-fn", hidden=True, help="module:function replacing the decoder (tests only).")
 def extract(**kw) -> None:
     """Embed every audio of a Parquet manifest with Qwen2-Audio's audio tower (+ LoRA) into Parquet parts.
 
@@ -79,7 +80,7 @@ def extract(**kw) -> None:
         padding_mask=not kw["no_padding_mask"], pooling=kw["pooling"], output_dtype=kw["output_dtype"],
         part_rows=kw["part_rows"], max_failure_rate=kw["max_failure_rate"], retry_failed=kw["retry_failed"],
         decode_workers=kw["decode_workers"], decode_timeout_s=kw["decode_timeout_s"], max_duration_s=kw["max_duration_s"],
-        token_budget=kw["token_budget"], shard=Shard(kw["shard_index"], kw["num_shards"]),
+        token_budget=kw["token_budget"], shard=Shard(kw["shard_index"], kw["num_shards"]), decode_fn=kw["decode_fn"],
     )
     try:
         summary = run_job(opts)

@@ -1,0 +1,181 @@
+"""The device loop: packed batches in, per-row embeddings out, with one batch kept in flight."""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+import numpy as np
+import torch
+
+from .batching import Batch, Window, make_batch
+from .constants import SAMPLE_RATE, encoder_tokens, mel_frames
+from .embed import encode_batch, to_device
+from .model import LoadedModel
+
+if TYPE_CHECKING:
+    from .pipeline import Summary
+    from .writer import PartWriter
+
+logger = logging.getLogger(__name__)
+
+
+def window_flops(n_mel: int, tokens: int, cfg) -> float:
+    """Useful FLOPs of one window by the shared cost formula (real audio only)."""
+    D, L = cfg.d_model, cfg.encoder_layers
+    return 2 * cfg.num_mel_bins * D * 3 * n_mel + 2 * D * D * 3 * tokens + L * (24 * tokens * D * D + 4 * tokens * tokens * D)
+
+
+@dataclass
+class Budget:
+    """Encoder tokens per batch; shared with the producer, halved on out-of-memory."""
+
+    tokens: int
+
+
+@dataclass
+class RowState:
+    windows_left: int
+    duration_s: float
+    sum: np.ndarray | None = None
+    frames: int = 0
+    frame_parts: dict[int, np.ndarray] = field(default_factory=dict)
+
+
+class RowResults:
+    """Thread-safe accumulator: window outputs in, finished rows out."""
+
+    def __init__(self, d_model: int, keep_frames: bool):
+        self.d_model = d_model
+        self.keep_frames = keep_frames
+        self._rows: dict[int, RowState] = {}
+        self._lock = threading.Lock()
+
+    def register(self, item: int, n_windows: int, duration_s: float) -> None:
+        with self._lock:
+            self._rows[item] = RowState(n_windows, duration_s)
+
+    def add(self, window: Window, window_sum: np.ndarray, frames: np.ndarray | None):
+        """Returns (item, embedding, frames, duration) when this was the item's last window."""
+        with self._lock:
+            st = self._rows[window.item]
+            st.sum = window_sum.astype(np.float64) if st.sum is None else st.sum + window_sum
+            st.frames += window.out
+            if frames is not None:
+                st.frame_parts[window.index] = frames
+            st.windows_left -= 1
+            if st.windows_left:
+                return None
+            del self._rows[window.item]
+        emb = (st.sum / st.frames).astype(np.float32)
+        all_frames = np.concatenate([st.frame_parts[i] for i in sorted(st.frame_parts)]) if self.keep_frames else None
+        return window.item, emb, all_frames, st.duration_s
+
+
+def _split(windows: list[Window]) -> list[list[Window]]:
+    half = len(windows) // 2
+    return [windows[:half], windows[half:]]
+
+
+class DeviceLoop:
+    """Runs batches; one batch stays in flight so the next one's copies and launches overlap."""
+
+    def __init__(self, model: LoadedModel, results: RowResults, writer: "PartWriter", budget: Budget, summary: "Summary"):
+        self.model, self.results, self.writer, self.budget, self.summary = model, results, writer, budget, summary
+        self.keep_frames = results.keep_frames
+        self.cuda = model.device.type == "cuda"
+
+    def _launch(self, batch: Batch):
+        dev = to_device(batch, self.model.device)
+        sums, frames = encode_batch(self.model, batch, dev, keep_frames=self.keep_frames)
+        if self.cuda:
+            host_sums = torch.empty(sums.shape, dtype=sums.dtype, pin_memory=True)
+            host_sums.copy_(sums, non_blocking=True)
+            host_frames = None
+            if frames is not None:
+                host_frames = torch.empty(frames.shape, dtype=frames.dtype, pin_memory=True)
+                host_frames.copy_(frames, non_blocking=True)
+            event = torch.cuda.Event()
+            event.record()
+            return batch, host_sums, host_frames, event
+        return batch, sums, frames, None
+
+    def _finish(self, inflight) -> None:
+        batch, sums, frames, event = inflight
+        if event is not None:
+            event.synchronize()
+        sums = sums.numpy()
+        frames = frames.numpy() if frames is not None else None
+        for j, w in enumerate(batch.windows):
+            f = frames[batch.frame_window == j] if frames is not None else None
+            done = self.results.add(w, sums[j], f)
+            if done is not None:
+                self.writer.put_row(*done)
+        self.summary.batches += 1
+
+    def _launch_with_backoff(self, batch: Batch) -> list:
+        """Launch a batch; on out-of-memory halve the budget and split it, never losing a window."""
+        try:
+            return [self._launch(batch)]
+        except torch.cuda.OutOfMemoryError:
+            if len(batch.windows) == 1:
+                raise
+            torch.cuda.empty_cache()
+            self.budget.tokens = max(self.budget.tokens // 2, max(w.tokens for w in batch.windows))
+            self.summary.oom_retries += 1
+            logger.warning("out of GPU memory on a batch of %d windows (%d tokens); retrying in halves, token budget now %d",
+                           len(batch.windows), batch.num_tokens, self.budget.tokens)
+            out = []
+            for half in _split(batch.windows):
+                out.extend(self._launch_with_backoff(make_batch(half)))
+                # Finish all but the last immediately: halves must not pile up on a full device.
+                while len(out) > 1:
+                    self._finish(out.pop(0))
+            return out
+
+    def run(self, batches: queue.Queue, t0: float) -> None:
+        """Consume `batches` until a None arrives; t0 is the job's start, for time to first batch."""
+        inflight = []
+        steady_start = None
+        cfg = self.model.cfg
+        idle = 0.0
+        while True:
+            t_wait = time.monotonic()
+            batch = batches.get()
+            waited = time.monotonic() - t_wait
+            if batch is None:
+                break
+            if self.summary.time_to_first_batch_s is None:
+                self.summary.time_to_first_batch_s = time.monotonic() - t0
+            elif steady_start is not None:
+                idle += waited
+            flops = sum(window_flops(mel_frames(len(w.samples)), encoder_tokens(mel_frames(len(w.samples))), cfg) for w in batch.windows)
+            audio = sum(len(w.samples) for w in batch.windows) / SAMPLE_RATE
+            self.summary.useful_flops += flops
+            launched = self._launch_with_backoff(batch)
+            for item in inflight:
+                self._finish(item)
+            inflight = launched
+            if steady_start is None:
+                # Steady state starts once the first batch is back: compilation, warm-up and the
+                # decode pipeline's fill are behind us.
+                for item in inflight:
+                    self._finish(item)
+                inflight = []
+                steady_start = time.monotonic()
+            else:
+                self.summary.steady_useful_flops += flops
+                self.summary.steady_audio_seconds += audio
+            self.writer._check()
+        for item in inflight:
+            self._finish(item)
+        if steady_start is not None:
+            self.summary.steady_wall_seconds = time.monotonic() - steady_start
+            if self.summary.steady_wall_seconds > 0:
+                self.summary.device_idle_fraction = idle / self.summary.steady_wall_seconds
+
+
