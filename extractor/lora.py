@@ -132,7 +132,10 @@ def merge_adapter(encoder: nn.Module, adapter_dir: Path) -> tuple[nn.Module, Mer
         alpha_pattern={_strip_pattern(k): v for k, v in (config.get("alpha_pattern") or {}).items()},
     )
     peft_model = get_peft_model(encoder, lora_config)
-    result = set_peft_model_state_dict(peft_model, state)
+    try:
+        result = set_peft_model_state_dict(peft_model, state)
+    except RuntimeError as e:  # size mismatch: an adapter trained on another tower shape
+        raise AdapterError(f"{adapter_dir}: adapter tensors do not fit the tower: {e}") from e
     missing_lora = [k for k in result.missing_keys if "lora_" in k]
     if result.unexpected_keys or missing_lora:
         raise AdapterError(

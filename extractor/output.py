@@ -158,11 +158,11 @@ class OutputDir:
     def open_for_writing(self, recipe: Recipe) -> RunLock:
         """Create the directory, take the lock, check or write the recipe, clean our temporaries."""
         self.root.mkdir(parents=True, exist_ok=True)
-        (self.root / FAILURES_DIR).mkdir(exist_ok=True)
-        (self.root / TMP_DIR).mkdir(exist_ok=True)
         lock = RunLock(self.root, self.shard)
         lock.acquire()
         try:
+            (self.root / FAILURES_DIR).mkdir(exist_ok=True)
+            (self.root / TMP_DIR).mkdir(exist_ok=True)
             self.check_recipe(recipe)
             for tmp in (self.root / TMP_DIR).glob(f"part-{self.shard.tag}-*"):
                 logger.info("removing %s left by an interrupted run", tmp)

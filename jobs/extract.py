@@ -68,7 +68,8 @@ def extract(**kw) -> None:
     OUTPUT/part-*.parquet or OUTPUT/_failures/. Every flag can also be set as an environment
     variable, EXTRACT_EMBEDDINGS_<FLAG> (e.g. EXTRACT_EMBEDDINGS_PART_ROWS=5000).
     """
-    logging.basicConfig(level=kw["log_level"].upper(), stream=sys.stderr, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    # force: the command owns the process's logging (and under test, the current sys.stderr).
+    logging.basicConfig(force=True, level=kw["log_level"].upper(), stream=sys.stderr, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if kw["shard_index"] >= kw["num_shards"]:
         raise click.BadParameter(f"--shard-index {kw['shard_index']} must be below --num-shards {kw['num_shards']}")
     opts = JobOptions(

@@ -1,0 +1,98 @@
+"""Loading reads only the tower (issue 2, acceptance 2)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import safetensors
+import torch
+
+from builders import build_checkpoint, corrupt_language_model_shards
+from extractor.checkpoint import CheckpointError, load_tower_state, read_config
+from extractor.model import load_model
+
+
+def test_garbage_language_model_shard_still_loads(tmp_path):
+    ckpt = build_checkpoint(tmp_path / "ckpt")
+    before, fp_before = load_tower_state(ckpt)
+    corrupted = corrupt_language_model_shards(ckpt)
+    assert corrupted, "the builder must produce a language-model-only shard"
+    after, fp_after = load_tower_state(ckpt)
+    assert fp_after == fp_before
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    load_model(ckpt, None, torch.device("cpu"), torch.float32)  # the whole load path
+
+
+def test_missing_language_model_shard_still_loads(tmp_path):
+    ckpt = build_checkpoint(tmp_path / "ckpt")
+    for shard in corrupt_language_model_shards(ckpt):
+        shard.unlink()
+    state, _ = load_tower_state(ckpt)
+    assert "layers.0.self_attn.q_proj.weight" in state
+
+
+def test_only_tower_tensors_are_read(tmp_path, monkeypatch):
+    ckpt = build_checkpoint(tmp_path / "ckpt")
+    requested = []
+    real_open = safetensors.safe_open
+
+    class Spy:
+        def __init__(self, *a, **kw):
+            self._f = real_open(*a, **kw)
+
+        def __enter__(self):
+            self._f.__enter__()
+            return self
+
+        def __exit__(self, *exc):
+            return self._f.__exit__(*exc)
+
+        def keys(self):
+            return self._f.keys()
+
+        def get_tensor(self, key):
+            requested.append(key)
+            return self._f.get_tensor(key)
+
+    monkeypatch.setattr("extractor.checkpoint.safe_open", Spy)
+    state, _ = load_tower_state(ckpt)
+    assert requested and all(k.startswith("audio_tower.") for k in requested)
+    index = json.loads((ckpt / "model.safetensors.index.json").read_text())["weight_map"]
+    assert len(requested) == sum(k.startswith("audio_tower.") for k in index) == len(state)
+
+
+def test_single_file_checkpoint(tmp_path):
+    ckpt = build_checkpoint(tmp_path / "ckpt", single_file=True)
+    state, _ = load_tower_state(ckpt)
+    assert state and all(not k.startswith("audio_tower.") for k in state)
+
+
+def test_shape_comes_from_config(checkpoint_factory):
+    cfg = read_config(checkpoint_factory(d_model=96, heads=6, ffn_dim=192, encoder_layers=3))
+    assert (cfg.d_model, cfg.encoder_layers, cfg.encoder_attention_heads, cfg.encoder_ffn_dim) == (96, 3, 6, 192)
+
+
+def test_fingerprint_changes_with_weights(checkpoint_factory):
+    _, a = load_tower_state(checkpoint_factory(seed=0))
+    _, b = load_tower_state(checkpoint_factory(seed=1))
+    assert a != b
+
+
+@pytest.mark.parametrize("damage", ["no_config", "not_qwen2_audio", "no_weights", "config_mismatch"])
+def test_bad_checkpoints_are_refused(tmp_path, damage):
+    ckpt = build_checkpoint(tmp_path / "ckpt")
+    cfg_path = ckpt / "config.json"
+    if damage == "no_config":
+        cfg_path.unlink()
+    elif damage == "not_qwen2_audio":
+        cfg_path.write_text(json.dumps({"model_type": "llama"}))
+    elif damage == "no_weights":
+        for f in ckpt.glob("*.safetensors*"):
+            f.unlink()
+    elif damage == "config_mismatch":
+        cfg = json.loads(cfg_path.read_text())
+        cfg["audio_config"]["encoder_layers"] = 3
+        cfg_path.write_text(json.dumps(cfg))
+    with pytest.raises(CheckpointError):
+        load_model(ckpt, None, torch.device("cpu"), torch.float32)

@@ -1,0 +1,104 @@
+"""The job's numbers equal the canonical HF + PEFT path computed in the test (issue 2, acceptance 1).
+
+The reference (tests/canonical.py) runs Qwen2AudioForConditionalGeneration's tower with the
+PEFT adapter *unmerged*, the HF feature extractor on 30 s padded windows and the padding mask
+built as Qwen2AudioModel.forward builds it. Ours merges the adapter, trims every window to its
+length and packs windows together.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from builders import speechlike
+from canonical import canonical_embedding, canonical_frames, cosine, load_canonical
+from extractor.batching import make_batch, plan_batches, split_windows
+from extractor.embed import run_batch
+from extractor.model import load_model
+
+SR = 16_000
+# Under a second, around one window, exactly 30 s, over 30 s (2 and 3 windows), and the
+# shortest clip with one output frame (321 samples).
+DURATIONS = [321 / SR, 0.25, 0.9, 7.3, 29.99, 30.0, 30.01, 47.5, 61.0]
+
+
+def clips():
+    return [speechlike(d, SR, seed=i) for i, d in enumerate(DURATIONS)]
+
+
+def ours(model, waves, *, padding_mask=True, token_budget=1500, max_windows=1):
+    """Per-clip (embedding, frames) through the job's own batching and encoder."""
+    windows = [w for i, x in enumerate(waves) for w in split_windows(i, x, padding_mask=padding_mask)]
+    frames: dict[tuple[int, int], np.ndarray] = {}
+    for group in plan_batches(windows, token_budget=token_budget, max_windows=max_windows):
+        batch = make_batch(group)
+        out = run_batch(model, batch, keep_frames=True)
+        for j, w in enumerate(group):
+            frames[(w.item, w.index)] = out.frames[batch.frame_window == j]
+    result = []
+    for i in range(len(waves)):
+        f = np.concatenate([frames[k] for k in sorted(frames) if k[0] == i])
+        result.append((f.mean(0), f))
+    return result
+
+
+@pytest.fixture(scope="module")
+def merged(tiny_model, tiny_adapter):
+    return load_model(tiny_model, tiny_adapter, torch.device("cpu"), torch.float32)
+
+
+@pytest.mark.parametrize("padding_mask", [True, False], ids=["masked", "no-padding-mask"])
+def test_embeddings_equal_canonical(merged, tiny_ref_adapted, padding_mask):
+    for d, x, (emb, frames) in zip(DURATIONS, clips(), ours(merged, clips(), padding_mask=padding_mask)):
+        ref_frames = canonical_frames(tiny_ref_adapted, x, padding_mask=padding_mask)
+        assert frames.shape == ref_frames.shape, f"{d} s: frame count"
+        assert cosine(emb, canonical_embedding(tiny_ref_adapted, x, padding_mask=padding_mask)) >= 0.9999, f"{d} s"
+        rel = np.abs(frames - ref_frames).max() / np.abs(ref_frames).max()
+        assert rel < 1e-4, f"{d} s: frames differ by {rel:.2e}"
+
+
+def test_no_padding_mask_is_a_different_function(merged, tiny_ref_adapted):
+    """Guards against a test that passes because both modes compute the same thing."""
+    x = clips()[3]
+    masked = ours(merged, [x])[0][0]
+    unmasked = ours(merged, [x], padding_mask=False)[0][0]
+    assert cosine(masked, unmasked) < 0.999
+
+
+def test_packing_many_windows_matches_one_at_a_time(merged):
+    """The GPU path packs windows into one sequence; on CPU the same code must agree with batch size 1."""
+    waves = clips()
+    single = ours(merged, waves)
+    packed = ours(merged, waves, token_budget=20_000, max_windows=64)
+    for (a, _), (b, _) in zip(single, packed):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("layout", ["tf5_full", "tf4_full", "tower"])
+def test_each_adapter_layout_equals_canonical(tiny_model, adapter_factory, tiny_ref_adapted, layout):
+    # build_adapter draws identical tower LoRA tensors for every layout with the same seed, so the
+    # tf5_full reference serves all three (PEFT cannot load tf4 keys into transformers 5 at all).
+    model = load_model(tiny_model, adapter_factory(layout), torch.device("cpu"), torch.float32)
+    assert model.adapter.modules == 6
+    for x, (emb, _) in zip(clips()[1:5], ours(model, clips()[1:5])):
+        assert cosine(emb, canonical_embedding(tiny_ref_adapted, x)) >= 0.9999
+
+
+def test_without_adapter_equals_canonical(tiny_model, tiny_ref):
+    model = load_model(tiny_model, None, torch.device("cpu"), torch.float32)
+    x = clips()[4]
+    assert cosine(ours(model, [x])[0][0], canonical_embedding(tiny_ref, x)) >= 0.9999
+
+
+def test_full_width_model_equals_canonical(checkpoint_factory, adapter_factory):
+    """d_model 1280 / 20 heads / head_dim 64, the real width, where q scaling folds exactly into the weights."""
+    ckpt = checkpoint_factory(d_model=1280, heads=20, ffn_dim=5120, encoder_layers=2)
+    adapter = adapter_factory("tower", model_dir=ckpt, r=16, alpha=32)
+    ref = load_canonical(ckpt, adapter, "tower")
+    model = load_model(ckpt, adapter, torch.device("cpu"), torch.float32)
+    assert model.cfg.d_model == 1280 and model.cfg.head_dim == 64
+    waves = [speechlike(3.2, SR, seed=11), speechlike(0.5, SR, seed=12)]
+    for x, (emb, _) in zip(waves, ours(model, waves)):
+        assert cosine(emb, canonical_embedding(ref, x)) >= 0.9999
