@@ -2,6 +2,13 @@
 
 __version__ = "0.1.0"
 
-from .api import Embedder  # noqa: E402  (after __version__: submodules read it)
-
 __all__ = ["Embedder", "__version__"]
+
+
+def __getattr__(name: str):
+    # Lazy: decode workers import extractor.decode and must not pay for torch (3 s, 220 MB each).
+    if name == "Embedder":
+        from .api import Embedder
+
+        return Embedder
+    raise AttributeError(f"module 'extractor' has no attribute {name!r}")

@@ -26,6 +26,7 @@ from . import __version__
 from .batching import Window, make_batch, plan_batches, split_windows
 from .decode import DecodeRequest
 from .manifest import Manifest, ManifestSpec, read_manifest, shard_of
+from .checkpoint import EncoderConfig, read_config
 from .model import LoadedModel, load_model, resolve_device, resolve_dtype
 from .output import OutputDir, Shard
 from .progress import Progress
@@ -138,27 +139,48 @@ def decode_requests(pending: pl.DataFrame, max_duration_s: float):
 
 
 class Producer(threading.Thread):
-    def __init__(self, pending, opts: JobOptions, results: RowResults, writer: PartWriter, budget: "Budget", workers: int, max_windows: int):
+    """Decoded rows → windows → packed batches, onto `self.batches`.
+
+    The queue carries Batch objects and, between them, lists of (item, error) failure records;
+    the device loop forwards the failures to the writer. Failures travel with the batches so the
+    producer can start before the writer exists: decoding overlaps model loading at startup.
+    """
+
+    def __init__(self, pending, opts: JobOptions, results: RowResults, budget: Budget, workers: int, max_windows: int):
         super().__init__(name="producer", daemon=True)
-        self.pending, self.opts, self.results, self.writer, self.budget = pending, opts, results, writer, budget
+        self.pending, self.opts, self.results, self.budget = pending, opts, results, budget
         self.workers, self.max_windows = workers, max_windows
-        self.batches: queue.Queue = queue.Queue(maxsize=3)
+        self.batches: queue.Queue = queue.Queue(maxsize=4)  # ~40 MB of waveforms per GPU batch
         self.error: BaseException | None = None
         self.stop = threading.Event()
+        self._failures: list[tuple[int, str]] = []
+
+    def _put(self, item) -> None:
+        while not self.stop.is_set():
+            try:
+                self.batches.put(item, timeout=0.5)
+                return
+            except queue.Full:
+                continue
+
+    def _fail(self, item: int, error: str) -> None:
+        self._failures.append((item, error))
+        if len(self._failures) >= 256:
+            self._flush_failures()
+
+    def _flush_failures(self) -> None:
+        if self._failures:
+            self._put(self._failures)
+            self._failures = []
 
     def _emit(self, windows: list[Window]) -> None:
+        self._flush_failures()
         for group in plan_batches(windows, token_budget=self.budget.tokens, max_windows=self.max_windows):
-            batch = make_batch(group)
-            while not self.stop.is_set():
-                try:
-                    self.batches.put(batch, timeout=0.5)
-                    break
-                except queue.Full:
-                    continue
+            self._put(make_batch(group))
 
     def run(self) -> None:
         try:
-            pool_tokens = 0
+            pool_tokens, first = 0, True
             windows: list[Window] = []
             with DecodePool(self.workers, timeout_s=self.opts.decode_timeout_s, decode_fn=_resolve(self.opts.decode_fn)) as pool:
                 for items, result in pool.imap(decode_requests(self.pending, self.opts.max_duration_s)):
@@ -167,26 +189,24 @@ class Producer(threading.Thread):
                     per_item = [result] * len(items) if isinstance(result, WorkerFailure) else result
                     for item, res in zip(items, per_item):
                         if isinstance(res, WorkerFailure):
-                            self.writer.put_failure(item, res.error)
-                            continue
-                        if isinstance(res, BaseException):
-                            self.writer.put_failure(item, f"{type(res).__name__}: {res}")
-                            continue
-                        ws = split_windows(item, res.samples, padding_mask=self.opts.padding_mask)
-                        if not ws:
-                            self.writer.put_failure(
-                                item, f"TooShort: {self.pending['path'][item]} is too short ({res.duration_s * 1000:.1f} ms) for one output frame"
-                            )
-                            continue
-                        self.results.register(item, len(ws), res.duration_s)
-                        windows.extend(ws)
-                        pool_tokens += sum(w.tokens for w in ws)
-                    # Sort within a pool of a few batches: little padding, bounded memory.
-                    if pool_tokens >= 4 * self.budget.tokens:
+                            self._fail(item, res.error)
+                        elif isinstance(res, BaseException):
+                            self._fail(item, f"{type(res).__name__}: {res}")
+                        elif not (ws := split_windows(item, res.samples, padding_mask=self.opts.padding_mask)):
+                            path = self.pending["path"][item]
+                            self._fail(item, f"TooShort: {path} is too short ({res.duration_s * 1000:.1f} ms) for one output frame")
+                        else:
+                            self.results.register(item, len(ws), res.duration_s)
+                            windows.extend(ws)
+                            pool_tokens += sum(w.tokens for w in ws)
+                    # Sort within a pool of a few batches: little padding, bounded memory. The
+                    # first pool is one batch, so the device starts as early as possible.
+                    if pool_tokens >= (1 if first else 4) * self.budget.tokens:
                         self._emit(windows)
-                        windows, pool_tokens = [], 0
+                        windows, pool_tokens, first = [], 0, False
             if windows:
                 self._emit(windows)
+            self._flush_failures()
         except BaseException as e:
             self.error = e
             logger.error("producer failed: %s", e, exc_info=True)
@@ -216,6 +236,7 @@ def build_recipe(model: LoadedModel, opts: JobOptions) -> Recipe:
         dtype=str(model.dtype).removeprefix("torch."),
         pooling=opts.pooling,
         output_dtype=opts.output_dtype,
+        gelu="tanh-epilogue" if model.encoder.fused_gelu else "erf",
         package_version=__version__,
     )
 
@@ -245,41 +266,54 @@ def run_job(opts: JobOptions, model: LoadedModel | None = None) -> Summary:
     if opts.shard.count > 1:
         manifest = manifest.filter(shard_of(manifest["id"], opts.shard.count) == opts.shard.index)
     device = resolve_device(opts.device)
-    if model is None:
-        model = load_model(Path(opts.model), Path(opts.adapter) if opts.adapter else None, device, resolve_dtype(opts.dtype, device))
-    recipe = build_recipe(model, opts)
+    dtype = resolve_dtype(opts.dtype, device)
+    cfg = read_config(Path(opts.model)) if model is None else model.cfg
     out = OutputDir(opts.output, opts.shard)
-    summary = Summary(output=str(out.root), rows_total=len(manifest), device=torch.cuda.get_device_name(model.device) if model.device.type == "cuda" else "cpu")
-
-    if out.existing_recipe() is not None:
-        out.check_recipe(recipe)
+    summary = Summary(output=str(out.root), rows_total=len(manifest), device=torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu")
     pending, n_done, n_failed = pending_rows(manifest, out, include_failed=opts.retry_failed)
-    summary.skipped = n_done + (0 if opts.retry_failed else n_failed)
-    if not len(pending) and out.existing_recipe() is not None and (out.root / opts.shard.marker).exists() and out.is_complete():
-        return _finish_summary(summary, t0, n_failed, opts, noop=True)
 
-    lock = out.open_for_writing(recipe)
+    # Decoding starts now, while the model loads; nothing is written until the lock is held.
+    stream = Stream(source, pending, opts, cfg, device) if len(pending) else None
     try:
-        # Re-read under the lock: a run that just finished may have committed more.
-        if opts.retry_failed:
-            dropped = out.drop_failures()
-            if dropped:
-                logger.info("--retry-failed: %d failed rows are pending again", dropped)
-        pending, n_done, n_failed = pending_rows(manifest, out, include_failed=opts.retry_failed)
+        if model is None:
+            t = time.monotonic()
+            model = load_model(Path(opts.model), Path(opts.adapter) if opts.adapter else None, device, dtype)
+            logger.info("model loaded in %.1f s", time.monotonic() - t)
+        recipe = build_recipe(model, opts)
+        if out.existing_recipe() is not None:
+            out.check_recipe(recipe)
         summary.skipped = n_done + (0 if opts.retry_failed else n_failed)
-        if len(pending):
-            out.clear_markers()
-            logger.info("%d rows to embed (%d already embedded, %d failed earlier) → %s", len(pending), n_done, n_failed, out.root)
-            _stream(source, pending, opts, model, out, recipe, summary, t0)
-        out.write_markers()
-        summary.complete = out.is_complete()
+        if stream is None and out.existing_recipe() is not None and (out.root / opts.shard.marker).exists() and out.is_complete():
+            return _finish_summary(summary, t0, n_failed, noop=True)
+
+        lock = out.open_for_writing(recipe)
+        try:
+            if opts.retry_failed:
+                dropped = out.drop_failures()
+                if dropped:
+                    logger.info("--retry-failed: %d failed rows are pending again", dropped)
+            # Re-read under the lock: a run that ended since the first look may have committed more.
+            again, n_done, n_failed = pending_rows(manifest, out, include_failed=opts.retry_failed)
+            summary.skipped = n_done + (0 if opts.retry_failed else n_failed)
+            if stream is not None and len(again) != len(pending):
+                stream.stop()
+                stream = Stream(source, again, opts, cfg, device) if len(again) else None
+            if stream is not None:
+                out.clear_markers()
+                logger.info("%d rows to embed (%d already embedded, %d failed earlier) → %s", len(again), n_done, n_failed, out.root)
+                stream.run(model, out, recipe, summary, t0)
+            out.write_markers()
+            summary.complete = out.is_complete()
+        finally:
+            lock.release()
     finally:
-        lock.release()
+        if stream is not None:
+            stream.stop()
     _, _, n_failed_total = pending_rows(manifest, out, include_failed=True)
-    return _finish_summary(summary, t0, n_failed_total, opts)
+    return _finish_summary(summary, t0, n_failed_total)
 
 
-def _finish_summary(summary: Summary, t0: float, failed_total: int, opts: JobOptions, noop: bool = False) -> Summary:
+def _finish_summary(summary: Summary, t0: float, failed_total: int, noop: bool = False) -> Summary:
     summary.wall_seconds = time.monotonic() - t0
     summary.failure_rate = failed_total / summary.rows_total if summary.rows_total else 0.0
     summary.complete = summary.complete or noop
@@ -289,35 +323,43 @@ def _finish_summary(summary: Summary, t0: float, failed_total: int, opts: JobOpt
     return summary
 
 
-def _stream(source: Manifest, pending: pl.DataFrame, opts: JobOptions, model: LoadedModel, out: OutputDir, recipe: Recipe, summary: Summary, t0: float) -> None:
-    progress = Progress(len(pending), enabled=opts.progress)
-    results = RowResults(model.cfg.d_model, keep_frames=opts.pooling == "none")
-    writer = PartWriter(
-        out, source, pending, recipe, progress,
-        keep_columns=opts.manifest.keep_columns, part_rows=opts.part_rows, part_bytes=opts.part_bytes, commit_seconds=opts.commit_seconds,
-    )
-    budget = Budget(opts.token_budget or default_token_budget(model.device))
-    # CPU: one window per batch, so a row's numbers never depend on which rows shared its batch
-    # (CPU GEMMs are not batch-invariant; measured 7.6e-6 differences) and a resumed run gives
-    # bit-identical embeddings. GPUs pack as many windows as the budget allows.
-    max_windows = 1 if model.device.type == "cpu" else 4096
-    workers = opts.decode_workers if opts.decode_workers is not None else default_decode_workers()
-    producer = Producer(pending, opts, results, writer, budget, workers, max_windows)
-    if model.device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(model.device)
-    writer.start()
-    producer.start()
-    try:
-        DeviceLoop(model, results, writer, budget, summary).run(producer.batches, t0)
-    except BaseException:
-        producer.stop.set()
-        raise
-    finally:
-        producer.join(timeout=30)
-        progress.close()
-    writer.close()
-    if producer.error is not None:
-        raise RuntimeError(f"decoding failed: {producer.error}") from producer.error
-    summary.embedded, summary.failed, summary.audio_seconds = writer.embedded, writer.failed, writer.audio_s
-    if model.device.type == "cuda":
-        summary.gpu_peak_mem_gb = torch.cuda.max_memory_allocated(model.device) / 1e9
+class Stream:
+    """One pass over the pending rows: the producer starts at construction, the rest in run()."""
+
+    def __init__(self, source: Manifest, pending: pl.DataFrame, opts: JobOptions, cfg: EncoderConfig, device: torch.device):
+        self.source, self.pending, self.opts = source, pending, opts
+        self.results = RowResults(cfg.d_model, keep_frames=opts.pooling == "none")
+        self.budget = Budget(opts.token_budget or default_token_budget(device))
+        # CPU: one window per batch, so a row's numbers never depend on which rows shared its batch
+        # (CPU GEMMs are not batch-invariant; measured 7.6e-6 differences) and a resumed run gives
+        # bit-identical embeddings. GPUs pack as many windows as the budget allows.
+        max_windows = 1 if device.type == "cpu" else 4096
+        workers = opts.decode_workers if opts.decode_workers is not None else default_decode_workers()
+        self.producer = Producer(pending, opts, self.results, self.budget, workers, max_windows)
+        self.producer.start()
+
+    def stop(self) -> None:
+        self.producer.stop.set()
+        self.producer.join(timeout=30)
+
+    def run(self, model: LoadedModel, out: OutputDir, recipe: Recipe, summary: Summary, t0: float) -> None:
+        opts = self.opts
+        progress = Progress(len(self.pending), enabled=opts.progress)
+        writer = PartWriter(
+            out, self.source, self.pending, recipe, progress,
+            keep_columns=opts.manifest.keep_columns, part_rows=opts.part_rows, part_bytes=opts.part_bytes, commit_seconds=opts.commit_seconds,
+        )
+        if model.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(model.device)
+        writer.start()
+        try:
+            DeviceLoop(model, self.results, writer, self.budget, summary).run(self.producer.batches, t0)
+        finally:
+            self.stop()
+            progress.close()
+        writer.close()
+        if self.producer.error is not None:
+            raise RuntimeError(f"decoding failed: {self.producer.error}") from self.producer.error
+        summary.embedded, summary.failed, summary.audio_seconds = writer.embedded, writer.failed, writer.audio_s
+        if model.device.type == "cuda":
+            summary.gpu_peak_mem_gb = torch.cuda.max_memory_allocated(model.device) / 1e9

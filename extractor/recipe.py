@@ -23,6 +23,7 @@ class Recipe:
     dtype: str  # compute dtype on the device: float32 | bfloat16 | float16
     pooling: str = "mean"  # mean | none (per-frame output)
     output_dtype: str = "float32"
+    gelu: str = "erf"  # erf (HF's exact GELU) | tanh-epilogue (fused into the GEMM; bf16/fp16 on CUDA)
     windowing: str = f"{CHUNK_SECONDS}s-consecutive-from-0"
     frame_pooling: str = "mean-of-valid-frames-over-all-windows"
     sample_rate: int = SAMPLE_RATE

@@ -13,7 +13,7 @@ import numpy as np
 import torch
 
 from .batching import Batch, Window, make_batch
-from .constants import SAMPLE_RATE, encoder_tokens, mel_frames
+from .constants import MAX_TOKENS, SAMPLE_RATE, encoder_tokens, mel_frames
 from .embed import encode_batch, to_device
 from .model import LoadedModel
 
@@ -125,7 +125,7 @@ class DeviceLoop:
             if len(batch.windows) == 1:
                 raise
             torch.cuda.empty_cache()
-            self.budget.tokens = max(self.budget.tokens // 2, max(w.tokens for w in batch.windows))
+            self.budget.tokens = max(self.budget.tokens // 2, MAX_TOKENS)
             self.summary.oom_retries += 1
             logger.warning("out of GPU memory on a batch of %d windows (%d tokens); retrying in halves, token budget now %d",
                            len(batch.windows), batch.num_tokens, self.budget.tokens)
@@ -149,6 +149,10 @@ class DeviceLoop:
             waited = time.monotonic() - t_wait
             if batch is None:
                 break
+            if isinstance(batch, list):  # failure records from the producer
+                for item, error in batch:
+                    self.writer.put_failure(item, error)
+                continue
             if self.summary.time_to_first_batch_s is None:
                 self.summary.time_to_first_batch_s = time.monotonic() - t0
             elif steady_start is not None:

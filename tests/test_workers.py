@@ -1,0 +1,276 @@
+"""Tests of extractor.workers: isolation from crashes and hangs, results, laziness, shutdown."""
+
+from __future__ import annotations
+
+import ctypes
+import multiprocessing as mp
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import soundfile as sf
+
+from extractor.decode import AudioError, Decoded, DecodeRequest, decode_request
+from extractor.workers import DecodePool, WorkerFailure
+
+TIMEOUT_S = 1.5
+REPO = Path(__file__).resolve().parents[1]
+
+
+# Decode functions run in the workers: top-level, so they pickle by reference.
+
+
+def faulty_decode(request: DecodeRequest):
+    """decode_request, unless the path asks for a fault."""
+    name = os.path.basename(request.path)
+    if "segv" in name:
+        ctypes.string_at(0)  # a real segfault in native code
+    if "sleep" in name:
+        time.sleep(60)
+    if "raise" in name:
+        raise ValueError(f"boom on {request.path}")
+    if "pid" in name:
+        return os.getpid()
+    return decode_request(request)
+
+
+def echo_size(request):
+    return np.full(request, 0.25, dtype=np.float32)
+
+
+# --- helpers --------------------------------------------------------------------------------
+
+
+def _our_children() -> list:
+    return [p for p in mp.active_children() if p.name == "decode-worker"]
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    # A zombie still answers kill(0); it is dead for our purposes.
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().split(")")[-1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+@pytest.fixture(scope="module")
+def audio_files(tmp_path_factory) -> list[str]:
+    d = tmp_path_factory.mktemp("audio")
+    rng = np.random.default_rng(0)
+    paths = []
+    for i, (sr, ext) in enumerate([(16000, "wav"), (44100, "flac"), (48000, "wav"), (22050, "ogg")]):
+        path = d / f"ok{i}.{ext}"
+        sf.write(path, (0.2 * rng.standard_normal((sr * 2, 2))).astype(np.float32), sr)
+        paths.append(str(path))
+    (d / "junk.wav").write_bytes(b"not audio" * 50)
+    paths.append(str(d / "junk.wav"))
+    paths.append(str(d / "missing.wav"))
+    return paths
+
+
+@pytest.fixture(scope="module")
+def pool():
+    """One faulty pool for the module: starting workers is the slow part."""
+    before = _our_children()
+    with DecodePool(2, timeout_s=TIMEOUT_S, decode_fn=faulty_decode) as p:
+        yield p
+    assert not set(_our_children()) - set(before)
+
+
+def _requests(paths, segments=((None, None), (0.5, 1.25))):
+    return [(i, DecodeRequest(p, segments, 60.0)) for i, p in enumerate(paths)]
+
+
+def _assert_same(got, want):
+    assert type(got) is type(want) and len(got) == len(want)
+    for g, w in zip(got, want, strict=True):
+        assert type(g) is type(w)
+        if isinstance(w, Decoded):
+            np.testing.assert_array_equal(g.samples, w.samples)
+            assert g.duration_s == w.duration_s
+            assert g.samples.flags.c_contiguous and g.samples.flags.writeable
+        else:
+            assert isinstance(g, AudioError) and str(g) == str(w)
+
+
+# --- tests ----------------------------------------------------------------------------------
+
+
+def test_results_equal_in_process_decode(audio_files):
+    items = _requests(audio_files)
+    with DecodePool(2) as p:  # the default decode_fn
+        results = dict(p.imap(items))
+    assert sorted(results) == [k for k, _ in items]
+    for key, request in items:
+        _assert_same(results[key], decode_request(request))
+
+
+def test_num_workers_zero_runs_inline(audio_files):
+    items = _requests(audio_files)
+    with DecodePool(0, decode_fn=faulty_decode) as p:
+        results = list(p.imap(items + [(99, DecodeRequest("/x/raise.wav"))]))
+        assert not _our_children()
+    assert [k for k, _ in results] == [k for k, _ in items] + [99]  # in order, in this thread
+    for (_, request), (_, got) in zip(items, results[:-1], strict=True):
+        _assert_same(got, decode_request(request))
+    assert results[-1][1] == WorkerFailure("ValueError: boom on /x/raise.wav")
+
+
+def test_segfault_fails_only_that_item(pool, audio_files, tmp_path):
+    segv = str(tmp_path / "segv.wav")
+    items = _requests(audio_files[:4])
+    items.insert(2, ("crash", DecodeRequest(segv)))
+    before = set(_our_children())
+
+    results = dict(pool.imap(items))
+
+    assert results["crash"] == WorkerFailure(f"DecoderCrashed: decoder crashed (signal 11: SIGSEGV) on {segv}")
+    for key, request in items:
+        if key != "crash":
+            _assert_same(results[key], decode_request(request))
+    after = set(_our_children())
+    assert len(after) == len(before) and all(p.is_alive() for p in after)
+    assert before - after  # the crashed worker was replaced
+
+
+def test_timeout_kills_and_replaces(pool, audio_files, tmp_path):
+    before = _our_children()
+    sleepy = str(tmp_path / "sleep.wav")
+    items = [("hang", DecodeRequest(sleepy))] + _requests(audio_files[:3])
+    t0 = time.monotonic()
+    results = dict(pool.imap(items))
+    elapsed = time.monotonic() - t0
+    assert results["hang"] == WorkerFailure(f"DecodeTimeout: decode timed out after 1.5 s on {sleepy}")
+    assert TIMEOUT_S <= elapsed < TIMEOUT_S + 3
+    for key, request in items[1:]:
+        _assert_same(results[key], decode_request(request))
+    assert len(_our_children()) == len(before)
+
+
+def test_exception_becomes_failure_without_killing_worker(tmp_path):
+    with DecodePool(1, decode_fn=faulty_decode) as p:
+        bad = str(tmp_path / "raise.wav")
+        items = [
+            ("pid1", DecodeRequest(str(tmp_path / "pid"))),
+            ("bad", DecodeRequest(bad)),
+            ("pid2", DecodeRequest(str(tmp_path / "pid"))),
+        ]
+        results = dict(p.imap(items))
+        assert results["bad"] == WorkerFailure(f"ValueError: boom on {bad}")
+        assert results["pid1"] == results["pid2"]  # the same worker served all three
+
+        # Ctrl-C reaches the whole process group; workers ignore it and keep serving.
+        os.kill(results["pid1"], signal.SIGINT)
+        time.sleep(0.1)
+        assert dict(p.imap(items[:1]))["pid1"] == results["pid1"]
+
+
+def test_key_names_failure_when_request_has_no_path():
+    with DecodePool(1, timeout_s=TIMEOUT_S, decode_fn=echo_size) as p:
+        ((key, result),) = list(p.imap([("item-7", -1)]))  # np.full(-1) raises ValueError
+    assert key == "item-7" and isinstance(result, WorkerFailure)
+    assert result.error.startswith("ValueError: ")
+
+
+def test_imap_is_lazy_and_bounded():
+    pulled = 0
+    yielded = 0
+    max_outstanding = 0
+
+    def items():
+        nonlocal pulled
+        for i in range(40):
+            pulled += 1
+            yield i, 1000 + i
+
+    with DecodePool(2, decode_fn=echo_size, max_inflight=3) as p:
+        for key, result in p.imap(items()):
+            yielded += 1
+            max_outstanding = max(max_outstanding, pulled - yielded)
+            assert isinstance(result, np.ndarray) and len(result) == 1000 + key
+    assert yielded == 40
+    assert max_outstanding <= 3
+
+
+def test_large_arrays_round_trip():
+    n = 16000 * 60 * 10  # ten minutes of 16 kHz float32: 38 MB
+    with DecodePool(2, decode_fn=echo_size) as p:
+        results = dict(p.imap((i, n + i) for i in range(4)))
+    for i, arr in results.items():
+        assert arr.dtype == np.float32 and arr.shape == (n + i,) and arr.flags.writeable
+        assert arr[0] == 0.25 and arr[-1] == 0.25
+
+
+def test_close_stops_busy_workers_promptly(tmp_path):
+    before = set(_our_children())
+    p = DecodePool(2, timeout_s=60, decode_fn=faulty_decode)
+    it = p.imap([(1, DecodeRequest(str(tmp_path / "pid"))), (2, DecodeRequest(str(tmp_path / "sleep")))])
+    assert next(it)[0] == 1  # the other worker is now asleep in decode_fn
+    ours = set(_our_children()) - before
+    assert len(ours) == 2
+    t0 = time.monotonic()
+    p.close()
+    assert time.monotonic() - t0 < 2
+    it.close()
+    assert not set(_our_children()) - before
+    assert not any(_alive(c.pid) for c in ours)
+    with pytest.raises(ValueError, match="closed"):
+        p.imap([])
+
+
+def test_abandoned_imap_does_not_leak_results(tmp_path, audio_files):
+    with DecodePool(1, timeout_s=60, decode_fn=faulty_decode) as p:
+        it = p.imap([(1, DecodeRequest(str(tmp_path / "pid"))), (2, DecodeRequest(str(tmp_path / "sleep")))])
+        next(it)
+        it.close()  # the sleeping worker is killed and replaced
+        results = list(p.imap(_requests(audio_files[:1])))
+        assert [k for k, _ in results] == [0]
+        _assert_same(results[0][1], decode_request(_requests(audio_files[:1])[0][1]))
+
+
+def test_workers_die_with_their_parent(tmp_path):
+    script = textwrap.dedent(
+        f"""
+        import sys, time
+        sys.path.insert(0, {str(REPO)!r})
+        import multiprocessing as mp
+        from extractor.workers import DecodePool, DecodeRequest
+        if __name__ == "__main__":
+            pool = DecodePool(2)
+            list(pool.imap([(0, DecodeRequest("/nonexistent.wav"))]))  # a worker is up and ready
+            print(" ".join(str(c.pid) for c in mp.active_children() if c.name == "decode-worker"), flush=True)
+            time.sleep(60)
+        """
+    )
+    (tmp_path / "parent.py").write_text(script)
+    proc = subprocess.Popen([sys.executable, str(tmp_path / "parent.py")], stdout=subprocess.PIPE, text=True)
+    try:
+        pids = [int(x) for x in proc.stdout.readline().split()]
+        assert len(pids) == 2 and all(_alive(pid) for pid in pids)
+    finally:
+        proc.kill()  # SIGKILL: no atexit, no cleanup code runs in the parent
+        proc.wait()
+    deadline = time.monotonic() + 10
+    while any(_alive(pid) for pid in pids) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not any(_alive(pid) for pid in pids)
+
+
+def test_bad_arguments():
+    with pytest.raises(ValueError):
+        DecodePool(-1)
+    with pytest.raises(ValueError):
+        DecodePool(1, timeout_s=0)
+    with pytest.raises(TypeError, match="picklable"):
+        DecodePool(1, decode_fn=lambda r: r)
