@@ -90,6 +90,8 @@ class Summary:
     batches: int = 0
     oom_retries: int = 0
     device_idle_fraction: float | None = None
+    host_rss_gb_first_batch: float | None = None
+    host_rss_gb_end: float | None = None
 
     @property
     def audio_seconds_per_second(self) -> float:

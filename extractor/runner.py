@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import queue
 import threading
 import time
@@ -22,6 +23,15 @@ if TYPE_CHECKING:
     from .writer import PartWriter
 
 logger = logging.getLogger(__name__)
+
+
+def host_rss_gb() -> float:
+    """Resident memory of this process (Linux), to show it stays flat over a long run."""
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 1e9
+    except OSError:
+        return float("nan")
 
 
 def window_flops(n_mel: int, tokens: int, cfg) -> float:
@@ -155,6 +165,7 @@ class DeviceLoop:
                 continue
             if self.summary.time_to_first_batch_s is None:
                 self.summary.time_to_first_batch_s = time.monotonic() - t0
+                logger.info("first batch on the device %.1f s after start", self.summary.time_to_first_batch_s)
             elif steady_start is not None:
                 idle += waited
             flops = sum(window_flops(mel_frames(len(w.samples)), encoder_tokens(mel_frames(len(w.samples))), cfg) for w in batch.windows)
@@ -165,6 +176,7 @@ class DeviceLoop:
                 self._finish(item)
             inflight = launched
             if steady_start is None:
+                self.summary.host_rss_gb_first_batch = host_rss_gb()
                 # Steady state starts once the first batch is back: compilation, warm-up and the
                 # decode pipeline's fill are behind us.
                 for item in inflight:
@@ -177,6 +189,7 @@ class DeviceLoop:
             self.writer._check()
         for item in inflight:
             self._finish(item)
+        self.summary.host_rss_gb_end = host_rss_gb()
         if steady_start is not None:
             self.summary.steady_wall_seconds = time.monotonic() - steady_start
             if self.summary.steady_wall_seconds > 0:
