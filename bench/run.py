@@ -92,7 +92,10 @@ def clip_flops(num_samples: int, d: int, layers: int) -> float:
 
 
 def peak_matmul_tflops(device) -> dict:
-    """Dense bf16 matmul throughput: warm-up 3, then 10 timed products, median of 5 repeats."""
+    """Dense bf16 matmul throughput: warm-up 3, then 10 timed products, the best of 5 repeats.
+
+    The best, not the median: repeats on an H200 here ranged 689-790 TFLOP/s within one run, and
+    MFU's denominator should be what the card can do, so that MFU errs low rather than high."""
     import torch
 
     n = 8192 if device.type == "cuda" else 1024  # CPU: only so the smoke run exercises this code
@@ -121,7 +124,7 @@ def peak_matmul_tflops(device) -> dict:
     del a, b, c
     if device.type == "cuda":
         torch.cuda.empty_cache()
-    return {"tflops": float(np.median(repeats)), "repeats_tflops": [round(r, 1) for r in repeats], "n": n}
+    return {"tflops": float(np.max(repeats)), "repeats_tflops": [round(r, 1) for r in repeats], "n": n}
 
 
 def run_extract(manifest: str, out_dir: Path, model_dir: str, adapter_dir: str, device: str, summary_path: Path) -> float:
@@ -331,12 +334,18 @@ def main(argv=None) -> int:
         if not args.skip_naive:
             t = time.perf_counter()
             dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+            # Both forms of the naive recipe: with the padding mask (the function the job computes,
+            # used for the cosine check) and without it (the seed's call and the shared notes'
+            # 1,197 audio-s/s; faster). The speedup is taken against the faster of the two.
             naive = run_naive(Path(ckpt["path"]), Path(adapter["path"]), naive_paths, device, dtype, log=log)
+            unmasked = run_naive(Path(ckpt["path"]), Path(adapter["path"]), naive_paths, device, dtype, log=log, padding_mask=False)
             phases["naive"] = time.perf_counter() - t
             r["naive"] = {k: v for k, v in naive.items() if k != "embeddings"}
-            log(f"naive: {naive['clips']} clips, {naive['audio_seconds']:.0f} audio-s in {naive['seconds']:.2f} s = "
-                f"{naive['audio_seconds_per_second']:,.0f} audio-s/s (feature extractor {naive['feature_extractor_seconds']:.2f} s); "
-                f"phase {phases['naive']:.1f} s")
+            r["naive_unmasked"] = {k: v for k, v in unmasked.items() if k != "embeddings"}
+            for name, n in (("masked", naive), ("unmasked", unmasked)):
+                log(f"naive ({name}): {n['clips']} clips, {n['audio_seconds']:.0f} audio-s in {n['seconds']:.2f} s = "
+                    f"{n['audio_seconds_per_second']:,.0f} audio-s/s (feature extractor {n['feature_extractor_seconds']:.2f} s)")
+            log(f"naive: phase {phases['naive']:.1f} s")
 
         # 4. matmul peak
         t = time.perf_counter()
@@ -371,8 +380,10 @@ def main(argv=None) -> int:
         r["steady_audio_seconds_per_second"] = summary["steady_audio_seconds"] / steady_wall if steady_wall else None
         r["steady_useful_tflops"] = summary["steady_useful_flops"] / steady_wall / 1e12 if steady_wall else None
         r["mfu"] = summary["steady_useful_flops"] / steady_wall / peak_flops if steady_wall else None
-        r["naive_bf16_audio_seconds_per_second"] = naive["audio_seconds_per_second"] if naive else None
-        r["speedup_vs_naive_bf16"] = r["audio_seconds_per_second"] / naive["audio_seconds_per_second"] if naive else None
+        r["naive_bf16_audio_seconds_per_second"] = (
+            max(naive["audio_seconds_per_second"], r["naive_unmasked"]["audio_seconds_per_second"]) if naive else None
+        )
+        r["speedup_vs_naive_bf16"] = r["audio_seconds_per_second"] / r["naive_bf16_audio_seconds_per_second"] if naive else None
         r["peak_bf16_tflops"] = peak["tflops"]
         r["limit_audio_seconds_per_second"] = corpus["audio_seconds"] / (corpus["useful_tflop"] * 1e12 / peak_flops)
         r["fraction_of_limit"] = r["audio_seconds_per_second"] / r["limit_audio_seconds_per_second"]

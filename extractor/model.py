@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -45,8 +46,10 @@ class LoadedModel:
 
 
 def load_model(model_dir: Path, adapter_dir: Path | None, device: torch.device, dtype: torch.dtype) -> LoadedModel:
+    t = time.monotonic()
     cfg = read_config(Path(model_dir))
     state, model_fp = load_tower_state(Path(model_dir))
+    logger.debug("model: tower tensors read and fingerprinted in %.2f s", time.monotonic() - t)
     with torch.device("meta"):
         encoder = AudioEncoder(cfg)
     expected = set(encoder.state_dict())
@@ -60,8 +63,12 @@ def load_model(model_dir: Path, adapter_dir: Path | None, device: torch.device, 
     del state
     adapter = None
     if adapter_dir is not None:
+        t = time.monotonic()
         encoder, adapter = merge_adapter(encoder, Path(adapter_dir))
+        logger.debug("model: LoRA merged in %.2f s", time.monotonic() - t)
+    t = time.monotonic()
     encoder = encoder.to(device=device, dtype=dtype)
+    logger.debug("model: moved to %s in %.2f s", device, time.monotonic() - t)
     encoder.prepare_for_inference()
     logger.info(
         "model: %d layers × d_model %d on %s in %s (tower %s…%s)",

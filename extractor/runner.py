@@ -34,6 +34,18 @@ def host_rss_gb() -> float:
         return float("nan")
 
 
+def process_age_s() -> float:
+    """Seconds since this process was launched (Linux /proc), imports included."""
+    try:
+        with open("/proc/self/stat") as f:
+            start_ticks = int(f.read().rsplit(")", 1)[1].split()[19])
+        with open("/proc/uptime") as f:
+            uptime = float(f.read().split()[0])
+        return max(0.0, uptime - start_ticks / os.sysconf("SC_CLK_TCK"))
+    except (OSError, ValueError, IndexError):
+        return 0.0
+
+
 def window_flops(n_mel: int, tokens: int, cfg) -> float:
     """Useful FLOPs of one window by the shared cost formula (real audio only)."""
     D, L = cfg.d_model, cfg.encoder_layers

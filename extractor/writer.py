@@ -73,6 +73,7 @@ class PartWriter:
             raise RuntimeError(f"writing the output failed: {self.error}") from self.error
 
     def _loop(self) -> None:
+        closing = False
         try:
             while True:
                 try:
@@ -87,6 +88,7 @@ class PartWriter:
                     self.failures.append(payload)
                     self.first_at = self.first_at or time.monotonic()
                 elif kind == "close":
+                    closing = True
                     self._commit()
                     return
                 n = len(self.rows) + len(self.failures)
@@ -99,6 +101,10 @@ class PartWriter:
         except BaseException as e:  # surfaced to the device loop through _check()
             logger.error("writer failed: %s", e)
             self.error = e
+            if closing:
+                # The last commit failed: close() is already waiting and no other "close" comes,
+                # so draining for one would hang the run forever.
+                return
             # Keep draining so producers never block on a dead writer.
             while True:
                 try:

@@ -50,7 +50,7 @@ def _columns(value: str | None) -> tuple[str, ...]:
 @click.option("--max-failure-rate", type=click.FloatRange(0, 1), default=0.01, show_default=True,
               help="Exit 3 when the fraction of failed rows is above this.")
 @click.option("--retry-failed", is_flag=True, help="Retry rows that failed in earlier runs.")
-@click.option("--max-duration-s", type=click.FloatRange(min=0, min_open=True), default=4 * 3600.0, show_default=True,
+@click.option("--max-duration-s", type=click.FloatRange(min=0, min_open=True), default=2 * 3600.0, show_default=True,
               help="Longer audio becomes a failure record (memory stays bounded).")
 @click.option("--decode-workers", type=click.IntRange(min=0), help="Decoder processes; default: cores - 1 (max 16); 0 decodes in-process.")
 @click.option("--decode-timeout-s", type=click.FloatRange(min=0, min_open=True), default=120.0, show_default=True,
@@ -58,6 +58,9 @@ def _columns(value: str | None) -> tuple[str, ...]:
 @click.option("--token-budget", type=click.IntRange(min=1500), help="Encoder tokens per batch (default: 32768 on GPU).")
 @click.option("--shard-index", type=click.IntRange(min=0), default=0, show_default=True)
 @click.option("--num-shards", type=click.IntRange(min=1), default=1, show_default=True)
+@click.option("--engine", type=click.Choice(["local", "ray"]), default="local", show_default=True,
+              help="local: this host; ray: a Ray cluster at RAY_ADDRESS, or a local Ray (pip install '.[ray]').")
+@click.option("--ray-actors", type=click.IntRange(min=1), help="--engine ray: embedder actors (default: one per GPU, 1 without GPUs).")
 @click.option("--summary-json", type=click.Path(dir_okay=False), help="Write the run's summary here (for XCom and dashboards).")
 @click.option("--log-level", default="INFO", show_default=True)
 @click.option("--decode-fn", hidden=True, help="module:function replacing the decoder (tests only).")
@@ -84,7 +87,12 @@ def extract(**kw) -> None:
         token_budget=kw["token_budget"], shard=Shard(kw["shard_index"], kw["num_shards"]), decode_fn=kw["decode_fn"],
     )
     try:
-        summary = run_job(opts)
+        if kw["engine"] == "ray":
+            from extractor.ray_engine import run_job_ray  # Ray is an optional extra
+
+            summary = run_job_ray(opts, actors=kw["ray_actors"])
+        else:
+            summary = run_job(opts)
     except CONFIG_ERRORS as e:
         logger.error("%s", e)
         sys.exit(EXIT_CONFIG)
