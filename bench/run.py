@@ -55,6 +55,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--naive-clips", type=int, help="clips timed with the naive recipe (default 256; 32 with --tiny)")
     p.add_argument("--skip-naive", action="store_true", help="no naive baseline (no speedup, no cross-check)")
     p.add_argument("--device", default="auto", help="auto | cuda | cpu (default: cuda when available)")
+    p.add_argument("--devices", help="run the job with --devices (e.g. all) for the multi-GPU scaling figure; "
+                   "MFU is then not computed (it is per card)")
     p.add_argument("--work-dir", default="/tmp/qwen2-audio-bench", help="checkpoint, corpus and job output (local disk)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--min-s", type=float, default=2.0)
@@ -127,13 +129,15 @@ def peak_matmul_tflops(device) -> dict:
     return {"tflops": float(np.max(repeats)), "repeats_tflops": [round(r, 1) for r in repeats], "n": n}
 
 
-def run_extract(manifest: str, out_dir: Path, model_dir: str, adapter_dir: str, device: str, summary_path: Path) -> float:
+def run_extract(manifest: str, out_dir: Path, model_dir: str, adapter_dir: str, device: str, summary_path: Path,
+                devices: str | None = None) -> float:
     """The job's CLI in its own process, default settings; returns its wall time."""
     shutil.rmtree(out_dir, ignore_errors=True)  # a fresh run: the job resumes into an existing output
     cmd = [
         sys.executable, "-m", "jobs.extract",
         "--manifest", manifest, "--id-column", "id", "--output", str(out_dir),
-        "--model", model_dir, "--adapter", adapter_dir, "--device", device, "--summary-json", str(summary_path),
+        "--model", model_dir, "--adapter", adapter_dir, "--summary-json", str(summary_path),
+        *(["--devices", devices] if devices else ["--device", device]),
     ]
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO), env.get("PYTHONPATH", "")) if p)
@@ -283,6 +287,7 @@ def main(argv=None) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     mode = "tiny" if args.tiny else "full"
+    label = mode if not args.devices else f"{mode} --devices {args.devices}"
     audio = synth_model.TINY_AUDIO if args.tiny else synth_model.FULL_AUDIO
     d, layers = audio["d_model"], audio["encoder_layers"]
     if args.rebuild:
@@ -292,7 +297,7 @@ def main(argv=None) -> int:
     r: dict = {
         "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
         "git_commit": git_commit(),
-        "mode": mode,
+        "mode": label,
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
         "host": {"python": platform.python_version(), "torch": torch.__version__, "cpus": os.cpu_count()},
         "args": vars(args),
@@ -358,7 +363,7 @@ def main(argv=None) -> int:
         t = time.perf_counter()
         summary_path = out / "extract_summary.json"
         out_dir = work / f"extract-out-{mode}"
-        extract_wall = run_extract(corpus["manifest"], out_dir, ckpt["path"], adapter["path"], device.type, summary_path)
+        extract_wall = run_extract(corpus["manifest"], out_dir, ckpt["path"], adapter["path"], device.type, summary_path, args.devices)
         phases["extract"] = time.perf_counter() - t
         summary = json.loads(summary_path.read_text())
         r["extract_summary"] = summary
@@ -379,7 +384,7 @@ def main(argv=None) -> int:
         r["audio_seconds_per_second_incl_startup"] = summary["audio_seconds"] / extract_wall
         r["steady_audio_seconds_per_second"] = summary["steady_audio_seconds"] / steady_wall if steady_wall else None
         r["steady_useful_tflops"] = summary["steady_useful_flops"] / steady_wall / 1e12 if steady_wall else None
-        r["mfu"] = summary["steady_useful_flops"] / steady_wall / peak_flops if steady_wall else None
+        r["mfu"] = summary["steady_useful_flops"] / steady_wall / peak_flops if steady_wall and not args.devices else None
         r["naive_bf16_audio_seconds_per_second"] = (
             max(naive["audio_seconds_per_second"], r["naive_unmasked"]["audio_seconds_per_second"]) if naive else None
         )

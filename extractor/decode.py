@@ -14,19 +14,24 @@ Segments are cut on the 16 kHz signal, at `round(t * SAMPLE_RATE)`, so a segment
 not depend on the source rate. Only the region a segment needs is read: libsndfile seeks to a
 little before it (see `_run_pass` for why the cut then equals slicing the full decode).
 
+A "://" path (s3://, gs://, https://, ...) is read whole into memory through fsspec, after a size
+check against max_duration_s, and decoded from there; a file that cannot be read is an AudioError
+like a missing local one. Local paths never touch fsspec.
+
 Native decoders can still crash or hang on malformed files; isolating that is the job of
 extractor.workers, not of this module.
 """
 
 from __future__ import annotations
 
+import io
 import logging
 import math
 import os
 import re
 import stat
 from dataclasses import dataclass
-from typing import Iterator, Sequence
+from typing import Iterator, Mapping, Sequence
 
 import numpy as np
 import soundfile as sf
@@ -42,11 +47,18 @@ MAX_BLOCK_VALUES = 1 << 22  # frames x channels per block (16 MB float32), for a
 MIN_SAMPLE_RATE = 1  # Hz; below or above these a header is broken or hostile, not audio
 MAX_SAMPLE_RATE = 1_000_000
 RESAMPLE_QUALITY = "HQ"
+MAX_SEGMENT_TIME_S = 1e9  # ~32 years: larger start/end values are data errors
+# Float WAV/FLAC samples are nominally within [-1, 1]. Far beyond it (1e20 was seen in fuzzing)
+# the STFT power overflows float32 and the embedding becomes NaN; such a file is not audio.
+MAX_ABS_SAMPLE = 1e4
 # Audio read before a segment so the resampler's filter is warmed up when the segment begins.
 # soxr HQ needs well under 10 ms at any rate (measured: 50 ms already gives < 1e-6 difference).
 RESAMPLE_MARGIN_S = 0.1
 # Segments closer than this are decoded in one pass; farther apart, libsndfile seeks instead.
 SEGMENT_GAP_S = 30.0
+# Bytes per second of the widest audio expected (48 kHz, 8 channels, 32-bit PCM): a remote file
+# bigger than max_duration_s of it is refused before it is downloaded into a worker's memory.
+REMOTE_MAX_BYTES_PER_S = 48_000 * 8 * 4
 # A WAV/AIFF data chunk that declares this many bytes or more is a streaming writer's
 # "length unknown" placeholder (0xFFFFFFFF, 0x7FFFFFFF, ...), not a truncated file.
 _UNKNOWN_LENGTH_BYTES = 0x7FFF0000
@@ -86,11 +98,14 @@ class DecodeRequest:
     path: str
     segments: Sequence[Segment] = ((None, None),)
     max_duration_s: float = DEFAULT_MAX_DURATION_S
+    storage_options: Mapping | None = None  # fsspec options for a "://" path
 
 
 def decode_request(request: DecodeRequest) -> list[Decoded | AudioError]:
     """The default decode function of extractor.workers.DecodePool: a picklable top-level function."""
-    return load_segments(request.path, list(request.segments), max_duration_s=request.max_duration_s)
+    return load_segments(
+        request.path, list(request.segments), max_duration_s=request.max_duration_s, storage_options=request.storage_options
+    )
 
 
 def load_audio(
@@ -112,6 +127,7 @@ def load_segments(
     segments: Sequence[Segment],
     *,
     max_duration_s: float = DEFAULT_MAX_DURATION_S,
+    storage_options: Mapping | None = None,
 ) -> list[Decoded | AudioError]:
     """Decode several segments of one file, opening and reading it once.
 
@@ -132,7 +148,7 @@ def load_segments(
             results[i] = e
     if spans:
         try:
-            _decode_spans(path, spans, max_samples, max_duration_s)
+            _decode_spans(path, spans, max_samples, max_duration_s, storage_options)
         except AudioError as e:
             for sp in spans:
                 results[sp.index] = e
@@ -182,6 +198,9 @@ def _segment_indices(path: str, start_s, end_s) -> tuple[int, int | None]:
         raise bad("start_s must be a finite number >= 0")
     if math.isnan(end) or end <= start:
         raise bad("end_s must be greater than start_s")
+    if start > MAX_SEGMENT_TIME_S or (math.isfinite(end) and end > MAX_SEGMENT_TIME_S):
+        # round(1e308 * 16000) overflows; no audio is this long, so say so for this row alone.
+        raise bad(f"times over {MAX_SEGMENT_TIME_S:.0e} s are not plausible")
     a = round(start * SAMPLE_RATE)
     if math.isinf(end):
         return a, None  # an end past the file's end is clipped, +inf included
@@ -208,11 +227,17 @@ def _clusters(spans: list[_Span], gap: int) -> list[list[_Span]]:
 # --- decoding -------------------------------------------------------------------------------
 
 
-def _decode_spans(path: str, spans: list[_Span], max_samples: int | None, max_duration_s: float) -> None:
+def _decode_spans(
+    path: str, spans: list[_Span], max_samples: int | None, max_duration_s: float, storage_options: Mapping | None = None
+) -> None:
     """Fill in every span's parts or error; raise AudioError for problems of the whole file."""
-    _check_file(path)
+    if "://" in path:
+        data = _fetch(path, max_duration_s, storage_options)
+    else:
+        _check_file(path)
+        data = None
     try:
-        source = _open(path)
+        source = _open(path, data)
         try:
             if source.seekable:
                 groups = _clusters(spans, round(SEGMENT_GAP_S * SAMPLE_RATE))
@@ -259,12 +284,41 @@ def _check_file(path: str) -> None:
         raise AudioError(f"cannot open {path}: permission denied")
 
 
-def _open(path: str) -> _SndFileSource | _AvSource:
+def _fetch(path: str, max_duration_s: float, storage_options: Mapping | None) -> bytes:
+    """The whole content of a remote file; AudioError if it cannot be read or is too big."""
+    import fsspec
+
     try:
-        handle = sf.SoundFile(path)
+        fs, key = fsspec.core.url_to_fs(path, **dict(storage_options or {}))
+        size = fs.size(key)
+        limit = max_duration_s * REMOTE_MAX_BYTES_PER_S
+        if size is not None and size > limit:
+            raise TooLongError(
+                f"{path} is {size:,} bytes, more than max_duration_s={max_duration_s:g} of audio can take "
+                f"({limit:,.0f} bytes at {REMOTE_MAX_BYTES_PER_S:,} bytes/s)"
+            )
+        data = fs.cat_file(key)
+    except AudioError:
+        raise
+    except FileNotFoundError as e:
+        raise AudioError(f"cannot read {path}: no such file") from e
+    except Exception as e:
+        if _out_of_memory(e):
+            raise
+        # Credentials, endpoints, timeouts, HTTP errors: all mean "this file cannot be read now".
+        raise AudioError(f"cannot read {path}: {type(e).__name__}: {e}") from e
+    if not data:
+        raise DecodeError(f"cannot decode {path}: empty file (0 bytes)")
+    return data
+
+
+def _open(path: str, data: bytes | None = None) -> _SndFileSource | _AvSource:
+    """Open `path`, or `data` (a remote file's content) named `path` in messages."""
+    try:
+        handle = sf.SoundFile(path if data is None else io.BytesIO(data))
     except Exception as e:
         logger.debug("libsndfile cannot open %s (%s); trying PyAV", path, e)
-        return _open_av(path, f"not a format libsndfile reads ({e})")
+        return _open_av(path, f"not a format libsndfile reads ({e})", data)
     try:
         source = _SndFileSource(path, handle)
     except BaseException:
@@ -274,13 +328,13 @@ def _open(path: str) -> _SndFileSource | _AvSource:
         # A WAV from a streaming writer may declare a data size of 0; libsndfile then sees no
         # frames while FFmpeg reads to the end of the file. A header-only file fails either way.
         source.close()
-        return _open_av(path, "libsndfile finds no audio frames")
+        return _open_av(path, "libsndfile finds no audio frames", data)
     return source
 
 
-def _open_av(path: str, why_not_libsndfile: str) -> _AvSource:
+def _open_av(path: str, why_not_libsndfile: str, data: bytes | None = None) -> _AvSource:
     try:
-        return _AvSource(path)
+        return _AvSource(path, data)
     except AudioError:
         raise
     except Exception as e:
@@ -370,12 +424,13 @@ class _AvSource:
 
     seekable = False
 
-    def __init__(self, path: str):
+    def __init__(self, path: str, data: bytes | None = None):
         import av  # lazily: loading FFmpeg costs time and memory, and most corpora are wav/flac
 
         self._path = path
         # protocol_whitelist: a playlist-like file (hls, concat) must not make FFmpeg fetch URLs.
-        self._container = av.open(path, options={"protocol_whitelist": "file"}, metadata_errors="ignore")
+        source = path if data is None else io.BytesIO(data)
+        self._container = av.open(source, options={"protocol_whitelist": "file"}, metadata_errors="ignore")
         try:
             audio = self._container.streams.audio
             if not audio:
@@ -463,6 +518,10 @@ def _downmix(data: np.ndarray, path: str, pos: int, rate: int) -> np.ndarray:
             first = int(np.argmax(~np.isfinite(mono)))
             kind = "overflowing"
         raise DecodeError(f"cannot decode {path}: {kind} samples (first at {(pos + first) / rate:.3f} s)")
+    peak = float(np.abs(mono).max()) if len(mono) else 0.0
+    if peak > MAX_ABS_SAMPLE:
+        first = int(np.argmax(np.abs(mono) > MAX_ABS_SAMPLE))
+        raise DecodeError(f"cannot decode {path}: implausible sample value {peak:.3g} (first at {(pos + first) / rate:.3f} s; audio is within ±1)")
     return mono
 
 

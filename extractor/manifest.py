@@ -7,6 +7,7 @@ or null paths produces an output nobody can trust.
 from __future__ import annotations
 
 import hashlib
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -72,22 +73,29 @@ def read_manifest(spec: ManifestSpec, storage_options: dict | None = None) -> Ma
     reserved = [c for c in spec.keep_columns if c in ("id", "embedding", "duration_s", "frames", "frame_rate_hz")]
     if reserved:
         raise ManifestError(f"--keep-columns {reserved} would overwrite output columns of the same name")
+    # The rows frame's own columns: a kept column of the same name, or one kept twice, made the
+    # select below raise polars' DuplicateError (exit 1 instead of 2; found by tests/test_fuzz.py).
+    clashing = [c for c in spec.keep_columns if c in ("path", "start_s", "end_s", ROW)] + [c for c, n in Counter(spec.keep_columns).items() if n > 1]
+    if clashing:
+        raise ManifestError(f"--keep-columns {sorted(set(clashing))}: kept twice, or named like a column the job adds (path, start_s, end_s, {ROW})")
     if df.schema[spec.path_column] != pl.String:
         raise ManifestError(f"path column {spec.path_column!r} is {df.schema[spec.path_column]}, expected strings")
 
     nulls = df.filter(pl.col(spec.path_column).is_null() | (pl.col(spec.path_column) == ""))
     if len(nulls):
-        rows = df.with_row_index(ROW).filter(pl.col(spec.path_column).is_null() | (pl.col(spec.path_column) == ""))[ROW].to_list()
+        rows = df.select(pl.int_range(pl.len(), dtype=pl.UInt32).filter(pl.col(spec.path_column).is_null() | (pl.col(spec.path_column) == "")))
+        rows = rows.to_series().to_list()
         raise ManifestError(f"manifest {spec.path}: {len(nulls)} row(s) with a null or empty {spec.path_column!r}, at rows {_preview(rows)}")
 
     id_col = spec.id_column or spec.path_column
-    out = df.with_row_index(ROW).select(
+    # Not with_row_index: a manifest may have its own column named like ROW (found by tests/test_fuzz.py).
+    out = df.select(
         pl.col(id_col).alias("id"),
         pl.col(spec.path_column).alias("path"),
         *([pl.col(spec.start_column).cast(pl.Float64, strict=False).alias("start_s")] if spec.start_column else []),
         *([pl.col(spec.end_column).cast(pl.Float64, strict=False).alias("end_s")] if spec.end_column else []),
         *[pl.col(c) for c in spec.keep_columns],
-        pl.col(ROW),
+        pl.int_range(pl.len(), dtype=pl.UInt32).alias(ROW),
     )
     if out["id"].null_count():
         raise ManifestError(f"manifest {spec.path}: {out['id'].null_count()} row(s) with a null id in {id_col!r}")

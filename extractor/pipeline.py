@@ -17,6 +17,7 @@ import os
 import queue
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -64,9 +65,15 @@ class JobOptions:
     token_budget: int | None = None  # None: device default
     shard: Shard = Shard()
     progress: bool = True
+    # Called with (rows, failed, audio_s) per committed part, in the writer thread; how a worker
+    # of `--devices` reports to its parent's one progress bar (extractor/multidevice.py).
+    on_progress: Callable[[int, int, float], None] | None = None
     # "module:function" run in the decode workers instead of decode_request; for tests that need
     # a decoder which really crashes or hangs. Not a user-facing knob.
     decode_fn: str | None = None
+    # fsspec options (credentials, endpoint) for "://" manifest, audio and output; None: the
+    # filesystem's defaults, e.g. AWS_* environment variables for s3://.
+    storage_options: dict | None = None
 
 
 @dataclass
@@ -126,7 +133,7 @@ def default_token_budget(device: torch.device) -> int:
 # ---------------------------------------------------------------------------------------------
 
 
-def decode_requests(pending: pl.DataFrame, max_duration_s: float):
+def decode_requests(pending: pl.DataFrame, max_duration_s: float, storage_options: dict | None = None):
     """(items, DecodeRequest) per file; consecutive rows of one file share one request."""
     paths = pending["path"].to_list()
     starts = pending["start_s"].to_list() if "start_s" in pending.columns else [None] * len(paths)
@@ -137,7 +144,7 @@ def decode_requests(pending: pl.DataFrame, max_duration_s: float):
         while j < len(paths) and paths[j] == paths[i] and j - i < MAX_SEGMENTS_PER_REQUEST:
             j += 1
         items = list(range(i, j))
-        yield items, DecodeRequest(paths[i], [(starts[k], ends[k]) for k in items], max_duration_s)
+        yield items, DecodeRequest(paths[i], [(starts[k], ends[k]) for k in items], max_duration_s, storage_options)
         i = j
 
 
@@ -186,7 +193,7 @@ class Producer(threading.Thread):
             pool_tokens, first = 0, True
             windows: list[Window] = []
             with DecodePool(self.workers, timeout_s=self.opts.decode_timeout_s, decode_fn=_resolve(self.opts.decode_fn)) as pool:
-                for items, result in pool.imap(decode_requests(self.pending, self.opts.max_duration_s)):
+                for items, result in pool.imap(decode_requests(self.pending, self.opts.max_duration_s, self.opts.storage_options)):
                     if self.stop.is_set():
                         return
                     per_item = [result] * len(items) if isinstance(result, WorkerFailure) else result
@@ -214,7 +221,9 @@ class Producer(threading.Thread):
             self.error = e
             logger.error("producer failed: %s", e, exc_info=True)
         finally:
-            self.batches.put(None)
+            # _put gives up once stopped: a blocking put on a full queue nobody reads any more (the
+            # device loop died on a write fault, or the lock was refused) held the exit for 2 x 30 s.
+            self._put(None)
 
 
 def _resolve(spec: str | None):
@@ -269,14 +278,16 @@ def run_job(opts: JobOptions, model: LoadedModel | None = None) -> Summary:
         # Importing peft (and transformers under it) takes ~6 s, the longest step of start-up
         # (measured on an H200 host); do it while the manifest is read and decoding starts.
         threading.Thread(target=importlib.import_module, args=("peft",), name="import-peft", daemon=True).start()
-    source = read_manifest(opts.manifest)
+    source = read_manifest(opts.manifest, opts.storage_options)
     manifest = source.rows
     if opts.shard.count > 1:
         manifest = manifest.filter(shard_of(manifest["id"], opts.shard.count) == opts.shard.index)
     device = resolve_device(opts.device)
+    if device.type == "cuda" and device.index is not None:
+        torch.cuda.set_device(device)  # else cuda:0 gets a context and the default streams
     dtype = resolve_dtype(opts.dtype, device)
     cfg = read_config(Path(opts.model)) if model is None else model.cfg
-    out = OutputDir(opts.output, opts.shard)
+    out = OutputDir(opts.output, opts.shard, opts.storage_options)
     summary = Summary(output=str(out.root), rows_total=len(manifest), device=torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu")
     pending, n_done, n_failed = pending_rows(manifest, out, include_failed=opts.retry_failed)
 
@@ -291,7 +302,7 @@ def run_job(opts: JobOptions, model: LoadedModel | None = None) -> Summary:
         if out.existing_recipe() is not None:
             out.check_recipe(recipe)
         summary.skipped = n_done + (0 if opts.retry_failed else n_failed)
-        if stream is None and out.existing_recipe() is not None and (out.root / opts.shard.marker).exists() and out.is_complete():
+        if stream is None and out.existing_recipe() is not None and out.shard_done() and out.is_complete():
             return _finish_summary(summary, t0, n_failed, noop=True)
 
         lock = out.open_for_writing(recipe)
@@ -352,7 +363,7 @@ class Stream:
 
     def run(self, model: LoadedModel, out: OutputDir, recipe: Recipe, summary: Summary, t0: float) -> None:
         opts = self.opts
-        progress = Progress(len(self.pending), enabled=opts.progress)
+        progress = Progress(len(self.pending), enabled=opts.progress, on_update=opts.on_progress)
         writer = PartWriter(
             out, self.source, self.pending, recipe, progress,
             keep_columns=opts.manifest.keep_columns, part_rows=opts.part_rows, part_bytes=opts.part_bytes, commit_seconds=opts.commit_seconds,

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import sys
 import time
+from collections.abc import Callable
 
 from tqdm import tqdm
 
@@ -14,7 +15,10 @@ LOG_EVERY_S = 30.0
 
 
 class Progress:
-    def __init__(self, total_rows: int, *, enabled: bool = True, stream=None):
+    def __init__(self, total_rows: int, *, enabled: bool = True, stream=None, on_update: Callable[[int, int, float], None] | None = None):
+        # on_update(rows, failed, audio_s) sees every update, shown or not: how a multi-device
+        # worker (extractor/multidevice.py) feeds its parent's one bar.
+        self.on_update = on_update
         self.stream = stream or sys.stderr
         self.total = total_rows
         self.rows = self.failed = 0
@@ -26,6 +30,8 @@ class Progress:
         self._log = enabled and not is_tty
 
     def update(self, rows: int, failed: int, audio_s: float) -> None:
+        if self.on_update is not None:
+            self.on_update(rows, failed, audio_s)
         self.rows += rows
         self.failed += failed
         self.audio_s += audio_s

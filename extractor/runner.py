@@ -121,8 +121,9 @@ class DeviceLoop:
             if frames is not None:
                 host_frames = torch.empty(frames.shape, dtype=frames.dtype, pin_memory=True)
                 host_frames.copy_(frames, non_blocking=True)
+            # Record on the model's device's stream: with --device cuda:1 the current device may be 0.
             event = torch.cuda.Event()
-            event.record()
+            event.record(torch.cuda.current_stream(self.model.device))
             return batch, host_sums, host_frames, event
         return batch, sums, frames, None
 

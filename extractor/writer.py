@@ -20,6 +20,18 @@ from .recipe import METADATA_KEY, Recipe
 logger = logging.getLogger(__name__)
 
 
+def nonfinite_failure(emb: np.ndarray, frames: np.ndarray | None, path: str) -> str | None:
+    """The failure record of a row whose embedding is not finite; None when it is.
+
+    Finite samples can still overflow float32 inside the encoder (a float WAV holding 1e20 gives
+    an infinite STFT power, found by tests/test_fuzz.py): such a row becomes a failure record,
+    never a NaN in the dataset.
+    """
+    if np.isfinite(emb).all() and (frames is None or np.isfinite(frames).all()):
+        return None
+    return f"NonFiniteEmbedding: the encoder gave NaN/Inf for {path} (samples too large for float32?)"
+
+
 class PartWriter:
     """Collects finished rows and failures; commits a part when it is big or old enough."""
 
@@ -80,7 +92,10 @@ class PartWriter:
                     kind, payload = self._q.get(timeout=1.0)
                 except queue.Empty:
                     kind, payload = "tick", None
-                if kind == "row":
+                if kind == "row" and (error := nonfinite_failure(payload[1], payload[2], self.pending["path"][payload[0]])):
+                    self.failures.append((payload[0], error))
+                    self.first_at = self.first_at or time.monotonic()
+                elif kind == "row":
                     self.rows.append(payload)
                     self.bytes += payload[1].nbytes + (payload[2].nbytes if payload[2] is not None else 0)
                     self.first_at = self.first_at or time.monotonic()

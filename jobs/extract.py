@@ -15,6 +15,7 @@ import click
 from extractor.checkpoint import CheckpointError
 from extractor.lora import AdapterError
 from extractor.manifest import ManifestError, ManifestSpec
+from extractor.multidevice import run_on_devices
 from extractor.output import OutputError, Shard
 from extractor.pipeline import EXIT_CONFIG, EXIT_FAILURE_RATE, EXIT_OK, EXIT_UNEXPECTED, ConfigError, JobOptions, run_job
 
@@ -28,9 +29,24 @@ def _columns(value: str | None) -> tuple[str, ...]:
     return tuple(c.strip() for c in value.split(",") if c.strip()) if value else ()
 
 
+def _json_object(ctx, param, value: str | None) -> dict | None:
+    if value is None:
+        return None
+    try:
+        parsed = json.loads(value)
+    except ValueError as e:
+        raise click.BadParameter(f"not JSON: {e}") from e
+    if not isinstance(parsed, dict):
+        raise click.BadParameter("must be a JSON object")
+    return parsed
+
+
 @click.command(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
 @click.option("--manifest", required=True, help="Parquet manifest, one row per audio.")
 @click.option("--output", required=True, help="Output directory (created if missing).")
+@click.option("--storage-options", callback=_json_object,
+              help='JSON object of fsspec options for s3://, gs://, ... paths, e.g. \'{"client_kwargs": {"endpoint_url": "http://minio:9000"}}\'; '
+                   "default: the environment (AWS_ACCESS_KEY_ID, AWS_ENDPOINT_URL, ...).")
 @click.option("--model", required=True, type=click.Path(exists=True, file_okay=False), help="Qwen2-Audio checkpoint directory (HF layout).")
 @click.option("--adapter", type=click.Path(exists=True, file_okay=False), help="PEFT LoRA adapter directory, merged at load.")
 @click.option("--id-column", help="Unique key column; default: the path is the id.")
@@ -39,6 +55,7 @@ def _columns(value: str | None) -> tuple[str, ...]:
 @click.option("--start-column", help="Segment start in seconds (float); embeds a region of the file.")
 @click.option("--end-column", help="Segment end in seconds (float).")
 @click.option("--device", default="auto", show_default=True, help="auto | cpu | cuda | cuda:N")
+@click.option("--devices", help="One worker process per device, one output and one progress bar: cuda:0,cuda:1,... or all; overrides --device.")
 @click.option("--dtype", type=click.Choice(["auto", "float32", "bfloat16", "float16"]), default="auto", show_default=True,
               help="Compute dtype; auto is bfloat16 on CUDA, float32 on CPU.")
 @click.option("--no-padding-mask", is_flag=True, help="Reproduce audio_tower(input_features) on 30 s padded windows with no mask.")
@@ -85,12 +102,17 @@ def extract(**kw) -> None:
         part_rows=kw["part_rows"], max_failure_rate=kw["max_failure_rate"], retry_failed=kw["retry_failed"],
         decode_workers=kw["decode_workers"], decode_timeout_s=kw["decode_timeout_s"], max_duration_s=kw["max_duration_s"],
         token_budget=kw["token_budget"], shard=Shard(kw["shard_index"], kw["num_shards"]), decode_fn=kw["decode_fn"],
+        storage_options=kw["storage_options"],
     )
     try:
         if kw["engine"] == "ray":
             from extractor.ray_engine import run_job_ray  # Ray is an optional extra
 
+            if kw.get("devices"):
+                raise ConfigError("--devices is for --engine local; Ray places one actor per GPU (see --ray-actors)")
             summary = run_job_ray(opts, actors=kw["ray_actors"])
+        elif kw["devices"]:
+            summary = run_on_devices(opts, kw["devices"])
         else:
             summary = run_job(opts)
     except CONFIG_ERRORS as e:

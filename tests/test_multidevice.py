@@ -1,0 +1,219 @@
+"""`--devices`: one worker process per device over one manifest, tested with several CPU workers.
+
+The multi-worker path must give what the single-worker path gives (same rows, bit-identical
+embeddings on CPU, same failure records), show one progress stream and one summary line, leave
+the markers a one-device run leaves, stop every worker when one crashes, and resume from any
+number of devices.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import resource
+import shutil
+import subprocess
+import time
+from pathlib import Path
+
+import polars as pl
+import pytest
+
+from builders import speechlike, write_audio
+from extractor.multidevice import merge_summaries, parse_devices
+from extractor.pipeline import ConfigError, Summary
+from test_job import REPO, SR, job_cmd, job_env, read_output, run_cli, snapshot, wait_for, write_manifest
+from test_shards import FLAGS, HANG_ID, assert_same_output, job_args, make_corpus, one_device_run
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    return make_corpus(tmp_path_factory.mktemp("corpus"))
+
+
+@pytest.fixture(scope="module")
+def full_run(corpus, tiny_model, tmp_path_factory):
+    return one_device_run(corpus, tmp_path_factory.mktemp("full") / "out", tiny_model)
+
+
+def spawned_children(parent: int | None = None) -> list[int]:
+    """Live `spawn` children of `parent` (default: this process), i.e. the workers, from /proc."""
+    parent = os.getpid() if parent is None else parent
+    pids = []
+    for status in Path("/proc").glob("[0-9]*/status"):
+        try:
+            fields = dict(line.split(":\t", 1) for line in status.read_text().splitlines() if ":\t" in line)
+            cmdline = (status.parent / "cmdline").read_bytes()
+        except OSError:
+            continue
+        if fields.get("PPid", "").strip() == str(parent) and b"spawn_main" in cmdline and fields.get("State", "").strip()[:1] != "Z":
+            pids.append(int(status.parent.name))
+    return pids
+
+
+def alive(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/status").read_text().split("State:\t", 1)[1][:1] != "Z"
+    except (OSError, IndexError):
+        return False
+
+
+@pytest.fixture(scope="module")
+def two_workers(corpus, tiny_model, tmp_path_factory):
+    """The corpus through `--devices cpu,cpu`, with a progress line at every commit."""
+    out = tmp_path_factory.mktemp("multi") / "out"
+    summary_json = out.parent / "summary.json"
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr("extractor.progress.LOG_EVERY_S", 0.0)
+        code, log = run_cli(job_args(corpus, out, tiny_model, "--devices", "cpu,cpu", "--summary-json", str(summary_json)))
+    assert code == 0, log
+    return out, log, json.loads(summary_json.read_text())
+
+
+def test_two_workers_equal_one(two_workers, full_run):
+    out, log, summary = two_workers
+    assert_same_output(full_run, out)
+    assert {p.name[:10] for p in out.glob("part-*.parquet")} == {"part-00000", "part-00001"}  # sub-shards 0 and 1 of 2
+    # The markers a one-device run leaves (so its rerun is a no-op), and the workers' own.
+    for marker in ("_SUCCESS", "_SUCCESS-00000-of-00001", "_SUCCESS-00000-of-00002", "_SUCCESS-00001-of-00002"):
+        assert (out / marker).exists(), marker
+    # One summary line, for the host; its JSON sums the workers.
+    done = [line for line in log.splitlines() if "done: " in line]
+    assert len(done) == 1 and "extractor.multidevice: done: 11 embedded, 2 failed, 0 skipped of 13 rows" in done[0]
+    assert (summary["rows_total"], summary["embedded"], summary["failed"], summary["skipped"]) == (13, 11, 2, 0)
+    assert summary["failure_rate"] == pytest.approx(2 / 13) and summary["complete"] and summary["device"] == "2 × cpu"
+    # One progress stream, the parent's, fed by both workers' commits up to every row.
+    progress = [line for line in log.splitlines() if "progress: " in line]
+    assert progress and not any("[cpu#" in line for line in progress)
+    assert "progress: 13/13 rows (2 failed)" in progress[-1]
+    assert "[cpu#0]" in log and "[cpu#1]" in log  # the workers' records, tagged, in the same stream
+
+
+def test_rerun_after_completion_is_a_noop(two_workers, corpus, tiny_model):
+    out, _, _ = two_workers
+    before = snapshot(out)
+    code, log = run_cli(job_args(corpus, out, tiny_model, "--devices", "cpu,cpu"))
+    assert code == 0, log
+    assert "done: 0 embedded, 0 failed, 13 skipped of 13 rows" in log
+    assert snapshot(out) == before  # nothing rewritten
+    code, log = run_cli(job_args(corpus, out, tiny_model))  # and the one-device run agrees
+    assert code == 0 and "nothing to do" in log and snapshot(out) == before
+
+
+def test_new_rows_for_one_worker_keep_success_away_until_done(two_workers, corpus, tiny_model, tmp_path):
+    """A grown manifest whose one new row is in worker 1's sub-shard, and hangs there: worker 0,
+    with nothing new, finishes, and must not write _SUCCESS from the markers of the last run.
+    Then the parent is SIGKILLed (its workers die with it) and a one-device rerun completes the output."""
+    out = tmp_path / "out"
+    shutil.copytree(two_workers[0], out)
+    rows = pl.read_parquet(corpus).to_dicts()
+    new = write_audio(tmp_path / "newHANG.flac", speechlike(0.7, SR, seed=3), SR)  # hangs tests.hooks.crashy_decode
+    manifest = write_manifest(tmp_path / "m.parquet", rows + [{"id": "h1", "path": str(new)}])  # h1: sub-shard 1 of 2
+    marker0 = out / "_SUCCESS-00000-of-00002"
+    before = marker0.stat().st_mtime_ns
+
+    workers: set[int] = set()
+
+    def worker0_done() -> bool:
+        workers.update(spawned_children(proc.pid))
+        try:
+            return marker0.stat().st_mtime_ns != before
+        except FileNotFoundError:
+            return False
+
+    cmd = job_cmd(manifest, out, tiny_model, *FLAGS, "--devices", "cpu,cpu", "--decode-fn", "tests.hooks:crashy_decode")
+    proc = subprocess.Popen(cmd, env=job_env(), stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True, cwd=REPO)
+    try:
+        wait_for(worker0_done, 120, proc)
+        assert not (out / "_SUCCESS").exists() and not (out / "_SUCCESS-00000-of-00001").exists()
+        assert len(workers) == 2, workers
+    finally:
+        proc.kill()
+        proc.wait()
+    wait_for(lambda: not any(alive(pid) for pid in workers), 30)  # PR_SET_PDEATHSIG: no orphan keeps a GPU
+    code, log = run_cli(job_args(manifest, out, tiny_model))  # resumed on one device
+    assert code == 0, log
+    assert "done: 1 embedded, 0 failed, 13 skipped of 14 rows" in log and (out / "_SUCCESS").exists()
+    assert read_output(out)["id"].to_list() == sorted(read_output(two_workers[0])["id"].to_list() + ["h1"])
+
+
+def test_devices_within_an_orchestrator_shard(corpus, tiny_model, full_run, tmp_path):
+    """Shard 0 of 2 on two devices (sub-shards 0 and 2 of 4), then shard 1 of 2 on one."""
+    out = tmp_path / "out"
+    code, log = run_cli(job_args(corpus, out, tiny_model, "--shard-index", "0", "--num-shards", "2", "--devices", "cpu,cpu"))
+    assert code == 0, log
+    assert {p.name[:10] for p in out.glob("part-*.parquet")} == {"part-00000", "part-00002"}
+    assert (out / "_SUCCESS-00000-of-00002").exists() and not (out / "_SUCCESS").exists()
+    code, log = run_cli(job_args(corpus, out, tiny_model, "--shard-index", "1", "--num-shards", "2"))
+    assert code == 0, log
+    assert (out / "_SUCCESS").exists()
+    assert_same_output(full_run, out)
+
+
+def test_a_crashed_worker_stops_the_others(tiny_model, tmp_path):
+    """Worker 0 segfaults while worker 1 hangs in a decoder: exit 1 at once, no worker left behind,
+    and a rerun (here on one device) completes the output."""
+    rows = [
+        {"id": "s2", "path": str(write_audio(tmp_path / "SEGFAULT.flac", speechlike(0.6, SR, seed=1), SR))},  # sub-shard 0 of 2
+        {"id": HANG_ID, "path": str(write_audio(tmp_path / "HANG.flac", speechlike(0.6, SR, seed=2), SR))},  # sub-shard 1 of 2
+    ]
+    manifest = write_manifest(tmp_path / "m.parquet", rows)
+    out = tmp_path / "out"
+    soft, hard = resource.getrlimit(resource.RLIMIT_CORE)
+    resource.setrlimit(resource.RLIMIT_CORE, (0, hard))  # no core file from the deliberate segfault
+    try:
+        t = time.monotonic()
+        code, log = run_cli(job_args(manifest, out, tiny_model, "--devices", "cpu,cpu", "--decode-fn", "tests.hooks:crashy_decode"))
+    finally:
+        resource.setrlimit(resource.RLIMIT_CORE, (soft, hard))
+    assert code == 1, log
+    assert "worker cpu#0 failed; stopping the other workers" in log
+    assert "worker cpu#0 was killed by signal 11 (SIGSEGV)" in log and "rerun" in log
+    assert time.monotonic() - t < 120  # the hanging worker was stopped, not waited for (it sleeps an hour)
+    assert spawned_children() == []
+    assert not (out / "_SUCCESS").exists()
+    code, log = run_cli(job_args(manifest, out, tiny_model))
+    assert code == 0, log
+    assert (out / "_SUCCESS").exists() and "2 embedded" in log
+
+
+def test_bad_manifest_is_refused_before_any_worker_starts(corpus, tiny_model, tmp_path):
+    m = write_manifest(tmp_path / "m.parquet", [{"id": "a", "path": "x.wav"}, {"id": "a", "path": "y.wav"}])
+    out = tmp_path / "out"
+    code, log = run_cli(job_args(m, out, tiny_model, "--devices", "cpu,cpu"))
+    assert code == 2 and "duplicate id" in log and not out.exists()
+    assert "[cpu#" not in log and "rows to embed" not in log  # no worker was started
+
+
+@pytest.mark.parametrize("spec, error", [
+    ("all", "no CUDA device"), ("cuda:0,cuda:0", "more than once"), ("cuda:2", "not visible"),
+    ("cuda", "by index"), ("cpu,banana", "not a device"), ("cuda:0,", "not a device"), ("meta", "neither"),
+])
+def test_bad_devices_are_config_errors(spec, error, monkeypatch):
+    monkeypatch.setattr("torch.cuda.device_count", lambda: 0 if spec == "all" else 2)
+    with pytest.raises(ConfigError, match=error):
+        parse_devices(spec)
+
+
+def test_devices_parse(monkeypatch):
+    monkeypatch.setattr("torch.cuda.device_count", lambda: 3)
+    assert parse_devices("all") == ["cuda:0", "cuda:1", "cuda:2"]
+    assert parse_devices(" cuda:2, cuda:0 ") == ["cuda:2", "cuda:0"]
+    assert parse_devices("cpu,cpu") == ["cpu", "cpu"]
+
+
+def test_bad_devices_flag_exits_2(corpus, tiny_model, tmp_path):
+    code, log = run_cli(job_args(corpus, tmp_path / "out", tiny_model, "--devices", "cpu,banana"))
+    assert code == 2 and "not a device" in log and not (tmp_path / "out").exists()
+
+
+def test_merge_summaries():
+    a = Summary(output="o", rows_total=10, skipped=2, embedded=7, failed=1, audio_seconds=30.0, failure_rate=0.2, device="NVIDIA H100",
+                time_to_first_batch_s=4.0, gpu_peak_mem_gb=10.0, host_rss_gb_end=2.0, batches=3)
+    b = Summary(output="o", rows_total=5, embedded=5, audio_seconds=20.0, failure_rate=0.0, device="NVIDIA H100",
+                time_to_first_batch_s=6.0, gpu_peak_mem_gb=12.0, host_rss_gb_end=3.0, batches=2)
+    s = merge_summaries([a, b], "o", wall_seconds=10.0, complete=True)
+    assert (s.rows_total, s.skipped, s.embedded, s.failed, s.batches) == (15, 2, 12, 1, 5)
+    assert s.audio_seconds_per_second == 5.0 and s.failure_rate == pytest.approx(2 / 15)
+    assert (s.time_to_first_batch_s, s.gpu_peak_mem_gb, s.host_rss_gb_end) == (6.0, 12.0, 5.0)
+    assert s.device == "2 × NVIDIA H100" and s.complete
