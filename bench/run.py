@@ -217,14 +217,15 @@ from the repository root (`BENCH_GIT_COMMIT=<sha> bash bench/device.sh` where th
 The full record of each run is in the `latest.json` it wrote.
 
 Columns: `a-s/s` is audio-seconds embedded per wall-clock second.
-- **e2e**: over the job's own wall time, from its start (manifest read, model load) to the last part
-  committed (`extract-embeddings` summary); Python start-up and imports are not in it
-  (`extract_process_wall_s` in latest.json has them).
+- **e2e**: over the job's wall time, from the process's launch (imports, manifest, model load) to the
+  last part committed (`extract-embeddings` summary; `extract_process_wall_s` in latest.json adds
+  interpreter exit).
 - **steady**: after the first batch is back (no model load, warm-up or pipeline fill).
 - Corpus: `--clips` (20,000) seeded speech-like 16 kHz mono FLACs, durations uniform in 2-20 s.
 - **naive**: HF WhisperFeatureExtractor on CPU (30 s padding) + PeftModel unmerged over
-  Qwen2AudioEncoder, bf16, batch 8, SDPA, padding mask as Qwen2AudioForConditionalGeneration
-  builds it, on the first `--naive-clips` (256) clips, decoded before timing. **speedup** = e2e / naive.
+  Qwen2AudioEncoder, bf16, batch 8, SDPA, on the first `--naive-clips` (256) clips, decoded before
+  timing; timed twice, with the padding mask as Qwen2AudioForConditionalGeneration builds it and
+  without it (the seed's call), and the faster is the column. **speedup** = e2e / naive.
 - **MFU**: steady useful FLOPs (cost formula of shared/QWEN2_AUDIO.md, real audio only) per
   second / measured bf16 dense matmul peak (8192³).
 - **limit**: a-s/s if every useful FLOP of the corpus ran at that peak; **of limit** = e2e / limit.

@@ -18,7 +18,7 @@ import queue
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import polars as pl
@@ -100,6 +100,7 @@ class Summary:
     device_idle_fraction: float | None = None
     host_rss_gb_first_batch: float | None = None
     host_rss_gb_end: float | None = None
+    host_rss_gb_samples: list[float] = field(default_factory=list)  # every RSS_SAMPLE_S of the device loop
 
     @property
     def audio_seconds_per_second(self) -> float:

@@ -25,6 +25,9 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 
+RSS_SAMPLE_S = 10.0  # host memory is sampled this often into the summary
+
+
 def host_rss_gb() -> float:
     """Resident memory of this process (Linux), to show it stays flat over a long run."""
     try:
@@ -164,6 +167,7 @@ class DeviceLoop:
         """Consume `batches` until a None arrives; t0 is the job's start, for time to first batch."""
         inflight = []
         steady_start = None
+        last_rss = time.monotonic()
         cfg = self.model.cfg
         idle = 0.0
         while True:
@@ -188,6 +192,9 @@ class DeviceLoop:
             for item in inflight:
                 self._finish(item)
             inflight = launched
+            if time.monotonic() - last_rss >= RSS_SAMPLE_S:
+                last_rss = time.monotonic()
+                self.summary.host_rss_gb_samples.append(round(host_rss_gb(), 3))
             if steady_start is None:
                 self.summary.host_rss_gb_first_batch = host_rss_gb()
                 # Steady state starts once the first batch is back: compilation, warm-up and the
