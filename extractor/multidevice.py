@@ -37,7 +37,7 @@ from .output import OutputDir, Shard
 from .pipeline import ConfigError, JobOptions, Summary, pending_rows, run_job
 from .progress import Progress
 from .runner import process_age_s
-from .workers import _die_with_parent
+from .workers import die_with_parent
 
 logger = logging.getLogger(__name__)
 
@@ -256,7 +256,7 @@ def _max(values):
 
 
 def _worker_main(index: int, tag: str, opts: JobOptions, messages, log_level: int, parent_pid: int) -> None:
-    _die_with_parent()
+    die_with_parent()
     if os.getppid() != parent_pid:  # the parent died before the line above took effect
         return
     root = logging.getLogger()
@@ -316,7 +316,7 @@ class _ForwardLogs(logging.handlers.QueueHandler):
     def prepare(self, record: logging.LogRecord) -> logging.LogRecord:
         record = super().prepare(record)  # message formatted, traceback folded in: picklable
         if record.name == run_job.__module__ and record.msg.startswith("done: "):
-            # Each worker's own summary line (Summary.line, from pipeline._finish_summary): the
+            # Each worker's own summary line (Summary.line, from pipeline.finish_summary): the
             # parent logs one for the host; per device it is detail, shown with --log-level DEBUG.
             record.levelno, record.levelname = logging.DEBUG, "DEBUG"
         record.msg = f"[{self.tag}] {record.msg}"

@@ -304,36 +304,52 @@ def run_job(opts: JobOptions, model: LoadedModel | None = None) -> Summary:
             out.check_recipe(recipe)
         summary.skipped = n_done + (0 if opts.retry_failed else n_failed)
         if stream is None and out.existing_recipe() is not None and out.shard_done() and out.is_complete():
-            return _finish_summary(summary, t0, n_failed, noop=True)
+            return finish_summary(summary, t0, n_failed, noop=True)
 
-        lock = out.open_for_writing(recipe)
-        try:
-            if opts.retry_failed:
-                dropped = out.drop_failures()
-                if dropped:
-                    logger.info("--retry-failed: %d failed rows are pending again", dropped)
-            # Re-read under the lock: a run that ended since the first look may have committed more.
-            again, n_done, n_failed = pending_rows(manifest, out, include_failed=opts.retry_failed)
-            summary.skipped = n_done + (0 if opts.retry_failed else n_failed)
-            if stream is not None and len(again) != len(pending):
-                stream.stop()
-                stream = Stream(source, again, opts, cfg, device) if len(again) else None
-            if stream is not None:
-                out.clear_markers()
-                logger.info("%d rows to embed (%d already embedded, %d failed earlier) → %s", len(again), n_done, n_failed, out.root)
-                stream.run(model, out, recipe, summary, t0)
-            out.write_markers()
-            summary.complete = out.is_complete()
-        finally:
-            lock.release()
+        def embed(again: pl.DataFrame) -> None:
+            nonlocal stream
+            if stream is None or len(again) != len(stream.pending):
+                # Another run committed rows since the first look: decode what is left instead.
+                if stream is not None:
+                    stream.stop()
+                stream = Stream(source, again, opts, cfg, device)
+            stream.run(model, out, recipe, summary, t0)
+
+        run_locked(out, recipe, manifest, opts, summary, embed)
     finally:
         if stream is not None:
             stream.stop()
     _, _, n_failed_total = pending_rows(manifest, out, include_failed=True)
-    return _finish_summary(summary, t0, n_failed_total)
+    return finish_summary(summary, t0, n_failed_total)
 
 
-def _finish_summary(summary: Summary, t0: float, failed_total: int, noop: bool = False) -> Summary:
+def run_locked(out: OutputDir, recipe: Recipe, manifest: pl.DataFrame, opts: JobOptions, summary: Summary,
+               embed: Callable[[pl.DataFrame], None]) -> None:
+    """The writing half of a run, under the output's lock; `embed(pending)` does the work.
+
+    Shared by the local and Ray engines, so both drop failures for --retry-failed, re-read what is
+    done, clear and write markers the same way.
+    """
+    lock = out.open_for_writing(recipe)
+    try:
+        if opts.retry_failed:
+            dropped = out.drop_failures()
+            if dropped:
+                logger.info("--retry-failed: %d failed rows are pending again", dropped)
+        # Re-read under the lock: a run that ended since the first look may have committed more.
+        pending, n_done, n_failed = pending_rows(manifest, out, include_failed=opts.retry_failed)
+        summary.skipped = n_done + (0 if opts.retry_failed else n_failed)
+        if len(pending):
+            out.clear_markers()
+            logger.info("%d rows to embed (%d already embedded, %d failed earlier) → %s", len(pending), n_done, n_failed, out.root)
+            embed(pending)
+        out.write_markers()
+        summary.complete = out.is_complete()
+    finally:
+        lock.release()
+
+
+def finish_summary(summary: Summary, t0: float, failed_total: int, noop: bool = False) -> Summary:
     summary.wall_seconds = time.monotonic() - t0
     summary.failure_rate = failed_total / summary.rows_total if summary.rows_total else 0.0
     summary.complete = summary.complete or noop

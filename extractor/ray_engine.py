@@ -44,9 +44,10 @@ from .pipeline import (
     JobOptions,
     Stream,
     Summary,
-    _finish_summary,
     build_recipe,
+    finish_summary,
     pending_rows,
+    run_locked,
 )
 from .progress import Progress
 from .recipe import Recipe
@@ -256,31 +257,15 @@ def run_job_ray(opts: JobOptions, *, actors: int | None = None, batch_rows: int 
             out.check_recipe(recipe)
         summary.skipped = n_done + (0 if opts.retry_failed else n_failed)
         if not len(pending) and out.existing_recipe() is not None and out.shard_done() and out.is_complete():
-            return _finish_summary(summary, t0, n_failed, noop=True)
+            return finish_summary(summary, t0, n_failed, noop=True)
 
-        lock = out.open_for_writing(recipe)
-        try:
-            if opts.retry_failed:
-                dropped = out.drop_failures()
-                if dropped:
-                    logger.info("--retry-failed: %d failed rows are pending again", dropped)
-            # Re-read under the lock: a run that ended since the first look may have committed more.
-            pending, n_done, n_failed = pending_rows(manifest, out, include_failed=opts.retry_failed)
-            summary.skipped = n_done + (0 if opts.retry_failed else n_failed)
-            if len(pending):
-                out.clear_markers()
-                logger.info("%d rows to embed (%d already embedded, %d failed earlier) → %s; %s",
-                            len(pending), n_done, n_failed, out.root, summary.device)
-                _embed(pending, source, out, recipe, opts, plan, batch_rows, summary, t0)
-            out.write_markers()
-            summary.complete = out.is_complete()
-        finally:
-            lock.release()
+        run_locked(out, recipe, manifest, opts, summary,
+                   lambda rows: _embed(rows, source, out, recipe, opts, plan, batch_rows, summary, t0))
     finally:
         if owned:
             ray.shutdown()
     _, _, n_failed_total = pending_rows(manifest, out, include_failed=True)
-    return _finish_summary(summary, t0, n_failed_total)
+    return finish_summary(summary, t0, n_failed_total)
 
 
 def _embed(pending: pl.DataFrame, source, out: OutputDir, recipe: Recipe, opts: JobOptions, plan: ActorPlan,

@@ -428,7 +428,7 @@ def _read_exact(fd: int, n: int) -> bytes:
 
 
 def _worker_main(conn: Connection, decode_fn: Callable[[Any], Any]) -> None:
-    _die_with_parent()
+    die_with_parent()
     # Everything inherited from the fork server (torch and all) is long-lived: keep the garbage
     # collector from walking it, which costs time and copies the shared pages into this process.
     gc.freeze()
@@ -456,7 +456,7 @@ def _worker_main(conn: Connection, decode_fn: Callable[[Any], Any]) -> None:
             return
 
 
-def _die_with_parent() -> None:
+def die_with_parent() -> None:
     """Get SIGKILL when the parent dies, even mid-decode (when EOF on the pipe goes unseen).
 
     Under forkserver the kernel's parent is the fork server, which exits when the pool's
