@@ -74,12 +74,9 @@ def _fc1_gelu(y, w, b, fused: bool):
     return F.gelu(F.linear(y, w, b))
 
 
-def _mlp_block(x, o, out_w, out_b, ln_w, ln_b, fc1_w, fc1_b, fc2_w, fc2_b, next_ln_w, next_ln_b, fused_gelu=False):
-    """Everything from attention's output to the next layer's q/k/v input.
-
-    out_proj and residual, pre-norm MLP and residual, then the *next* layer's pre-norm.
-    Returns (x, next layer's normalised input); the last layer passes next_ln_w=None.
-    """
+def _mlp_block(x, o, out_w, out_b, ln_w, ln_b, fc1_w, fc1_b, fc2_w, fc2_b, fused_gelu=False):
+    """Everything from attention's output to the layer's output: out_proj and residual, then the
+    pre-norm MLP and residual."""
     x = x + F.linear(o, out_w, out_b)
     h = _fc1_gelu(_layer_norm(x, ln_w, ln_b), fc1_w, fc1_b, fused_gelu)
     x = x + F.linear(h, fc2_w, fc2_b)
@@ -87,7 +84,7 @@ def _mlp_block(x, o, out_w, out_b, ln_w, ln_b, fc1_w, fc1_b, fc2_w, fc2_b, next_
         # HF clamps here in fp16 so that an overflow does not turn into inf/NaN downstream.
         limit = torch.finfo(torch.float16).max - 1000
         x = x.clamp(-limit, limit)
-    return x, (_layer_norm(x, next_ln_w, next_ln_b) if next_ln_w is not None else None)
+    return x
 
 
 @dataclass
@@ -178,17 +175,14 @@ class AudioEncoder(nn.Module):
         """
         x = tokens
         T, D = x.shape
-        first = self.layers[0].self_attn_layer_norm
-        h = _layer_norm(x, first.weight, first.bias)
-        for i, layer in enumerate(self.layers):
-            a = layer.self_attn
+        for layer in self.layers:
+            a, ln1, ln2 = layer.self_attn, layer.self_attn_layer_norm, layer.final_layer_norm
+            h = _layer_norm(x, ln1.weight, ln1.bias)
             q, k, v = F.linear(h, a.qkv_weight, a.qkv_bias).view(T, 3, a.num_heads, a.head_dim).unbind(1)  # (T, H, hd)
             o = attend(q, k, v, seqs).reshape(T, D)
-            nxt = self.layers[i + 1].self_attn_layer_norm if i + 1 < len(self.layers) else None
-            x, h = _mlp_block(
-                x, o, a.out_proj.weight, a.out_proj.bias, layer.final_layer_norm.weight, layer.final_layer_norm.bias,
-                layer.fc1.weight, layer.fc1.bias, layer.fc2.weight, layer.fc2.bias,
-                nxt.weight if nxt is not None else None, nxt.bias if nxt is not None else None, self.fused_gelu,
+            x = _mlp_block(
+                x, o, a.out_proj.weight, a.out_proj.bias, ln2.weight, ln2.bias,
+                layer.fc1.weight, layer.fc1.bias, layer.fc2.weight, layer.fc2.bias, self.fused_gelu,
             )
         x = (x.index_select(0, pool_index) + x.index_select(0, pool_index + 1)) * 0.5
         return self.layer_norm(x)
