@@ -58,17 +58,20 @@ def load_model(model_dir: Path, adapter_dir: Path | None, device: torch.device, 
         raise CheckpointError(
             f"{model_dir}: audio_tower tensors do not match audio_config: missing {missing[:5]}, unexpected {unexpected[:5]}"
         )
-    # The merge is done in float32 whatever the checkpoint's dtype, then cast once.
-    encoder.load_state_dict({k: v.float() for k, v in state.items()}, strict=True, assign=True)
+    encoder.load_state_dict(state, strict=True, assign=True)
     del state
+    # Move in the checkpoint's dtype first, then upcast on the device: the float32 copy never
+    # exists on the host, and the copy overlaps the peft import (a background thread, see run_job).
+    t = time.monotonic()
+    encoder = encoder.to(device=device)
+    logger.debug("model: moved to %s in %.2f s", device, time.monotonic() - t)
     adapter = None
     if adapter_dir is not None:
         t = time.monotonic()
-        encoder, adapter = merge_adapter(encoder, Path(adapter_dir))
+        # The merge is done in float32 whatever the checkpoint's dtype, then cast once.
+        encoder, adapter = merge_adapter(encoder.float(), Path(adapter_dir))
         logger.debug("model: LoRA merged in %.2f s", time.monotonic() - t)
-    t = time.monotonic()
-    encoder = encoder.to(device=device, dtype=dtype)
-    logger.debug("model: moved to %s in %.2f s", device, time.monotonic() - t)
+    encoder = encoder.to(dtype=dtype)
     encoder.prepare_for_inference()
     logger.info(
         "model: %d layers × d_model %d on %s in %s (tower %s…%s)",
