@@ -272,13 +272,18 @@ def pending_rows(manifest: pl.DataFrame, out: OutputDir, *, include_failed: bool
     return pending, counts[0], counts[1]
 
 
+def _import_peft() -> None:
+    importlib.import_module("peft")
+    logger.debug("peft imported %.1f s after launch", process_age_s())
+
+
 def run_job(opts: JobOptions, model: LoadedModel | None = None) -> Summary:
     # Clocks start at the process's launch, so wall time and time to first batch include imports.
     t0 = time.monotonic() - process_age_s()
     if opts.adapter and model is None:
         # Importing peft (and transformers under it) takes ~6 s, the longest step of start-up
         # (measured on an H200 host); do it while the manifest is read and decoding starts.
-        threading.Thread(target=importlib.import_module, args=("peft",), name="import-peft", daemon=True).start()
+        threading.Thread(target=_import_peft, name="import-peft", daemon=True).start()
     source = read_manifest(opts.manifest, opts.storage_options)
     manifest = source.rows
     if opts.shard.count > 1:
@@ -294,6 +299,7 @@ def run_job(opts: JobOptions, model: LoadedModel | None = None) -> Summary:
 
     # Decoding starts now, while the model loads; nothing is written until the lock is held.
     stream = Stream(source, pending, opts, cfg, device) if len(pending) else None
+    logger.debug("manifest read and decoding started %.1f s after launch", process_age_s())
     try:
         if model is None:
             t = time.monotonic()
