@@ -17,6 +17,7 @@ from .constants import SAMPLE_RATE
 from .decode import load_audio
 from .embed import run_batch
 from .model import load_model, resolve_device, resolve_dtype
+from .runner import RowResults, default_max_windows, default_token_budget
 
 
 class Embedder:
@@ -38,6 +39,7 @@ class Embedder:
         if sample_rate != SAMPLE_RATE:
             raise ValueError(f"waveforms must be {SAMPLE_RATE} Hz, got {sample_rate}; decode paths with load_audio to resample")
         windows = []
+        results = RowResults(self.d_model, keep_frames=False)
         for i, x in enumerate(inputs):
             samples = load_audio(str(x)).samples if isinstance(x, (str, Path)) else np.ascontiguousarray(x, dtype=np.float32)
             if samples.ndim != 1:
@@ -45,14 +47,15 @@ class Embedder:
             ws = split_windows(i, samples, padding_mask=self.padding_mask)
             if not ws:
                 raise ValueError(f"input {i} is too short for one output frame ({len(samples)} samples)")
+            results.register(i, len(ws), len(samples) / SAMPLE_RATE)
             windows.extend(ws)
-        cpu = self.model.device.type == "cpu"
-        budget = token_budget or (1_500 if cpu else 32_768)
-        sums = np.zeros((len(inputs), self.d_model), dtype=np.float64)
-        frames = np.zeros(len(inputs), dtype=np.int64)
-        for group in plan_batches(windows, token_budget=budget, max_windows=1 if cpu else 4096):
-            out = run_batch(self.model, make_batch(group))
+        device = self.model.device
+        out = np.empty((len(inputs), self.d_model), dtype=np.float32)
+        budget = token_budget or default_token_budget(device)
+        for group in plan_batches(windows, token_budget=budget, max_windows=default_max_windows(device)):
+            sums = run_batch(self.model, make_batch(group)).sums
             for j, w in enumerate(group):
-                sums[w.item] += out.sums[j]
-                frames[w.item] += w.out
-        return (sums / frames[:, None]).astype(np.float32)
+                done = results.add(w, sums[j], None)
+                if done is not None:
+                    out[done[0]] = done[1]
+        return out

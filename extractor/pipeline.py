@@ -33,7 +33,7 @@ from .model import LoadedModel, load_model, resolve_device, resolve_dtype
 from .output import OutputDir, Shard
 from .progress import Progress
 from .recipe import Recipe
-from .runner import Budget, DeviceLoop, RowResults, process_age_s
+from .runner import Budget, DeviceLoop, RowResults, default_max_windows, default_token_budget, process_age_s
 from .writer import PartWriter
 from .workers import DecodePool, WorkerFailure
 
@@ -121,12 +121,6 @@ class Summary:
 
 def default_decode_workers() -> int:
     return max(1, min(16, (os.cpu_count() or 2) - 1))
-
-
-def default_token_budget(device: torch.device) -> int:
-    # GPU: ~32k tokens per batch fills an H100's GEMMs (M ≥ 16k) while the fc1 activation stays
-    # well under 1 GB in bf16. CPU: one full window; CPU batches hold one window each anyway.
-    return 32_768 if device.type == "cuda" else 1_500
 
 
 # ---------------------------------------------------------------------------------------------
@@ -372,12 +366,8 @@ class Stream:
         self.source, self.pending, self.opts = source, pending, opts
         self.results = RowResults(cfg.d_model, keep_frames=opts.pooling == "none")
         self.budget = Budget(opts.token_budget or default_token_budget(device))
-        # CPU: one window per batch, so a row's numbers never depend on which rows shared its batch
-        # (CPU GEMMs are not batch-invariant; measured 7.6e-6 differences) and a resumed run gives
-        # bit-identical embeddings. GPUs pack as many windows as the budget allows.
-        max_windows = 1 if device.type == "cpu" else 4096
         workers = opts.decode_workers if opts.decode_workers is not None else default_decode_workers()
-        self.producer = Producer(pending, opts, self.results, self.budget, workers, max_windows)
+        self.producer = Producer(pending, opts, self.results, self.budget, workers, default_max_windows(device))
         self.producer.start()
 
     def stop(self) -> None:
