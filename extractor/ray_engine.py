@@ -45,6 +45,7 @@ from .pipeline import (
     Stream,
     Summary,
     build_recipe,
+    failed_rows,
     finish_summary,
     pending_rows,
     run_locked,
@@ -264,8 +265,7 @@ def run_job_ray(opts: JobOptions, *, actors: int | None = None, batch_rows: int 
     finally:
         if owned:
             ray.shutdown()
-    _, _, n_failed_total = pending_rows(manifest, out, include_failed=True)
-    return finish_summary(summary, t0, n_failed_total)
+    return finish_summary(summary, t0, failed_rows(manifest, out))
 
 
 def _embed(pending: pl.DataFrame, source, out: OutputDir, recipe: Recipe, opts: JobOptions, plan: ActorPlan,
