@@ -224,8 +224,6 @@ class Producer(threading.Thread):
 def _resolve(spec: str | None):
     if spec is None:
         return None
-    import importlib
-
     module, _, name = spec.partition(":")
     return getattr(importlib.import_module(module), name)
 
