@@ -98,11 +98,13 @@ def _tower_files(model_dir: Path) -> dict[str, list[str]]:
 
 
 def load_tower_state(model_dir: Path) -> tuple[dict[str, torch.Tensor], str]:
-    """The tower's tensors keyed without the `audio_tower.` prefix, and their content fingerprint.
+    """The tower's tensors keyed without the `audio_tower.` prefix, and their content fingerprint."""
+    state = read_tower_tensors(model_dir)
+    return state, fingerprint(state)
 
-    The fingerprint is a SHA-256 over (name, dtype, shape, bytes) of every tensor in key order,
-    so it changes with the weights and not with how they were sharded.
-    """
+
+def read_tower_tensors(model_dir: Path) -> dict[str, torch.Tensor]:
+    """The tower's tensors keyed without the `audio_tower.` prefix; no other tensor is read."""
     model_dir = Path(model_dir)
     files = _tower_files(model_dir)
     state: dict[str, torch.Tensor] = {}
@@ -115,10 +117,12 @@ def load_tower_state(model_dir: Path) -> tuple[dict[str, torch.Tensor], str]:
             raise CheckpointError(f"cannot read tower tensors from {model_dir / shard}: {e}") from e
     if not state:
         raise CheckpointError(f"{model_dir} holds no {TOWER_PREFIX}* tensors")
-    return state, fingerprint(state)
+    return state
 
 
 def fingerprint(state: dict[str, torch.Tensor]) -> str:
+    """SHA-256 over (name, dtype, shape, bytes) of every tensor in key order: it changes with the
+    weights and not with how they were sharded."""
     h = hashlib.sha256()
     for key in sorted(state):
         t = state[key].contiguous()

@@ -5,8 +5,13 @@ Three adapter key layouts exist in practice (shared/QWEN2_AUDIO.md):
     base_model.model.model.audio_tower.layers.N...  PeftModel over the full model, transformers 5
     base_model.model.layers.N...                    PeftModel over the bare tower
 They are mapped explicitly onto the bare tower's names. Keys outside the tower (the language
-model's q/k/v) are dropped with a warning. The merge itself is PEFT's, so its scaling rules
-(alpha / r, rsLoRA, rank and alpha patterns, DoRA) are honoured.
+model's q/k/v) are dropped with a warning.
+
+PEFT defines the merge, so its scaling rules (alpha / r, rsLoRA, rank and alpha patterns, DoRA)
+are honoured. A plain LoRA adapter (the usual one) merges as W + scaling · B @ A, which is
+applied at once, and PEFT's merge of the same tensors checks it on a thread: importing peft takes
+~7 s, the longest step of start-up, and the job's first batch need not wait for it (the writer
+does, see PeftCheck). Any other adapter is merged by PEFT itself before the first batch.
 """
 
 from __future__ import annotations
@@ -14,7 +19,10 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import math
 import re
+import threading
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -110,10 +118,20 @@ def read_adapter(adapter_dir: Path) -> tuple[dict, dict[str, torch.Tensor], int]
     return config, tower, len(ignored)
 
 
-def merge_adapter(encoder: nn.Module, adapter_dir: Path) -> tuple[nn.Module, MergeReport]:
-    """Merge the adapter into `encoder` (float32 weights expected) and return the plain module."""
-    from peft import LoraConfig, get_peft_model, set_peft_model_state_dict
+@dataclass
+class Adapter:
+    """An adapter read and checked against a tower, before any merge."""
 
+    path: Path
+    config: dict
+    state: dict[str, torch.Tensor]  # PEFT_PREFIX + tower key → tensor
+    modules: list[str]  # tower module names, sorted
+    report: MergeReport
+
+
+def read_for(encoder: nn.Module, adapter_dir: Path) -> Adapter:
+    """Read the adapter, check it against `encoder`'s Linear layers and log what will be merged."""
+    adapter_dir = Path(adapter_dir)
     config, state, ignored = read_adapter(adapter_dir)
     if ignored:
         logger.warning("LoRA: ignoring %d modules outside the audio tower (e.g. the language model's)", ignored)
@@ -124,24 +142,6 @@ def merge_adapter(encoder: nn.Module, adapter_dir: Path) -> tuple[nn.Module, Mer
     unknown = [m for m in modules if not isinstance(known.get(m), nn.Linear)]
     if unknown:
         raise AdapterError(f"{adapter_dir}: LoRA targets modules the tower does not have as Linear layers: {unknown[:5]}")
-
-    lora_config = LoraConfig(
-        **{k: v for k, v in config.items() if k in LoraConfig.__dataclass_fields__ and k not in ("target_modules", "modules_to_save", "layers_to_transform", "layers_pattern", "base_model_name_or_path", "task_type", "inference_mode", "peft_type", "rank_pattern", "alpha_pattern")},
-        target_modules=modules,
-        rank_pattern={_strip_pattern(k): v for k, v in (config.get("rank_pattern") or {}).items()},
-        alpha_pattern={_strip_pattern(k): v for k, v in (config.get("alpha_pattern") or {}).items()},
-    )
-    peft_model = get_peft_model(encoder, lora_config)
-    try:
-        result = set_peft_model_state_dict(peft_model, state)
-    except RuntimeError as e:  # size mismatch: an adapter trained on another tower shape
-        raise AdapterError(f"{adapter_dir}: adapter tensors do not fit the tower: {e}") from e
-    missing_lora = [k for k in result.missing_keys if "lora_" in k]
-    if result.unexpected_keys or missing_lora:
-        raise AdapterError(
-            f"{adapter_dir}: adapter tensors do not fit the tower: unexpected {list(result.unexpected_keys)[:5]}, missing {missing_lora[:5]}"
-        )
-    merged = peft_model.merge_and_unload()
 
     parameters = sum(t.numel() for t in state.values())
     targeted = set(modules)
@@ -157,4 +157,147 @@ def merge_adapter(encoder: nn.Module, adapter_dir: Path) -> tuple[nn.Module, Mer
         h.update(f"{key}={json.dumps(config.get(key), sort_keys=True)};".encode())
     report = MergeReport(len(modules), parameters, ignored, h.hexdigest(), description)
     logger.info("LoRA: %s", description)
-    return merged, report
+    return Adapter(adapter_dir, config, state, modules, report)
+
+
+# Config entries under which a LoRA merge is no longer W + (alpha / r) · B @ A, when set.
+_NOT_PLAIN = ("use_dora", "fan_in_fan_out", "rank_pattern", "alpha_pattern", "lora_bias", "layer_replication",
+              "target_parameters", "use_qalora", "alora_invocation_tokens", "trainable_token_indices", "modules_to_save")
+
+
+def plain_scaling(adapter: Adapter) -> float | None:
+    """PEFT's scaling when the adapter is plain LoRA, which merges as W + scaling · B @ A; None
+    when PEFT has to merge it (DoRA, rank or alpha patterns, LoRA biases, anything else)."""
+    cfg = adapter.config
+    r, alpha = cfg.get("r"), cfg.get("lora_alpha")
+    if any(cfg.get(k) for k in _NOT_PLAIN) or cfg.get("bias", "none") != "none":
+        return None
+    if not isinstance(r, int) or isinstance(r, bool) or r <= 0 or not isinstance(alpha, (int, float)) or isinstance(alpha, bool):
+        return None
+    for m in adapter.modules:
+        a, b = adapter.state.get(f"{PEFT_PREFIX}{m}.lora_A.weight"), adapter.state.get(f"{PEFT_PREFIX}{m}.lora_B.weight")
+        if a is None or b is None or a.ndim != 2 or b.ndim != 2 or a.shape[0] != r or b.shape[1] != r:
+            return None
+    if len(adapter.state) != 2 * len(adapter.modules):
+        return None  # tensors other than lora_A / lora_B (magnitude vectors, biases, embeddings)
+    return alpha / math.sqrt(r) if cfg.get("use_rslora") else alpha / r
+
+
+def merge_plain(encoder: nn.Module, adapter: Adapter, scaling: float) -> None:
+    """W += scaling · B @ A on the weights' device, in their dtype (float32): PEFT's own merge of a
+    plain LoRA layer, operation for operation (peft.tuners.lora.layer.Linear.get_delta_weight)."""
+    known = dict(encoder.named_modules())
+    pairs = {m: (adapter.state[f"{PEFT_PREFIX}{m}.lora_A.weight"], adapter.state[f"{PEFT_PREFIX}{m}.lora_B.weight"]) for m in adapter.modules}
+    for m, (a, b) in pairs.items():
+        shape = tuple(known[m].weight.shape)
+        if (b.shape[0], a.shape[1]) != shape:
+            raise AdapterError(f"{adapter.path}: adapter tensors do not fit the tower: {m} is {shape}, its LoRA gives {(b.shape[0], a.shape[1])}")
+    with torch.no_grad():
+        for m, (a, b) in pairs.items():
+            w = known[m].weight
+            w += (b.to(w.device, w.dtype) @ a.to(w.device, w.dtype)) * scaling
+
+
+def merge_with_peft(encoder: nn.Module, adapter: Adapter) -> nn.Module:
+    """PEFT's get_peft_model + set_peft_model_state_dict + merge_and_unload on `encoder`."""
+    from peft import LoraConfig, get_peft_model, set_peft_model_state_dict
+
+    config = adapter.config
+    lora_config = LoraConfig(
+        **{k: v for k, v in config.items() if k in LoraConfig.__dataclass_fields__ and k not in ("target_modules", "modules_to_save", "layers_to_transform", "layers_pattern", "base_model_name_or_path", "task_type", "inference_mode", "peft_type", "rank_pattern", "alpha_pattern")},
+        target_modules=adapter.modules,
+        rank_pattern={_strip_pattern(k): v for k, v in (config.get("rank_pattern") or {}).items()},
+        alpha_pattern={_strip_pattern(k): v for k, v in (config.get("alpha_pattern") or {}).items()},
+    )
+    peft_model = get_peft_model(encoder, lora_config)
+    try:
+        result = set_peft_model_state_dict(peft_model, adapter.state)
+    except RuntimeError as e:  # size mismatch: an adapter trained on another tower shape
+        raise AdapterError(f"{adapter.path}: adapter tensors do not fit the tower: {e}") from e
+    missing_lora = [k for k in result.missing_keys if "lora_" in k]
+    if result.unexpected_keys or missing_lora:
+        raise AdapterError(
+            f"{adapter.path}: adapter tensors do not fit the tower: unexpected {list(result.unexpected_keys)[:5]}, missing {missing_lora[:5]}"
+        )
+    return peft_model.merge_and_unload()
+
+
+class PeftCheck:
+    """Checks, on its own thread, that PEFT merges `adapter` exactly as merge_plain did.
+
+    PEFT's merge runs on zero-weight copies of the targeted Linear layers (on the host, in
+    float32), which then hold PEFT's delta; each must equal scaling · B @ A. Importing peft takes
+    seconds, so the job starts on merge_plain's weights and the writer waits for this check
+    before its first commit (wait()): nothing is written from weights PEFT would not give.
+    """
+
+    def __init__(self, encoder: nn.Module, adapter: Adapter, scaling: float):
+        known = dict(encoder.named_modules())
+        self._shapes = {m: tuple(known[m].weight.shape) for m in adapter.modules}
+        self._adapter, self._scaling = adapter, scaling
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, name="peft-check", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        try:
+            t = time.monotonic()
+            skeleton = nn.Module()
+            for name, (out_f, in_f) in self._shapes.items():
+                parent = skeleton
+                *path, leaf = name.split(".")
+                for p in path:
+                    if not hasattr(parent, p):
+                        parent.add_module(p, nn.Module())
+                    parent = getattr(parent, p)
+                linear = nn.Linear(in_f, out_f, bias=False, device="meta")
+                linear.weight = nn.Parameter(torch.zeros(out_f, in_f))
+                parent.add_module(leaf, linear)
+            merged = dict(merge_with_peft(skeleton, self._adapter).named_modules())
+            worst, where = 0.0, ""
+            with torch.no_grad():
+                for m in self._adapter.modules:
+                    a = self._adapter.state[f"{PEFT_PREFIX}{m}.lora_A.weight"].float()
+                    b = self._adapter.state[f"{PEFT_PREFIX}{m}.lora_B.weight"].float()
+                    ours = (b @ a) * self._scaling
+                    err = float((merged[m].weight - ours).abs().max() / ours.abs().max().clamp_min(1e-30))
+                    if err > worst:
+                        worst, where = err, m
+            if worst > 1e-5:
+                raise AdapterError(
+                    f"{self._adapter.path}: PEFT merges {where} differently from scaling · B @ A "
+                    f"(relative difference {worst:.2e}); nothing was written. This adapter's config is "
+                    "not plain LoRA in a way this job does not know: please report it"
+                )
+            logger.debug("LoRA: PEFT's merge checked in %.2f s (max relative difference %.1e)", time.monotonic() - t, worst)
+        except BaseException as e:
+            self._error = e
+
+    def join(self) -> None:
+        self._thread.join()
+
+    def wait(self) -> None:
+        """Block until the check is done; raise its error, if any."""
+        self._thread.join()
+        if self._error is not None:
+            raise self._error
+
+
+def merge_adapter(encoder: nn.Module, adapter_dir: Path, *, defer_check: bool = False) -> tuple[nn.Module, MergeReport, PeftCheck | None]:
+    """Merge the adapter into `encoder` (float32 weights expected) and return the plain module.
+
+    A plain LoRA adapter is merged at once as W + scaling · B @ A; PEFT's own merge of the same
+    tensors checks it (PeftCheck: awaited here, or by the caller with defer_check). Any other
+    adapter (DoRA, patterns, biases) is merged by PEFT itself, so its scaling rules are honoured.
+    """
+    adapter = read_for(encoder, adapter_dir)
+    scaling = plain_scaling(adapter)
+    if scaling is None:
+        logger.debug("LoRA: not plain LoRA; merged by PEFT")
+        return merge_with_peft(encoder, adapter), adapter.report, None
+    merge_plain(encoder, adapter, scaling)
+    check = PeftCheck(encoder, adapter, scaling)
+    if not defer_check:
+        check.wait()
+        check = None
+    return encoder, adapter.report, check

@@ -4,15 +4,16 @@ from __future__ import annotations
 
 import logging
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from .checkpoint import CheckpointError, EncoderConfig, load_tower_state, read_config
+from .checkpoint import CheckpointError, EncoderConfig, fingerprint, read_config, read_tower_tensors
 from .encoder import AudioEncoder
 from .logmel import LogMel
-from .lora import MergeReport, merge_adapter
+from .lora import MergeReport, PeftCheck, merge_adapter
 
 logger = logging.getLogger(__name__)
 
@@ -43,13 +44,21 @@ class LoadedModel:
     dtype: torch.dtype
     model_fingerprint: str
     adapter: MergeReport | None
+    # With load_model(defer_check=True): PEFT's check of the LoRA merge, still running; whoever
+    # writes results waits for it (PartWriter does, before its first commit).
+    adapter_check: PeftCheck | None = None
 
 
-def load_model(model_dir: Path, adapter_dir: Path | None, device: torch.device, dtype: torch.dtype) -> LoadedModel:
+def load_model(model_dir: Path, adapter_dir: Path | None, device: torch.device, dtype: torch.dtype, *, defer_check: bool = False) -> LoadedModel:
     t = time.monotonic()
     cfg = read_config(Path(model_dir))
-    state, model_fp = load_tower_state(Path(model_dir))
-    logger.debug("model: tower tensors read and fingerprinted in %.2f s", time.monotonic() - t)
+    state = read_tower_tensors(Path(model_dir))
+    logger.debug("model: tower tensors read in %.2f s", time.monotonic() - t)
+    # Hash while the weights move to the device (hashlib releases the GIL); done before the merge,
+    # which may change the very tensors being hashed in place (CPU, float32 checkpoint).
+    hashing = ThreadPoolExecutor(1, thread_name_prefix="fingerprint")
+    model_fp = hashing.submit(fingerprint, state)
+    hashing.shutdown(wait=False)
     with torch.device("meta"):
         encoder = AudioEncoder(cfg)
     expected = set(encoder.state_dict())
@@ -65,11 +74,13 @@ def load_model(model_dir: Path, adapter_dir: Path | None, device: torch.device, 
     t = time.monotonic()
     encoder = encoder.to(device=device)
     logger.debug("model: moved to %s in %.2f s", device, time.monotonic() - t)
-    adapter = None
+    model_fp = model_fp.result()
+    logger.debug("model: fingerprinted %.2f s after the move began", time.monotonic() - t)
+    adapter = check = None
     if adapter_dir is not None:
         t = time.monotonic()
         # The merge is done in float32 whatever the checkpoint's dtype, then cast once.
-        encoder, adapter = merge_adapter(encoder.float(), Path(adapter_dir))
+        encoder, adapter, check = merge_adapter(encoder.float(), Path(adapter_dir), defer_check=defer_check)
         logger.debug("model: LoRA merged in %.2f s", time.monotonic() - t)
     encoder = encoder.to(dtype=dtype)
     encoder.prepare_for_inference()
@@ -78,4 +89,4 @@ def load_model(model_dir: Path, adapter_dir: Path | None, device: torch.device, 
         cfg.encoder_layers, cfg.d_model, device, str(dtype).removeprefix("torch."),
         model_fp[:8], f", adapter {adapter.fingerprint[:8]}…" if adapter else "",
     )
-    return LoadedModel(encoder, LogMel(cfg.num_mel_bins, device), cfg, device, dtype, model_fp, adapter)
+    return LoadedModel(encoder, LogMel(cfg.num_mel_bins, device), cfg, device, dtype, model_fp, adapter, check)

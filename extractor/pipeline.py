@@ -282,8 +282,10 @@ def run_job(opts: JobOptions, model: LoadedModel | None = None) -> Summary:
     # Clocks start at the process's launch, so wall time and time to first batch include imports.
     t0 = time.monotonic() - process_age_s()
     if opts.adapter and model is None:
-        # Importing peft (and transformers under it) takes ~6 s, the longest step of start-up
-        # (measured on an H200 host); do it while the manifest is read and decoding starts.
+        # Importing peft (and transformers under it) takes ~7 s, the longest step of start-up
+        # (measured on an H200 host); do it while the manifest is read and decoding starts. A
+        # plain LoRA is merged without it; PEFT's check of that merge needs it before the first
+        # commit (extractor.lora.PeftCheck), an adapter of another kind before the first batch.
         threading.Thread(target=_import_peft, name="import-peft", daemon=True).start()
     source = read_manifest(opts.manifest, opts.storage_options)
     manifest = source.rows
@@ -304,7 +306,10 @@ def run_job(opts: JobOptions, model: LoadedModel | None = None) -> Summary:
     try:
         if model is None:
             t = time.monotonic()
-            model = load_model(Path(opts.model), Path(opts.adapter) if opts.adapter else None, device, dtype)
+            # On a GPU the first batch does not wait for PEFT's check of the LoRA merge (the writer
+            # does); a CPU run is not bound by start-up, and its first part waits for nothing.
+            model = load_model(Path(opts.model), Path(opts.adapter) if opts.adapter else None, device, dtype,
+                               defer_check=device.type == "cuda")
             logger.info("model loaded in %.1f s", time.monotonic() - t)
         recipe = build_recipe(model, opts)
         if out.existing_recipe() is not None:
@@ -326,6 +331,8 @@ def run_job(opts: JobOptions, model: LoadedModel | None = None) -> Summary:
     finally:
         if stream is not None:
             stream.stop()
+        if model is not None and model.adapter_check is not None:
+            model.adapter_check.join()  # not left importing peft while the interpreter exits
     return finish_summary(summary, t0, failed_rows(manifest, out))
 
 
@@ -386,6 +393,7 @@ class Stream:
         writer = PartWriter(
             out, self.source, self.pending, recipe, progress,
             keep_columns=opts.manifest.keep_columns, part_rows=opts.part_rows, part_bytes=opts.part_bytes, commit_seconds=opts.commit_seconds,
+            gate=model.adapter_check.wait if model.adapter_check else None,
         )
         if model.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(model.device)

@@ -6,6 +6,7 @@ import logging
 import queue
 import threading
 import time
+from collections.abc import Callable
 
 import numpy as np
 import polars as pl
@@ -47,6 +48,7 @@ class PartWriter:
         part_rows: int = 10_000,
         part_bytes: int = 256 << 20,
         commit_seconds: float = 60.0,
+        gate: Callable[[], None] | None = None,
     ):
         self.out, self.manifest, self.pending, self.recipe, self.progress = out, manifest, pending, recipe, progress
         self.d_model, self.pooling, self.output_dtype = recipe.d_model, recipe.pooling, recipe.output_dtype
@@ -63,6 +65,7 @@ class PartWriter:
         self._thread = threading.Thread(target=self._loop, name="writer", daemon=True)
         self._kept = list(keep_columns)
         self._meta = {METADATA_KEY: recipe.to_json().encode()}
+        self._gate = gate  # called (and awaited) before the first commit: see LoadedModel.adapter_check
 
     def start(self) -> None:
         self._thread.start()
@@ -129,6 +132,9 @@ class PartWriter:
                     continue
 
     def _commit(self) -> None:
+        if self._gate is not None and (self.rows or self.failures):
+            self._gate()
+            self._gate = None
         name = f"part-{self.out.shard.tag}-{self.seq:06d}.parquet"
         if self.rows:
             self.out.commit_table(self._rows_table(), name, failures=False)

@@ -288,6 +288,7 @@ def build_adapter(
     seed=0,
     include_language_model=False,
     bin_format=False,
+    lora_config=None,
 ) -> Path:
     """Write a PEFT LoRA adapter (q_proj/k_proj/v_proj) for the checkpoint in `model_dir` to `path`.
 
@@ -300,6 +301,7 @@ def build_adapter(
     Tower modules only, unless include_language_model=True (full layouts only) also LoRAs the LM's q/k/v.
     With the same seed/r the tower tensors are identical across layouts (see `lora_draw`).
     bin_format=True writes `adapter_model.bin` (torch.save of the state dict) instead of safetensors.
+    lora_config: more LoraConfig arguments (use_rslora, rank_pattern, use_dora, ...).
     """
     from peft import LoraConfig, get_peft_model
     from peft.tuners.lora import LoraLayer
@@ -318,13 +320,13 @@ def build_adapter(
         base, target = model.model.audio_tower, LORA_TARGETS
     else:
         base = model
-    peft_model = get_peft_model(base, LoraConfig(r=r, lora_alpha=alpha, lora_dropout=0.0, target_modules=target))
+    peft_model = get_peft_model(base, LoraConfig(r=r, lora_alpha=alpha, lora_dropout=0.0, target_modules=target, **(lora_config or {})))
 
     with torch.no_grad():
         for name, module in peft_model.named_modules():
             if isinstance(module, LoraLayer):
                 base_layer = module.get_base_layer()
-                a, b = lora_draw(_canonical_module_name(name), base_layer.in_features, base_layer.out_features, r, seed)
+                a, b = lora_draw(_canonical_module_name(name), base_layer.in_features, base_layer.out_features, module.r["default"], seed)
                 module.lora_A["default"].weight.copy_(a)
                 module.lora_B["default"].weight.copy_(b)
 

@@ -99,3 +99,96 @@ def test_merging_changes_the_weights_by_peft_scaling(tiny_model, tiny_adapter):
     d = base.cfg.d_model
     delta = merged.encoder.layers[1].self_attn.qkv_weight[2 * d :] - base.encoder.layers[1].self_attn.qkv_weight[2 * d :]
     torch.testing.assert_close(delta, scaling * B @ A, rtol=1e-4, atol=1e-6)
+
+
+# ---------------------------------------------------------------------------------------------
+# Plain LoRA is merged without waiting for peft's import, and PEFT's own merge checks it
+# ---------------------------------------------------------------------------------------------
+
+ADAPTER_KINDS = {
+    "plain": {},
+    "rslora": {"use_rslora": True},  # plain: scaling alpha / sqrt(r)
+    "rank-alpha-patterns": {"rank_pattern": {"k_proj": 2}, "alpha_pattern": {"v_proj": 3}},  # merged by PEFT
+    "dora": {"use_dora": True},  # merged by PEFT
+}
+
+
+@pytest.mark.parametrize("kind", ADAPTER_KINDS)
+def test_each_kind_of_lora_config_equals_canonical_peft(tmp_path, tiny_model, kind):
+    """Whichever way the adapter is merged (W + scaling · B @ A, or PEFT's merge for DoRA and
+    patterns), the embeddings equal the canonical unmerged PeftModel's."""
+    from canonical import canonical_embedding, cosine, load_canonical
+    from test_encoder import clips, ours
+
+    adapter = build_adapter(tmp_path / kind, tiny_model, layout="tower", lora_config=ADAPTER_KINDS[kind])
+    model = load_model(tiny_model, adapter, torch.device("cpu"), torch.float32)
+    ref = load_canonical(tiny_model, adapter, "tower")
+    base = load_model(tiny_model, None, torch.device("cpu"), torch.float32)
+    waves = clips()[2:5]
+    for x, (emb, _), (plain_emb, _) in zip(waves, ours(model, waves), ours(base, waves)):
+        expected = canonical_embedding(ref, x)
+        assert cosine(emb, expected) >= 0.9999
+        assert cosine(plain_emb, expected) < 0.9999  # the adapter matters at this tolerance
+
+
+def test_which_adapters_merge_without_peft(tmp_path, tiny_model):
+    from extractor.checkpoint import read_config
+    from extractor.encoder import AudioEncoder
+    from extractor.lora import plain_scaling, read_for
+
+    with torch.device("meta"):
+        encoder = AudioEncoder(read_config(tiny_model))  # unfused q/k/v, as the merge sees them
+    scalings = {kind: plain_scaling(read_for(encoder, build_adapter(tmp_path / kind, tiny_model, layout="tower", lora_config=cfg)))
+                for kind, cfg in ADAPTER_KINDS.items()}
+    assert scalings == {"plain": 8 / 4, "rslora": 8 / 2, "rank-alpha-patterns": None, "dora": None}
+
+
+def _job(tiny_model, tiny_adapter, manifest_dir, out):
+    from builders import speechlike, write_audio
+    import polars as pl
+    from extractor.manifest import ManifestSpec
+    from extractor.pipeline import JobOptions
+
+    paths = [str(write_audio(manifest_dir / f"{i}.wav", speechlike(0.5 + i / 3, 16_000, seed=i), 16_000)) for i in range(6)]
+    pl.DataFrame({"id": [f"r{i}" for i in range(6)], "path": paths}).write_parquet(manifest_dir / "m.parquet")
+    return JobOptions(manifest=ManifestSpec(str(manifest_dir / "m.parquet"), id_column="id"), output=str(out), model=str(tiny_model),
+                      adapter=str(tiny_adapter), device="cpu", decode_workers=0, progress=False, part_rows=2)
+
+
+def test_deferred_peft_check_gives_the_same_output(tmp_path, tiny_model, tiny_adapter):
+    """The GPU start-up path (model loaded with defer_check: the writer awaits PEFT's check)
+    writes what the synchronous path writes, bit for bit."""
+    import pyarrow.parquet as pq
+    from extractor.pipeline import run_job
+
+    (tmp_path / "audio").mkdir()
+    outputs = {}
+    for defer in (False, True):
+        out = tmp_path / f"out-{defer}"
+        model = load_model(tiny_model, tiny_adapter, torch.device("cpu"), torch.float32, defer_check=defer)
+        assert (model.adapter_check is not None) == defer
+        summary = run_job(_job(tiny_model, tiny_adapter, tmp_path / "audio", out), model=model)
+        assert summary.embedded == 6 and summary.complete
+        outputs[defer] = pq.read_table(sorted(out.glob("part-*.parquet"))).to_pydict()
+    assert outputs[True] == outputs[False]
+
+
+def test_a_merge_peft_disagrees_with_writes_nothing(tmp_path, tiny_model, tiny_adapter, monkeypatch):
+    """If W + scaling · B @ A is not what PEFT makes of the adapter, the run stops before its
+    first commit with an error naming the module, and the output holds no part."""
+    import extractor.lora as lora
+    from extractor.pipeline import run_job
+
+    real = lora.plain_scaling
+    monkeypatch.setattr(lora, "plain_scaling", lambda adapter: 1.5 * real(adapter))  # a wrong rule
+    model = load_model(tiny_model, tiny_adapter, torch.device("cpu"), torch.float32, defer_check=True)
+    (tmp_path / "audio").mkdir()
+    out = tmp_path / "out"
+    with pytest.raises(RuntimeError) as info:
+        run_job(_job(tiny_model, tiny_adapter, tmp_path / "audio", out), model=model)
+    cause = info.value.__cause__
+    assert isinstance(cause, AdapterError) and "PEFT merges layers.0.self_attn.k_proj differently" in str(cause)
+    assert not list(out.glob("part-*.parquet")) and not list(out.glob("_failures/part-*.parquet"))
+    assert not (out / "_SUCCESS").exists()
+    with pytest.raises(AdapterError, match="differently"):  # and a synchronous load refuses it outright
+        load_model(tiny_model, tiny_adapter, torch.device("cpu"), torch.float32)
