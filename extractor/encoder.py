@@ -136,7 +136,9 @@ class AudioEncoder(nn.Module):
         self.cfg = cfg
         self.conv1 = nn.Conv1d(cfg.num_mel_bins, d, kernel_size=3, padding=1)
         self.conv2 = nn.Conv1d(d, d, kernel_size=3, stride=CONV_STRIDE, padding=1)
-        self.embed_positions = nn.Embedding(cfg.max_source_positions, d)
+        # Given its weight, Embedding skips its random init: that init on the meta device (where
+        # load_model builds this) imports torch._dynamo, ~1 s, and waits on peft's import of it.
+        self.embed_positions = nn.Embedding(cfg.max_source_positions, d, _weight=torch.empty(cfg.max_source_positions, d))
         self.layers = nn.ModuleList(EncoderLayer(cfg) for _ in range(cfg.encoder_layers))
         self.layer_norm = nn.LayerNorm(d)
         # No weights; forward() pools by index instead so pairs never straddle two windows.

@@ -17,20 +17,34 @@ import torch
 from .constants import HOP_LENGTH, LOG_MEL_DYNAMIC_RANGE, MEL_FLOOR, N_FFT, SAMPLE_RATE
 
 
+def _slaney_mel(hz: np.ndarray) -> np.ndarray:
+    mel = 3.0 * hz / 200.0
+    log = hz >= 1000.0
+    mel[log] = 15.0 + np.log(hz[log] / 1000.0) * (27.0 / np.log(6.4))
+    return mel
+
+
+def _slaney_hz(mel: np.ndarray) -> np.ndarray:
+    hz = 200.0 * mel / 3.0
+    log = mel >= 15.0
+    hz[log] = 1000.0 * np.exp(np.log(6.4) / 27.0 * (mel[log] - 15.0))
+    return hz
+
+
 @functools.lru_cache(maxsize=None)
 def _mel_filters_np(n_mels: int) -> np.ndarray:
-    # The same Slaney filter bank the feature extractor builds, from the same function.
-    from transformers.audio_utils import mel_filter_bank
-
-    return mel_filter_bank(
-        num_frequency_bins=1 + N_FFT // 2,
-        num_mel_filters=n_mels,
-        min_frequency=0.0,
-        max_frequency=SAMPLE_RATE / 2,
-        sampling_rate=SAMPLE_RATE,
-        norm="slaney",
-        mel_scale="slaney",
-    ).astype(np.float32)  # (n_freq, n_mels)
+    """The Slaney-normalised, Slaney-scale filter bank WhisperFeatureExtractor builds (with
+    transformers.audio_utils.mel_filter_bank, float64, then float32 here), operation for operation:
+    tests/test_encoder.py checks it equals that function's output exactly. Not imported from
+    transformers: that import takes seconds, on the job's start-up path."""
+    n_freq = 1 + N_FFT // 2
+    edges = _slaney_hz(np.linspace(_slaney_mel(np.array([0.0]))[0], _slaney_mel(np.array([SAMPLE_RATE / 2]))[0], n_mels + 2))
+    fft_freqs = np.linspace(0, SAMPLE_RATE // 2, n_freq)
+    slopes = edges[None, :] - fft_freqs[:, None]
+    diff = np.diff(edges)
+    filters = np.maximum(np.zeros(1), np.minimum(-slopes[:, :-2] / diff[:-1], slopes[:, 2:] / diff[1:]))
+    filters *= (2.0 / (edges[2 : n_mels + 2] - edges[:n_mels]))[None, :]
+    return filters.astype(np.float32)  # (n_freq, n_mels)
 
 
 class LogMel(torch.nn.Module):

@@ -273,25 +273,33 @@ def failed_rows(manifest: pl.DataFrame, out: OutputDir) -> int:
     return 0 if failed_ids is None else manifest.filter(_in(manifest, failed_ids)).height
 
 
-def _import_peft() -> None:
-    importlib.import_module("peft")
-    logger.debug("peft imported %.1f s after launch", process_age_s())
+def _import_ahead(modules: list[str]) -> None:
+    """Import what the device loop and the LoRA check will need, on a thread, during start-up."""
+    for name in modules:
+        try:
+            importlib.import_module(name)
+        except Exception as e:  # whoever needs it imports it again and reports the error
+            logger.debug("importing %s ahead failed: %s", name, e)
+        else:
+            logger.debug("%s imported %.1f s after launch", name, process_age_s())
 
 
 def run_job(opts: JobOptions, model: LoadedModel | None = None) -> Summary:
     # Clocks start at the process's launch, so wall time and time to first batch include imports.
     t0 = time.monotonic() - process_age_s()
-    if opts.adapter and model is None:
-        # Importing peft (and transformers under it) takes ~7 s, the longest step of start-up
-        # (measured on an H200 host); do it while the manifest is read and decoding starts. A
-        # plain LoRA is merged without it; PEFT's check of that merge needs it before the first
-        # commit (extractor.lora.PeftCheck), an adapter of another kind before the first batch.
-        threading.Thread(target=_import_peft, name="import-peft", daemon=True).start()
+    device = resolve_device(opts.device)
+    # Slow imports, on a thread while the manifest is read, decoding starts and the tower loads
+    # (measured on an H200 host): FlashAttention's varlen entry point (~1 s, it imports
+    # torch._dynamo) is needed by the first batch; peft (and transformers under it, ~7 s) by
+    # PEFT's check of a plain LoRA merge before the first commit (extractor.lora.PeftCheck), and
+    # by an adapter of another kind before the first batch.
+    ahead = (["torch.nn.attention.varlen"] if device.type == "cuda" else []) + (["peft"] if opts.adapter and model is None else [])
+    if ahead:
+        threading.Thread(target=_import_ahead, args=(ahead,), name="import-ahead", daemon=True).start()
     source = read_manifest(opts.manifest, opts.storage_options)
     manifest = source.rows
     if opts.shard.count > 1:
         manifest = manifest.filter(shard_of(manifest["id"], opts.shard.count) == opts.shard.index)
-    device = resolve_device(opts.device)
     if device.type == "cuda" and device.index is not None:
         torch.cuda.set_device(device)  # else cuda:0 gets a context and the default streams
     dtype = resolve_dtype(opts.dtype, device)

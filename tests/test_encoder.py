@@ -102,3 +102,14 @@ def test_full_width_model_equals_canonical(checkpoint_factory, adapter_factory):
     waves = [speechlike(3.2, SR, seed=11), speechlike(0.5, SR, seed=12)]
     for x, (emb, _) in zip(waves, ours(model, waves)):
         assert cosine(emb, canonical_embedding(ref, x)) >= 0.9999
+
+
+@pytest.mark.parametrize("n_mels", [80, 128])
+def test_mel_filter_bank_equals_the_feature_extractors(n_mels):
+    """extractor.logmel builds the filter bank itself (importing transformers costs start-up
+    seconds); it must be WhisperFeatureExtractor's, bit for bit."""
+    from transformers import WhisperFeatureExtractor
+    from extractor.logmel import _mel_filters_np
+
+    reference = WhisperFeatureExtractor(feature_size=n_mels).mel_filters.astype(np.float32)
+    assert np.array_equal(_mel_filters_np(n_mels), reference)
