@@ -9,9 +9,10 @@ model's q/k/v) are dropped with a warning.
 
 PEFT defines the merge, so its scaling rules (alpha / r, rsLoRA, rank and alpha patterns, DoRA)
 are honoured. A plain LoRA adapter (the usual one) merges as W + scaling · B @ A, which is
-applied at once, and PEFT's merge of the same tensors checks it on a thread: importing peft takes
-~7 s, the longest step of start-up, and the job's first batch need not wait for it (the writer
-does, see PeftCheck). Any other adapter is merged by PEFT itself before the first batch.
+applied at once, and PEFT's merge of the same tensors checks it. A GPU job runs that check in a
+child process (PeftCheck): importing peft takes ~7 s, the longest step of start-up, and the first
+batch need not wait for it; the writer does, before its first commit. Any other adapter is merged
+by PEFT itself before the first batch.
 """
 
 from __future__ import annotations
@@ -20,8 +21,10 @@ import hashlib
 import json
 import logging
 import math
+import os
 import re
-import threading
+import subprocess
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -165,14 +168,29 @@ _NOT_PLAIN = ("use_dora", "fan_in_fan_out", "rank_pattern", "alpha_pattern", "lo
               "target_parameters", "use_qalora", "alora_invocation_tokens", "trainable_token_indices", "modules_to_save")
 
 
+def _config_scaling(cfg: dict) -> float | None:
+    r, alpha = cfg.get("r"), cfg.get("lora_alpha")
+    if cfg.get("peft_type") != "LORA" or any(cfg.get(k) for k in _NOT_PLAIN) or cfg.get("bias", "none") != "none":
+        return None
+    if not isinstance(r, int) or isinstance(r, bool) or r <= 0 or not isinstance(alpha, (int, float)) or isinstance(alpha, bool):
+        return None
+    return alpha / math.sqrt(r) if cfg.get("use_rslora") else alpha / r
+
+
+def plain_config(adapter_dir: Path) -> bool:
+    """Whether the adapter's config is plain LoRA (a quick look at adapter_config.json only)."""
+    try:
+        return _config_scaling(json.loads((Path(adapter_dir) / "adapter_config.json").read_text())) is not None
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
 def plain_scaling(adapter: Adapter) -> float | None:
     """PEFT's scaling when the adapter is plain LoRA, which merges as W + scaling · B @ A; None
     when PEFT has to merge it (DoRA, rank or alpha patterns, LoRA biases, anything else)."""
-    cfg = adapter.config
-    r, alpha = cfg.get("r"), cfg.get("lora_alpha")
-    if any(cfg.get(k) for k in _NOT_PLAIN) or cfg.get("bias", "none") != "none":
-        return None
-    if not isinstance(r, int) or isinstance(r, bool) or r <= 0 or not isinstance(alpha, (int, float)) or isinstance(alpha, bool):
+    scaling = _config_scaling(adapter.config)
+    r = adapter.config.get("r")
+    if scaling is None:
         return None
     for m in adapter.modules:
         a, b = adapter.state.get(f"{PEFT_PREFIX}{m}.lora_A.weight"), adapter.state.get(f"{PEFT_PREFIX}{m}.lora_B.weight")
@@ -180,7 +198,7 @@ def plain_scaling(adapter: Adapter) -> float | None:
             return None
     if len(adapter.state) != 2 * len(adapter.modules):
         return None  # tensors other than lora_A / lora_B (magnitude vectors, biases, embeddings)
-    return alpha / math.sqrt(r) if cfg.get("use_rslora") else alpha / r
+    return scaling
 
 
 def merge_plain(encoder: nn.Module, adapter: Adapter, scaling: float) -> None:
@@ -222,65 +240,112 @@ def merge_with_peft(encoder: nn.Module, adapter: Adapter) -> nn.Module:
     return peft_model.merge_and_unload()
 
 
-class PeftCheck:
-    """Checks, on its own thread, that PEFT merges `adapter` exactly as merge_plain did.
+def check_with_peft(adapter: Adapter, shapes: dict[str, tuple[int, int]], scaling: float) -> float:
+    """Check that PEFT merges `adapter` as merge_plain did: W + scaling · B @ A.
 
     PEFT's merge runs on zero-weight copies of the targeted Linear layers (on the host, in
-    float32), which then hold PEFT's delta; each must equal scaling · B @ A. Importing peft takes
-    seconds, so the job starts on merge_plain's weights and the writer waits for this check
-    before its first commit (wait()): nothing is written from weights PEFT would not give.
+    float32), which then hold PEFT's delta; each must equal scaling · B @ A. Returns the largest
+    relative difference; raises AdapterError above 1e-5.
+    """
+    t = time.monotonic()
+    skeleton = nn.Module()
+    for name, (out_f, in_f) in shapes.items():
+        parent = skeleton
+        *path, leaf = name.split(".")
+        for p in path:
+            if not hasattr(parent, p):
+                parent.add_module(p, nn.Module())
+            parent = getattr(parent, p)
+        linear = nn.Linear(in_f, out_f, bias=False, device="meta")
+        linear.weight = nn.Parameter(torch.zeros(out_f, in_f))
+        parent.add_module(leaf, linear)
+    merged = dict(merge_with_peft(skeleton, adapter).named_modules())
+    worst, where = 0.0, ""
+    with torch.no_grad():
+        for m in adapter.modules:
+            a = adapter.state[f"{PEFT_PREFIX}{m}.lora_A.weight"].float()
+            b = adapter.state[f"{PEFT_PREFIX}{m}.lora_B.weight"].float()
+            ours = (b @ a) * scaling
+            err = float((merged[m].weight - ours).abs().max() / ours.abs().max().clamp_min(1e-30))
+            if err > worst:
+                worst, where = err, m
+    if worst > 1e-5:
+        raise AdapterError(
+            f"{adapter.path}: PEFT merges {where} differently from scaling · B @ A (relative difference "
+            f"{worst:.2e}); nothing was written. This adapter's config is not plain LoRA in a way this "
+            "job does not know: please report it"
+        )
+    logger.debug("LoRA: PEFT's merge checked in %.2f s (max relative difference %.1e)", time.monotonic() - t, worst)
+    return worst
+
+
+class PeftCheck:
+    """check_with_peft in a child process, so that the job can start on merge_plain's weights.
+
+    Importing peft (and transformers under it) takes ~7 s of the interpreter's lock; in a thread
+    it slowed the device loop's first seconds, in a child it costs the job nothing. Whoever writes
+    results calls wait() first (PartWriter, before its first commit): nothing is written from
+    weights PEFT would not give.
     """
 
     def __init__(self, encoder: nn.Module, adapter: Adapter, scaling: float):
         known = dict(encoder.named_modules())
-        self._shapes = {m: tuple(known[m].weight.shape) for m in adapter.modules}
-        self._adapter, self._scaling = adapter, scaling
-        self._error: BaseException | None = None
-        self._thread = threading.Thread(target=self._run, name="peft-check", daemon=True)
-        self._thread.start()
-
-    def _run(self) -> None:
-        try:
-            t = time.monotonic()
-            skeleton = nn.Module()
-            for name, (out_f, in_f) in self._shapes.items():
-                parent = skeleton
-                *path, leaf = name.split(".")
-                for p in path:
-                    if not hasattr(parent, p):
-                        parent.add_module(p, nn.Module())
-                    parent = getattr(parent, p)
-                linear = nn.Linear(in_f, out_f, bias=False, device="meta")
-                linear.weight = nn.Parameter(torch.zeros(out_f, in_f))
-                parent.add_module(leaf, linear)
-            merged = dict(merge_with_peft(skeleton, self._adapter).named_modules())
-            worst, where = 0.0, ""
-            with torch.no_grad():
-                for m in self._adapter.modules:
-                    a = self._adapter.state[f"{PEFT_PREFIX}{m}.lora_A.weight"].float()
-                    b = self._adapter.state[f"{PEFT_PREFIX}{m}.lora_B.weight"].float()
-                    ours = (b @ a) * self._scaling
-                    err = float((merged[m].weight - ours).abs().max() / ours.abs().max().clamp_min(1e-30))
-                    if err > worst:
-                        worst, where = err, m
-            if worst > 1e-5:
-                raise AdapterError(
-                    f"{self._adapter.path}: PEFT merges {where} differently from scaling · B @ A "
-                    f"(relative difference {worst:.2e}); nothing was written. This adapter's config is "
-                    "not plain LoRA in a way this job does not know: please report it"
-                )
-            logger.debug("LoRA: PEFT's merge checked in %.2f s (max relative difference %.1e)", time.monotonic() - t, worst)
-        except BaseException as e:
-            self._error = e
+        job = {"adapter": str(adapter.path), "scaling": scaling, "shapes": {m: list(known[m].weight.shape) for m in adapter.modules}}
+        root = str(Path(__file__).resolve().parents[1])  # where `extractor` is importable from
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")]))}
+        self._path = adapter.path
+        self._proc = subprocess.Popen(
+            [sys.executable, "-m", "extractor.lora"], stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+            env=env, text=True,
+        )
+        self._proc.stdin.write(json.dumps(job))
+        self._proc.stdin.close()
+        self._error: str | None = None
+        self._done = False
 
     def join(self) -> None:
-        self._thread.join()
+        if not self._done:
+            stderr = self._proc.stderr.read()
+            self._proc.wait()
+            self._proc.stderr.close()
+            self._done = True
+            if self._proc.returncode == 0:
+                logger.debug("%s", stderr.strip().splitlines()[-1] if stderr.strip() else "LoRA: PEFT's check passed")
+            else:
+                lines = [ln for ln in stderr.strip().splitlines() if ln.strip()]
+                self._error = lines[-1] if self._proc.returncode == 3 and lines else (
+                    f"{self._path}: PEFT's check of the LoRA merge failed (exit {self._proc.returncode}): " + " | ".join(lines[-5:]))
+
+    def close(self) -> None:
+        """The run ends without having needed the check: stop it."""
+        if not self._done:
+            self._proc.kill()
+            self.join()
 
     def wait(self) -> None:
-        """Block until the check is done; raise its error, if any."""
-        self._thread.join()
+        """Block until the check is done; raise AdapterError if it failed."""
+        self.join()
         if self._error is not None:
-            raise self._error
+            raise AdapterError(self._error)
+
+
+def _check_main() -> int:
+    """`python -m extractor.lora` < {"adapter", "scaling", "shapes"}: PeftCheck's child."""
+    from .workers import die_with_parent
+
+    die_with_parent()
+    logging.basicConfig(level=logging.WARNING, format="%(message)s", stream=sys.stderr)
+    logger.setLevel(logging.DEBUG)  # this module's line for the parent's debug log
+    job = json.loads(sys.stdin.read())
+    try:
+        config, state, _ = read_adapter(Path(job["adapter"]))
+        modules = sorted({_module_of(k[len(PEFT_PREFIX):]) for k in state})
+        adapter = Adapter(Path(job["adapter"]), config, state, modules, MergeReport(len(modules), 0, 0, "", ""))
+        check_with_peft(adapter, {m: tuple(v) for m, v in job["shapes"].items()}, float(job["scaling"]))
+    except AdapterError as e:
+        print(e, file=sys.stderr)
+        return 3
+    return 0
 
 
 def merge_adapter(encoder: nn.Module, adapter_dir: Path, *, defer_check: bool = False) -> tuple[nn.Module, MergeReport, PeftCheck | None]:
@@ -296,8 +361,12 @@ def merge_adapter(encoder: nn.Module, adapter_dir: Path, *, defer_check: bool = 
         logger.debug("LoRA: not plain LoRA; merged by PEFT")
         return merge_with_peft(encoder, adapter), adapter.report, None
     merge_plain(encoder, adapter, scaling)
-    check = PeftCheck(encoder, adapter, scaling)
-    if not defer_check:
-        check.wait()
-        check = None
-    return encoder, adapter.report, check
+    if defer_check:
+        return encoder, adapter.report, PeftCheck(encoder, adapter, scaling)
+    known = dict(encoder.named_modules())
+    check_with_peft(adapter, {m: tuple(known[m].weight.shape) for m in adapter.modules}, scaling)
+    return encoder, adapter.report, None
+
+
+if __name__ == "__main__":
+    sys.exit(_check_main())

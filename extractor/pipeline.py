@@ -27,6 +27,7 @@ import torch
 from . import __version__
 from .batching import Window, make_batch, plan_batches, split_windows
 from .decode import DecodeRequest
+from .lora import plain_config
 from .manifest import Manifest, ManifestSpec, read_manifest, shard_of
 from .checkpoint import EncoderConfig, read_config
 from .model import LoadedModel, load_model, resolve_device, resolve_dtype
@@ -290,10 +291,12 @@ def run_job(opts: JobOptions, model: LoadedModel | None = None) -> Summary:
     device = resolve_device(opts.device)
     # Slow imports, on a thread while the manifest is read, decoding starts and the tower loads
     # (measured on an H200 host): FlashAttention's varlen entry point (~1 s, it imports
-    # torch._dynamo) is needed by the first batch; peft (and transformers under it, ~7 s) by
-    # PEFT's check of a plain LoRA merge before the first commit (extractor.lora.PeftCheck), and
-    # by an adapter of another kind before the first batch.
-    ahead = (["torch.nn.attention.varlen"] if device.type == "cuda" else []) + (["peft"] if opts.adapter and model is None else [])
+    # torch._dynamo) is needed by the first batch. peft (and transformers under it, ~7 s) is
+    # needed here only by an adapter that is not plain LoRA, before the first batch, or on CPU,
+    # where the merge is checked in-process (a GPU job checks it in a child: extractor.lora).
+    ahead = ["torch.nn.attention.varlen"] if device.type == "cuda" else []
+    if opts.adapter and model is None and (device.type != "cuda" or not plain_config(Path(opts.adapter))):
+        ahead.append("peft")
     if ahead:
         threading.Thread(target=_import_ahead, args=(ahead,), name="import-ahead", daemon=True).start()
     source = read_manifest(opts.manifest, opts.storage_options)
@@ -340,7 +343,7 @@ def run_job(opts: JobOptions, model: LoadedModel | None = None) -> Summary:
         if stream is not None:
             stream.stop()
         if model is not None and model.adapter_check is not None:
-            model.adapter_check.join()  # not left importing peft while the interpreter exits
+            model.adapter_check.close()  # awaited by the writer if anything was written
     return finish_summary(summary, t0, failed_rows(manifest, out))
 
 
