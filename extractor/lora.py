@@ -334,6 +334,7 @@ def _check_main() -> int:
     from .workers import die_with_parent
 
     die_with_parent()
+    torch.set_num_threads(1)  # a few small GEMMs; the decode workers need the cores more
     logging.basicConfig(level=logging.WARNING, format="%(message)s", stream=sys.stderr)
     logger.setLevel(logging.DEBUG)  # this module's line for the parent's debug log
     job = json.loads(sys.stdin.read())
