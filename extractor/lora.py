@@ -279,6 +279,9 @@ def check_with_peft(adapter: Adapter, shapes: dict[str, tuple[int, int]], scalin
     return worst
 
 
+CHECK_TIMEOUT_S = 600.0  # the child imports torch and peft and merges on the host: seconds, not minutes
+
+
 class PeftCheck:
     """check_with_peft in a child process, so that the job can start on merge_plain's weights.
 
@@ -290,37 +293,56 @@ class PeftCheck:
 
     def __init__(self, encoder: nn.Module, adapter: Adapter, scaling: float):
         known = dict(encoder.named_modules())
-        job = {"adapter": str(adapter.path), "scaling": scaling, "shapes": {m: list(known[m].weight.shape) for m in adapter.modules}}
+        self._adapter, self._scaling = adapter, scaling
+        self._shapes = {m: tuple(known[m].weight.shape) for m in adapter.modules}
+        job = {"adapter": str(adapter.path), "scaling": scaling, "shapes": self._shapes}
         root = str(Path(__file__).resolve().parents[1])  # where `extractor` is importable from
         env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")]))}
-        self._path = adapter.path
-        self._proc = subprocess.Popen(
-            [sys.executable, "-m", "extractor.lora"], stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-            env=env, text=True,
-        )
-        self._proc.stdin.write(json.dumps(job))
-        self._proc.stdin.close()
         self._error: str | None = None
-        self._done = False
+        self._done = self._killed = False
+        self._proc: subprocess.Popen | None = None
+        self._spawn_error = ""
+        try:
+            self._proc = subprocess.Popen([sys.executable, "-m", "extractor.lora", json.dumps(job)], stdin=subprocess.DEVNULL,
+                                          stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env, text=True)
+        except OSError as e:
+            self._spawn_error = str(e)
 
     def join(self) -> None:
-        if not self._done:
-            stderr = self._proc.stderr.read()
-            self._proc.wait()
-            self._proc.stderr.close()
-            self._done = True
-            if self._proc.returncode == 0:
-                logger.debug("%s", stderr.strip().splitlines()[-1] if stderr.strip() else "LoRA: PEFT's check passed")
-            else:
-                lines = [ln for ln in stderr.strip().splitlines() if ln.strip()]
-                self._error = lines[-1] if self._proc.returncode == 3 and lines else (
-                    f"{self._path}: PEFT's check of the LoRA merge failed (exit {self._proc.returncode}): " + " | ".join(lines[-5:]))
+        if self._done:
+            return
+        self._done = True
+        lines, rc = [self._spawn_error], None
+        if self._proc is not None:
+            try:
+                _, err = self._proc.communicate(timeout=CHECK_TIMEOUT_S)
+            except subprocess.TimeoutExpired:
+                self._proc.kill()
+                _, err = self._proc.communicate()
+                err += f"\ntimed out after {CHECK_TIMEOUT_S:.0f} s"
+            rc = self._proc.returncode
+            lines = [ln for ln in err.strip().splitlines() if ln.strip()]
+        if rc == 0:
+            logger.debug("%s", lines[-1] if lines else "LoRA: PEFT's check passed")
+        elif rc == 3 and lines:  # the check ran and failed
+            self._error = lines[-1]
+        elif not self._killed:
+            # The child could not run (an odd interpreter or environment) or hung: the check is
+            # not optional, so it runs here instead, slower but the same.
+            logger.warning("LoRA: the child process checking the merge failed (exit %s: %s); checking in this process",
+                           rc, " | ".join(lines[-3:]))
+            try:
+                check_with_peft(self._adapter, self._shapes, self._scaling)
+            except AdapterError as e:
+                self._error = str(e)
 
     def close(self) -> None:
         """The run ends without having needed the check: stop it."""
         if not self._done:
-            self._proc.kill()
-            self.join()
+            self._killed = True
+            if self._proc is not None:
+                self._proc.kill()
+        self.join()
 
     def wait(self) -> None:
         """Block until the check is done; raise AdapterError if it failed."""
@@ -330,14 +352,14 @@ class PeftCheck:
 
 
 def _check_main() -> int:
-    """`python -m extractor.lora` < {"adapter", "scaling", "shapes"}: PeftCheck's child."""
+    """`python -m extractor.lora '{"adapter", "scaling", "shapes"}'`: PeftCheck's child."""
     from .workers import die_with_parent
 
     die_with_parent()
     torch.set_num_threads(1)  # a few small GEMMs; the decode workers need the cores more
     logging.basicConfig(level=logging.WARNING, format="%(message)s", stream=sys.stderr)
     logger.setLevel(logging.DEBUG)  # this module's line for the parent's debug log
-    job = json.loads(sys.stdin.read())
+    job = json.loads(sys.argv[1])
     try:
         config, state, _ = read_adapter(Path(job["adapter"]))
         modules = sorted({_module_of(k[len(PEFT_PREFIX):]) for k in state})

@@ -192,3 +192,20 @@ def test_a_merge_peft_disagrees_with_writes_nothing(tmp_path, tiny_model, tiny_a
     assert not (out / "_SUCCESS").exists()
     with pytest.raises(AdapterError, match="differently"):  # and a synchronous load refuses it outright
         load_model(tiny_model, tiny_adapter, torch.device("cpu"), torch.float32)
+
+
+def test_a_check_child_that_cannot_run_falls_back_to_checking_in_process(tmp_path, tiny_model, tiny_adapter, monkeypatch, caplog):
+    """The child process is only a way to keep peft's import off the job's start-up: if it cannot
+    run at all, the check runs in the job's process, and the output is the same."""
+    import sys
+    import pyarrow.parquet as pq
+    from extractor.pipeline import run_job
+
+    monkeypatch.setattr(sys, "executable", "/bin/false")
+    model = load_model(tiny_model, tiny_adapter, torch.device("cpu"), torch.float32, defer_check=True)
+    (tmp_path / "audio").mkdir()
+    with caplog.at_level(logging.WARNING, logger="extractor.lora"):
+        summary = run_job(_job(tiny_model, tiny_adapter, tmp_path / "audio", tmp_path / "out"), model=model)
+    assert "the child process checking the merge failed (exit 1" in caplog.text
+    assert summary.embedded == 6 and summary.complete
+    assert pq.read_table(sorted((tmp_path / "out").glob("part-*.parquet"))).num_rows == 6
