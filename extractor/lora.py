@@ -331,10 +331,13 @@ class PeftCheck:
             # not optional, so it runs here instead, slower but the same.
             logger.warning("LoRA: the child process checking the merge failed (exit %s: %s); checking in this process",
                            rc, " | ".join(lines[-3:]))
-            try:
-                check_with_peft(self._adapter, self._shapes, self._scaling)
-            except AdapterError as e:
-                self._error = str(e)
+            self._check_here()
+
+    def _check_here(self) -> None:
+        try:
+            check_with_peft(self._adapter, self._shapes, self._scaling)
+        except AdapterError as e:
+            self._error = str(e)
 
     def close(self) -> None:
         """The run ends without having needed the check: stop it."""
@@ -347,6 +350,9 @@ class PeftCheck:
     def wait(self) -> None:
         """Block until the check is done; raise AdapterError if it failed."""
         self.join()
+        if self._killed:  # stopped by close(), and needed after all (the model is used again)
+            self._killed = False
+            self._check_here()
         if self._error is not None:
             raise AdapterError(self._error)
 

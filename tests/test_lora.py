@@ -209,3 +209,16 @@ def test_a_check_child_that_cannot_run_falls_back_to_checking_in_process(tmp_pat
     assert "the child process checking the merge failed (exit 1" in caplog.text
     assert summary.embedded == 6 and summary.complete
     assert pq.read_table(sorted((tmp_path / "out").glob("part-*.parquet"))).num_rows == 6
+
+
+def test_a_stopped_check_still_runs_if_the_model_is_used_again(tiny_model, tiny_adapter, monkeypatch):
+    """run_job stops a check it did not need (nothing written); a caller that runs the same model
+    again still gets the check, here a failing one."""
+    import extractor.lora as lora
+
+    real = lora.plain_scaling
+    monkeypatch.setattr(lora, "plain_scaling", lambda adapter: 1.5 * real(adapter))
+    model = load_model(tiny_model, tiny_adapter, torch.device("cpu"), torch.float32, defer_check=True)
+    model.adapter_check.close()
+    with pytest.raises(AdapterError, match="differently"):
+        model.adapter_check.wait()
