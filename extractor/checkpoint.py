@@ -97,12 +97,6 @@ def _tower_files(model_dir: Path) -> dict[str, list[str]]:
     raise CheckpointError(f"{model_dir} has neither {INDEX_FILE} nor {SINGLE_FILE}")
 
 
-def load_tower_state(model_dir: Path) -> tuple[dict[str, torch.Tensor], str]:
-    """The tower's tensors keyed without the `audio_tower.` prefix, and their content fingerprint."""
-    state = read_tower_tensors(model_dir)
-    return state, fingerprint(state)
-
-
 def read_tower_tensors(model_dir: Path) -> dict[str, torch.Tensor]:
     """The tower's tensors keyed without the `audio_tower.` prefix; no other tensor is read."""
     model_dir = Path(model_dir)

@@ -92,6 +92,16 @@ def _module_of(key: str) -> str:
     return key.split(".lora_")[0]
 
 
+def _tower_modules(state: dict[str, torch.Tensor]) -> list[str]:
+    """The tower modules an adapter's tensors (keyed PEFT_PREFIX + tower key) target, sorted."""
+    return sorted({_module_of(k[len(PEFT_PREFIX):]) for k in state})
+
+
+def _target_shapes(encoder: nn.Module, modules: list[str]) -> dict[str, tuple[int, int]]:
+    known = dict(encoder.named_modules())
+    return {m: tuple(known[m].weight.shape) for m in modules}
+
+
 def _strip_pattern(pattern: str) -> str:
     for path in TOWER_PATHS[:-1]:
         if pattern.startswith(path):
@@ -140,7 +150,7 @@ def read_for(encoder: nn.Module, adapter_dir: Path) -> Adapter:
         logger.warning("LoRA: ignoring %d modules outside the audio tower (e.g. the language model's)", ignored)
     if not state:
         raise AdapterError(f"{adapter_dir}: no LoRA module matches the audio tower (keys checked against {TOWER_PATHS})")
-    modules = sorted({_module_of(k[len(PEFT_PREFIX):]) for k in state})
+    modules = _tower_modules(state)
     known = dict(encoder.named_modules())
     unknown = [m for m in modules if not isinstance(known.get(m), nn.Linear)]
     if unknown:
@@ -292,9 +302,8 @@ class PeftCheck:
     """
 
     def __init__(self, encoder: nn.Module, adapter: Adapter, scaling: float):
-        known = dict(encoder.named_modules())
         self._adapter, self._scaling = adapter, scaling
-        self._shapes = {m: tuple(known[m].weight.shape) for m in adapter.modules}
+        self._shapes = _target_shapes(encoder, adapter.modules)
         job = {"adapter": str(adapter.path), "scaling": scaling, "shapes": self._shapes}
         root = str(Path(__file__).resolve().parents[1])  # where `extractor` is importable from
         env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")]))}
@@ -368,7 +377,7 @@ def _check_main() -> int:
     job = json.loads(sys.argv[1])
     try:
         config, state, _ = read_adapter(Path(job["adapter"]))
-        modules = sorted({_module_of(k[len(PEFT_PREFIX):]) for k in state})
+        modules = _tower_modules(state)
         adapter = Adapter(Path(job["adapter"]), config, state, modules, MergeReport(len(modules), 0, 0, "", ""))
         check_with_peft(adapter, {m: tuple(v) for m, v in job["shapes"].items()}, float(job["scaling"]))
     except AdapterError as e:
@@ -392,8 +401,7 @@ def merge_adapter(encoder: nn.Module, adapter_dir: Path, *, defer_check: bool = 
     merge_plain(encoder, adapter, scaling)
     if defer_check:
         return encoder, adapter.report, PeftCheck(encoder, adapter, scaling)
-    known = dict(encoder.named_modules())
-    check_with_peft(adapter, {m: tuple(known[m].weight.shape) for m in adapter.modules}, scaling)
+    check_with_peft(adapter, _target_shapes(encoder, adapter.modules), scaling)
     return encoder, adapter.report, None
 
 

@@ -9,16 +9,18 @@ import safetensors
 import torch
 
 from builders import build_checkpoint, corrupt_language_model_shards
-from extractor.checkpoint import CheckpointError, load_tower_state, read_config
+from extractor.checkpoint import CheckpointError, fingerprint, read_config, read_tower_tensors
 from extractor.model import load_model
 
 
 def test_garbage_language_model_shard_still_loads(tmp_path):
     ckpt = build_checkpoint(tmp_path / "ckpt")
-    before, fp_before = load_tower_state(ckpt)
+    before = read_tower_tensors(ckpt)
+    fp_before = fingerprint(before)
     corrupted = corrupt_language_model_shards(ckpt)
     assert corrupted, "the builder must produce a language-model-only shard"
-    after, fp_after = load_tower_state(ckpt)
+    after = read_tower_tensors(ckpt)
+    fp_after = fingerprint(after)
     assert fp_after == fp_before
     assert all(torch.equal(before[k], after[k]) for k in before)
     load_model(ckpt, None, torch.device("cpu"), torch.float32)  # the whole load path
@@ -28,7 +30,7 @@ def test_missing_language_model_shard_still_loads(tmp_path):
     ckpt = build_checkpoint(tmp_path / "ckpt")
     for shard in corrupt_language_model_shards(ckpt):
         shard.unlink()
-    state, _ = load_tower_state(ckpt)
+    state = read_tower_tensors(ckpt)
     assert "layers.0.self_attn.q_proj.weight" in state
 
 
@@ -56,7 +58,7 @@ def test_only_tower_tensors_are_read(tmp_path, monkeypatch):
             return self._f.get_tensor(key)
 
     monkeypatch.setattr("extractor.checkpoint.safe_open", Spy)
-    state, _ = load_tower_state(ckpt)
+    state = read_tower_tensors(ckpt)
     assert requested and all(k.startswith("audio_tower.") for k in requested)
     index = json.loads((ckpt / "model.safetensors.index.json").read_text())["weight_map"]
     assert len(requested) == sum(k.startswith("audio_tower.") for k in index) == len(state)
@@ -64,7 +66,7 @@ def test_only_tower_tensors_are_read(tmp_path, monkeypatch):
 
 def test_single_file_checkpoint(tmp_path):
     ckpt = build_checkpoint(tmp_path / "ckpt", single_file=True)
-    state, _ = load_tower_state(ckpt)
+    state = read_tower_tensors(ckpt)
     assert state and all(not k.startswith("audio_tower.") for k in state)
 
 
@@ -74,8 +76,8 @@ def test_shape_comes_from_config(checkpoint_factory):
 
 
 def test_fingerprint_changes_with_weights(checkpoint_factory):
-    _, a = load_tower_state(checkpoint_factory(seed=0))
-    _, b = load_tower_state(checkpoint_factory(seed=1))
+    a = fingerprint(read_tower_tensors(checkpoint_factory(seed=0)))
+    b = fingerprint(read_tower_tensors(checkpoint_factory(seed=1)))
     assert a != b
 
 

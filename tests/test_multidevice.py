@@ -23,17 +23,7 @@ from builders import speechlike, write_audio
 from extractor.multidevice import merge_summaries, parse_devices
 from extractor.pipeline import ConfigError, Summary
 from test_job import REPO, SR, job_cmd, job_env, read_output, run_cli, snapshot, wait_for, write_manifest
-from test_shards import FLAGS, HANG_ID, assert_same_output, job_args, make_corpus, one_device_run
-
-
-@pytest.fixture(scope="module")
-def corpus(tmp_path_factory):
-    return make_corpus(tmp_path_factory.mktemp("corpus"))
-
-
-@pytest.fixture(scope="module")
-def full_run(corpus, tiny_model, tmp_path_factory):
-    return one_device_run(corpus, tmp_path_factory.mktemp("full") / "out", tiny_model)
+from test_shards import FLAGS, HANG_ID, assert_same_output, corpus, full_run, job_args  # noqa: F401 (corpus, full_run: shared module fixtures)
 
 
 def spawned_children(parent: int | None = None) -> list[int]:
