@@ -41,6 +41,10 @@ class Manifest:
     rows: pl.DataFrame  # id, path, [start_s, end_s], kept columns, __row
     arrow_types: dict[str, pa.DataType]  # output column → the manifest's own Arrow type
 
+    def shard_rows(self, index: int, count: int) -> pl.DataFrame:
+        """The rows of shard `index` of `count` (by shard_of, a hash of the id); all when count is 1."""
+        return self.rows if count == 1 else self.rows.filter(shard_of(self.rows["id"], count) == index)
+
     def to_arrow(self, column: str, values: pl.Series) -> pa.Array:
         """`values` as the manifest's Arrow type (polars turns string into large_string)."""
         arr = values.to_arrow()

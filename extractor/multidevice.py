@@ -32,7 +32,7 @@ from pathlib import Path
 import torch
 
 from .checkpoint import read_config
-from .manifest import read_manifest, shard_of
+from .manifest import read_manifest
 from .output import OutputDir, Shard
 from .pipeline import ConfigError, JobOptions, Summary, pending_rows, run_job
 from .progress import Progress
@@ -104,9 +104,7 @@ def run_on_devices(opts: JobOptions, devices: str | list[str]) -> Summary:
     # What a worker would refuse at once is refused here, before D workers start and load models.
     source = read_manifest(opts.manifest, opts.storage_options)
     read_config(Path(opts.model))
-    rows = source.rows
-    if shard.count > 1:
-        rows = rows.filter(shard_of(rows["id"], shard.count) == shard.index)
+    rows = source.shard_rows(shard.index, shard.count)
     out = OutputDir(opts.output, shard, opts.storage_options)
     pending, n_done, n_failed = pending_rows(rows, out, include_failed=opts.retry_failed)
     jobs = worker_options(opts, devices)

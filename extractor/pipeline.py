@@ -28,7 +28,7 @@ from . import __version__
 from .batching import Window, make_batch, plan_batches, split_windows
 from .decode import DecodeRequest
 from .lora import plain_config
-from .manifest import Manifest, ManifestSpec, read_manifest, shard_of
+from .manifest import Manifest, ManifestSpec, read_manifest
 from .checkpoint import EncoderConfig, read_config
 from .model import LoadedModel, load_model, resolve_device, resolve_dtype
 from .output import OutputDir, Shard
@@ -300,9 +300,7 @@ def run_job(opts: JobOptions, model: LoadedModel | None = None) -> Summary:
     if ahead:
         threading.Thread(target=_import_ahead, args=(ahead,), name="import-ahead", daemon=True).start()
     source = read_manifest(opts.manifest, opts.storage_options)
-    manifest = source.rows
-    if opts.shard.count > 1:
-        manifest = manifest.filter(shard_of(manifest["id"], opts.shard.count) == opts.shard.index)
+    manifest = source.shard_rows(opts.shard.index, opts.shard.count)
     if device.type == "cuda" and device.index is not None:
         torch.cuda.set_device(device)  # else cuda:0 gets a context and the default streams
     dtype = resolve_dtype(opts.dtype, device)

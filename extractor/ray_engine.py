@@ -36,7 +36,7 @@ import numpy as np
 import polars as pl
 import pyarrow as pa
 
-from .manifest import read_manifest, shard_of
+from .manifest import read_manifest
 from .model import LoadedModel, load_model, resolve_device, resolve_dtype
 from .output import OutputDir, RecipeMismatch
 from .pipeline import (
@@ -238,9 +238,7 @@ def run_job_ray(opts: JobOptions, *, actors: int | None = None, batch_rows: int 
         raise ConfigError(f"--engine ray: --device must be auto, cpu or cuda, not {opts.device!r}; Ray gives each actor its own GPU")
     t0 = time.monotonic()
     source = read_manifest(opts.manifest, opts.storage_options)
-    manifest = source.rows
-    if opts.shard.count > 1:
-        manifest = manifest.filter(shard_of(manifest["id"], opts.shard.count) == opts.shard.index)
+    manifest = source.shard_rows(opts.shard.index, opts.shard.count)
     out = OutputDir(opts.output, opts.shard, opts.storage_options)
     summary = Summary(output=str(out.root), rows_total=len(manifest))
     pending, n_done, n_failed = pending_rows(manifest, out, include_failed=opts.retry_failed)
