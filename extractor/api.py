@@ -12,19 +12,22 @@ from pathlib import Path
 
 import numpy as np
 
-from .batching import make_batch, plan_batches, split_windows
+from .audio.decode import load_audio
+from .batching.device import default_max_windows, default_token_budget, run_batch
+from .batching.packing import Batch, plan_batches, split_windows, window_shapes
+from .batching.pooling import RowPooling
 from .constants import SAMPLE_RATE
-from .decode import load_audio
-from .embed import run_batch
-from .model import load_model, resolve_device, resolve_dtype
-from .runner import RowResults, default_max_windows, default_token_budget
+from .model.load import load_model, resolve_device, resolve_dtype
+from .options import DEFAULT_MAX_DURATION_S
 
 
 class Embedder:
-    def __init__(self, model: str | Path, adapter: str | Path | None = None, *, device: str = "auto", dtype: str = "auto", padding_mask: bool = True):
+    def __init__(self, model: str | Path, adapter: str | Path | None = None, *, device: str = "auto", dtype: str = "auto",
+                 padding_mask: bool = True, max_duration_s: float = DEFAULT_MAX_DURATION_S):
         dev = resolve_device(device)
         self.model = load_model(Path(model), Path(adapter) if adapter else None, dev, resolve_dtype(dtype, dev))
         self.padding_mask = padding_mask
+        self.max_duration_s = max_duration_s
 
     @property
     def d_model(self) -> int:
@@ -38,24 +41,34 @@ class Embedder:
         """
         if sample_rate != SAMPLE_RATE:
             raise ValueError(f"waveforms must be {SAMPLE_RATE} Hz, got {sample_rate}; decode paths with load_audio to resample")
-        windows = []
-        results = RowResults(self.d_model, keep_frames=False)
+        items, index, windows, done = [], [], [], []
         for i, x in enumerate(inputs):
-            samples = load_audio(str(x)).samples if isinstance(x, (str, Path)) else np.ascontiguousarray(x, dtype=np.float32)
+            if isinstance(x, (str, Path)):
+                samples = load_audio(str(x), max_duration_s=self.max_duration_s).samples
+            else:
+                samples = np.ascontiguousarray(x, dtype=np.float32)
             if samples.ndim != 1:
                 raise ValueError(f"input {i}: expected a mono waveform, got shape {samples.shape}")
-            ws = split_windows(i, samples, padding_mask=self.padding_mask)
+            ws = split_windows(samples)
             if not ws:
                 raise ValueError(f"input {i} is too short for one output frame ({len(samples)} samples)")
-            results.register(i, len(ws), len(samples) / SAMPLE_RATE)
-            windows.extend(ws)
-        device = self.model.device
+            items += [i] * len(ws)
+            index += range(len(ws))
+            windows += ws
+            done.append((i, len(ws), len(samples) / SAMPLE_RATE))
         out = np.empty((len(inputs), self.d_model), dtype=np.float32)
+
+        def emit(rows) -> None:
+            out[rows.items] = rows.embeddings
+
+        pooling = RowPooling(self.d_model, False, emit, lambda items, errors: None)
+        pooling.done(done)
+        items_a, index_a = np.array(items, dtype=np.int64), np.array(index, dtype=np.int64)
+        tokens, outs = window_shapes(np.array([len(w) for w in windows]), padding_mask=self.padding_mask)
+        device = self.model.device
         budget = token_budget or default_token_budget(device)
-        for group in plan_batches(windows, token_budget=budget, max_windows=default_max_windows(device)):
-            sums = run_batch(self.model, make_batch(group)).sums
-            for j, w in enumerate(group):
-                done = results.add(w, sums[j], None)
-                if done is not None:
-                    out[done[0]] = done[1]
+        for sel in plan_batches(tokens, (items_a, index_a), token_budget=budget, max_windows=default_max_windows(device)):
+            batch = Batch(items_a[sel], index_a[sel], tokens[sel], outs[sel], [windows[k] for k in sel])
+            sums, _ = run_batch(self.model, batch)
+            pooling.add(batch, sums, None, None)
         return out

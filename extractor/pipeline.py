@@ -1,225 +1,207 @@
-"""The job: manifest rows → decode workers → windows → packed batches → device → Parquet parts.
+"""One shard's pending rows through the stages: decode → windows → packed batches → device → rows.
 
 Threads and processes, and what each owns:
-  decode workers (processes)  read and resample audio; a crash or hang costs only its file
-  producer thread             turns decoded rows into windows, sorts them by length in a pool
-                              of a few batches' worth, packs batches (host-side numpy)
-  main thread                 the device loop: copy, log-mel, encoder, pooled sums back
-  writer thread               accumulates finished rows and failures, commits parts
-Queues between them are bounded, so host memory stays flat however long the manifest is.
+  decode workers (processes)  read, downmix, resample and cut audio into 30 s windows; a crash or a
+                              hang costs only its file (audio.pool)
+  producer thread             sends decode requests, sorts received windows by length in a pool of
+                              a few batches, packs batches into pinned staging slots (numpy)
+  the caller's thread         the device loop: copies, log-mel, encoder, pooled sums back, pooling
+  writer thread               finished rows and failures → committed parts (output.writer)
+Queues between them are bounded (decode requests in flight, the window pool, the batch queue,
+the staging slots, the writer's queue), so host memory stays flat however long the manifest is
+and however long its files are.
+
+A Pipeline is a context manager: it starts decoding at construction (while the model loads) and
+stops every thread and process it started on every path out.
 """
 
 from __future__ import annotations
 
 import importlib
 import logging
-import os
 import queue
 import threading
 import time
-from collections.abc import Callable
-from dataclasses import dataclass, field
-from pathlib import Path
+from collections import deque
 
+import numpy as np
 import polars as pl
 import torch
 
-from . import __version__
-from .batching import Window, make_batch, plan_batches, split_windows
-from .decode import DecodeRequest
-from .lora import plain_config
-from .manifest import Manifest, ManifestSpec, read_manifest
-from .checkpoint import EncoderConfig, read_config
-from .model import LoadedModel, load_model, resolve_device, resolve_dtype
-from .output import OutputDir, Shard
+from .audio.decode import DecodeRequest, FileJob, WindowBlock
+from .audio.pool import END, DecodePool, WorkerFailure
+from .batching.device import Budget, DeviceLoop, Staging, _Stopped, default_max_windows, default_token_budget, stage
+from .batching.packing import Batch, plan_batches, window_flops, window_shapes
+from .batching.pooling import RowPooling
+from .constants import HOP_LENGTH, SAMPLE_RATE
+from .model.config import EncoderConfig
+from .model.load import LoadedModel
+from .options import JobOptions, default_decode_workers
+from .output.writer import PartWriter, Rows
 from .progress import Progress
-from .recipe import Recipe
-from .runner import Budget, DeviceLoop, RowResults, default_max_windows, default_token_budget, process_age_s
-from .writer import PartWriter
-from .workers import DecodePool, WorkerFailure
+from .summary import DeviceStats
 
 logger = logging.getLogger(__name__)
 
-EXIT_OK, EXIT_UNEXPECTED, EXIT_CONFIG, EXIT_FAILURE_RATE = 0, 1, 2, 3
-MAX_SEGMENTS_PER_REQUEST = 64  # rows of one file decoded together (the file is read once)
-
-
-@dataclass(frozen=True)
-class JobOptions:
-    manifest: ManifestSpec
-    output: str
-    model: str
-    adapter: str | None = None
-    device: str = "auto"
-    dtype: str = "auto"
-    padding_mask: bool = True
-    pooling: str = "mean"  # mean | none
-    output_dtype: str = "float32"
-    part_rows: int = 10_000
-    part_bytes: int = 256 << 20
-    commit_seconds: float = 60.0
-    max_failure_rate: float = 0.01
-    retry_failed: bool = False
-    decode_workers: int | None = None  # None: one per core, leaving one for the device loop
-    decode_timeout_s: float = 120.0
-    max_duration_s: float = 2 * 3600.0
-    token_budget: int | None = None  # None: device default
-    shard: Shard = Shard()
-    progress: bool = True
-    # Called with (rows, failed, audio_s) per committed part, in the writer thread; how a worker
-    # of `--devices` reports to its parent's one progress bar (extractor/multidevice.py).
-    on_progress: Callable[[int, int, float], None] | None = None
-    # "module:function" run in the decode workers instead of decode_request; for tests that need
-    # a decoder which really crashes or hangs. Not a user-facing knob.
-    decode_fn: str | None = None
-    # fsspec options (credentials, endpoint) for "://" manifest, audio and output; None: the
-    # filesystem's defaults, e.g. AWS_* environment variables for s3://.
-    storage_options: dict | None = None
-
-
-@dataclass
-class Summary:
-    output: str
-    rows_total: int = 0
-    skipped: int = 0  # already done (embedded or failed) before this run
-    embedded: int = 0
-    failed: int = 0
-    audio_seconds: float = 0.0
-    wall_seconds: float = 0.0
-    failure_rate: float = 0.0
-    complete: bool = False
-    # device-side figures, for the benchmark and for operators sizing a fleet
-    time_to_first_batch_s: float | None = None
-    steady_audio_seconds: float = 0.0
-    steady_wall_seconds: float = 0.0
-    useful_flops: float = 0.0
-    steady_useful_flops: float = 0.0
-    gpu_peak_mem_gb: float | None = None
-    device: str = ""
-    batches: int = 0
-    oom_retries: int = 0
-    device_idle_fraction: float | None = None
-    host_rss_gb_first_batch: float | None = None
-    host_rss_gb_end: float | None = None
-    host_rss_gb_samples: list[float] = field(default_factory=list)  # every RSS_SAMPLE_S of the device loop
-
-    @property
-    def audio_seconds_per_second(self) -> float:
-        return self.audio_seconds / self.wall_seconds if self.wall_seconds else 0.0
-
-    def line(self) -> str:
-        return (
-            f"done: {self.embedded} embedded, {self.failed} failed, {self.skipped} skipped of {self.rows_total} rows; "
-            f"{self.audio_seconds / 3600:.3f} h audio in {self.wall_seconds:.1f} s "
-            f"({self.audio_seconds_per_second:,.1f} audio-s/s); output {self.output}"
-        )
-
-    def to_json(self) -> dict:
-        d = dict(self.__dict__)
-        d["audio_seconds_per_second"] = self.audio_seconds_per_second
-        return d
-
-
-def default_decode_workers() -> int:
-    return max(1, min(16, (os.cpu_count() or 2) - 1))
-
-
-# ---------------------------------------------------------------------------------------------
-# Producer: decoded rows → windows → batches
-# ---------------------------------------------------------------------------------------------
-
-
-def decode_requests(pending: pl.DataFrame, max_duration_s: float, storage_options: dict | None = None):
-    """(items, DecodeRequest) per file; consecutive rows of one file share one request."""
-    paths = pending["path"].to_list()
-    starts = pending["start_s"].to_list() if "start_s" in pending.columns else [None] * len(paths)
-    ends = pending["end_s"].to_list() if "end_s" in pending.columns else [None] * len(paths)
-    i = 0
-    while i < len(paths):
-        j = i + 1
-        while j < len(paths) and paths[j] == paths[i] and j - i < MAX_SEGMENTS_PER_REQUEST:
-            j += 1
-        items = list(range(i, j))
-        yield items, DecodeRequest(paths[i], [(starts[k], ends[k]) for k in items], max_duration_s, storage_options)
-        i = j
+QUEUE_BATCHES = 4  # packed batches waiting for the device (~40 MB of waveforms each on a GPU)
+STAGING_SLOTS = QUEUE_BATCHES + 6  # + the one being packed, in flight, and an out-of-memory split
+POOL_BATCHES = 4  # windows are sorted by length within a pool of this many batches' tokens
+MAX_SEGMENTS_PER_FILE = 64  # rows of one file decoded together (the file is read once)
+REQUEST_AUDIO_S = 20.0  # audio per decode request: many short clips in one, a long file alone
+MAX_FILES_PER_REQUEST = 64
 
 
 class Producer(threading.Thread):
-    """Decoded rows → windows → packed batches, onto `self.batches`.
+    """Decode requests out, windows in, packed and staged batches onto `self.batches`.
 
-    The queue carries Batch objects and, between them, lists of (item, error) failure records;
-    the device loop forwards the failures to the writer. Failures travel with the batches so the
-    producer can start before the writer exists: decoding overlaps model loading at startup.
+    Between batches the queue carries ("done", [(item, windows, duration_s)]) and
+    ("failed", items, errors): the device loop hands them to the pooling stage in order.
     """
 
-    def __init__(self, pending, opts: JobOptions, results: RowResults, budget: Budget, workers: int, max_windows: int):
+    def __init__(self, pending: pl.DataFrame, opts: JobOptions, cfg: EncoderConfig, budget: Budget, max_windows: int,
+                 staging: Staging, stop: threading.Event, audio: list[bytes | None] | None = None):
         super().__init__(name="producer", daemon=True)
-        self.pending, self.opts, self.results, self.budget = pending, opts, results, budget
-        self.workers, self.max_windows = workers, max_windows
-        self.batches: queue.Queue = queue.Queue(maxsize=4)  # ~40 MB of waveforms per GPU batch
+        self.pending, self.opts, self.cfg, self.budget, self.max_windows = pending, opts, cfg, budget, max_windows
+        self.staging, self.stop = staging, stop
+        self.audio = audio
+        self.batches: queue.Queue = queue.Queue(maxsize=QUEUE_BATCHES)
         self.error: BaseException | None = None
-        self.stop = threading.Event()
-        self._failures: list[tuple[int, str]] = []
+        self.workers = opts.decode_workers if opts.decode_workers is not None else default_decode_workers()
+        self._outstanding: dict[int, tuple[list[FileJob], set[int]]] = {}
+        self._retry: list[tuple[int, DecodeRequest]] = []
+        self._keys = iter(range(1 << 62))
+        self._pool: list[tuple] = []  # (items, index, lengths, [sample views]) per received block
+        self._pool_tokens = 0
+        self._done: list[tuple[int, int, float]] = []
+        self._first = True
+        self._rows_seen = 0
+        self._audio_seen = 0.0
 
-    def _put(self, item) -> None:
-        while not self.stop.is_set():
-            try:
-                self.batches.put(item, timeout=0.5)
+    # -- requests ---------------------------------------------------------------------------
+    def _files(self):
+        """FileJobs in manifest order; consecutive rows of one file share one (read once)."""
+        paths = self.pending["path"].to_list()
+        n = len(paths)
+        starts = self.pending["start_s"].to_list() if "start_s" in self.pending.columns else [None] * n
+        ends = self.pending["end_s"].to_list() if "end_s" in self.pending.columns else [None] * n
+        i = 0
+        while i < n:
+            j = i + 1
+            if self.audio is None:
+                while j < n and paths[j] == paths[i] and j - i < MAX_SEGMENTS_PER_FILE:
+                    j += 1
+            items = tuple(range(i, j))
+            yield FileJob(paths[i], items, tuple((starts[k], ends[k]) for k in items), None if self.audio is None else self.audio[i])
+            i = j
+
+    def _requests(self):
+        files = self._files()
+        while True:
+            # As many files per request as make REQUEST_AUDIO_S, by the rows seen so far: a
+            # request of 0.5 s clips holds dozens (few messages), a podcast goes alone (no tail).
+            per_row = self._audio_seen / self._rows_seen if self._rows_seen else REQUEST_AUDIO_S
+            want = int(min(MAX_FILES_PER_REQUEST, max(1, REQUEST_AUDIO_S // max(per_row, 1e-3))))
+            group = [f for _, f in zip(range(want), files)]
+            if not group:
                 return
-            except queue.Full:
-                continue
+            yield self._request(group)
 
-    def _fail(self, item: int, error: str) -> None:
-        self._failures.append((item, error))
-        if len(self._failures) >= 256:
-            self._flush_failures()
+    def _request(self, files: list[FileJob]) -> tuple[int, DecodeRequest]:
+        key = next(self._keys)
+        self._outstanding[key] = (files, {i for f in files for i in f.items})
+        return key, DecodeRequest(tuple(files), self.opts.max_duration_s, self.opts.storage_options)
 
-    def _flush_failures(self) -> None:
-        if self._failures:
-            self._put(self._failures)
-            self._failures = []
-
-    def _emit(self, windows: list[Window]) -> None:
-        self._flush_failures()
-        for group in plan_batches(windows, token_budget=self.budget.tokens, max_windows=self.max_windows):
-            self._put(make_batch(group))
-
+    # -- the thread -------------------------------------------------------------------------
     def run(self) -> None:
         try:
-            pool_tokens, first = 0, True
-            windows: list[Window] = []
             with DecodePool(self.workers, timeout_s=self.opts.decode_timeout_s, decode_fn=_resolve(self.opts.decode_fn)) as pool:
-                for items, result in pool.imap(decode_requests(self.pending, self.opts.max_duration_s, self.opts.storage_options)):
-                    if self.stop.is_set():
-                        return
-                    per_item = [result] * len(items) if isinstance(result, WorkerFailure) else result
-                    for item, res in zip(items, per_item):
-                        if isinstance(res, WorkerFailure):
-                            self._fail(item, res.error)
-                        elif isinstance(res, BaseException):
-                            self._fail(item, f"{type(res).__name__}: {res}")
-                        elif not (ws := split_windows(item, res.samples, padding_mask=self.opts.padding_mask)):
-                            path = self.pending["path"][item]
-                            self._fail(item, f"TooShort: {path} is too short ({res.duration_s * 1000:.1f} ms) for one output frame")
-                        else:
-                            self.results.register(item, len(ws), res.duration_s)
-                            windows.extend(ws)
-                            pool_tokens += sum(w.tokens for w in ws)
-                    # Sort within a pool of a few batches: little padding, bounded memory. The
-                    # first pool is one batch, so the device starts as early as possible.
-                    if pool_tokens >= (1 if first else 4) * self.budget.tokens:
-                        self._emit(windows)
-                        windows, pool_tokens, first = [], 0, False
-            if windows:
-                self._emit(windows)
-            self._flush_failures()
+                requests = self._requests()
+                while requests is not None:
+                    for key, message in pool.stream(requests):
+                        if self.stop.is_set():
+                            return
+                        self._receive(key, message)
+                    # Files of a request whose worker died are retried one per request, so the
+                    # file that killed it is the only one that fails (and its message names it).
+                    retry, self._retry = self._retry, []
+                    requests = iter(retry) if retry else None
+            self._emit(final=True)
+        except _Stopped:
+            pass
         except BaseException as e:
             self.error = e
             logger.error("producer failed: %s", e, exc_info=True)
         finally:
-            # _put gives up once stopped: a blocking put on a full queue nobody reads any more (the
-            # device loop died on a write fault, or the lock was refused) held the exit for 2 x 30 s.
             self._put(None)
+
+    def _receive(self, key: int, message) -> None:
+        files, items = self._outstanding[key]
+        if message is END:
+            del self._outstanding[key]
+            if items:  # cannot happen: every row is reported done or failed; guard it loudly
+                self._fail(sorted(items), [f"DecodeError: the decoder reported nothing for {self.pending['path'][i]}" for i in sorted(items)])
+            return
+        if isinstance(message, WorkerFailure):
+            del self._outstanding[key]
+            left = [FileJob(f.name, tuple(i for i in f.items if i in items), tuple(s for i, s in zip(f.items, f.segments) if i in items), f.data)
+                    for f in files if any(i in items for i in f.items)]
+            if len(files) == 1:
+                self._fail(sorted(items), [message.error] * len(items))
+            else:
+                self._retry.extend(self._request([f]) for f in left)
+            return
+        block: WindowBlock = message
+        if block.failed:
+            self._fail([i for i, _ in block.failed], [e for _, e in block.failed])
+            items.difference_update(i for i, _ in block.failed)
+        for item, _, duration in block.done:
+            items.discard(item)
+            self._rows_seen += 1
+            self._audio_seen += duration
+        self._done.extend(block.done)
+        if len(block.items):
+            bounds = np.cumsum(block.lengths)[:-1]
+            self._pool.append((block.items, block.index, block.lengths, np.split(block.samples, bounds)))
+            tokens, _ = window_shapes(block.lengths, padding_mask=self.opts.padding_mask)
+            self._pool_tokens += int(tokens.sum())
+        # The first pool is one batch, so the device starts as early as possible.
+        if self._pool_tokens >= (1 if self._first else POOL_BATCHES) * self.budget.tokens:
+            self._emit()
+
+    def _fail(self, items: list[int], errors: list[str]) -> None:
+        self._put(("failed", np.asarray(items, dtype=np.int64), errors))
+
+    def _emit(self, final: bool = False) -> None:
+        if self._done:
+            self._put(("done", self._done))
+            self._done = []
+        if not self._pool:
+            return
+        items = np.concatenate([p[0] for p in self._pool])
+        index = np.concatenate([p[1] for p in self._pool])
+        lengths = np.concatenate([p[2] for p in self._pool])
+        samples = [s for p in self._pool for s in p[3]]
+        self._pool, self._pool_tokens, self._first = [], 0, False
+        tokens, outs = window_shapes(lengths, padding_mask=self.opts.padding_mask)
+        cfg = self.cfg
+        n_mel = -(-lengths // HOP_LENGTH)
+        flops = window_flops(np.minimum(tokens, (n_mel - 1) // 2 + 1), n_mel, cfg.d_model, cfg.encoder_layers, cfg.num_mel_bins)
+        for sel in plan_batches(tokens, (items, index), token_budget=self.budget.tokens, max_windows=self.max_windows):
+            batch = Batch(items[sel], index[sel], tokens[sel], outs[sel], [samples[k] for k in sel],
+                          audio_samples=int(lengths[sel].sum()), flops=float(flops[sel].sum()))
+            stage(batch, self.staging, self.stop)
+            self._put(batch)
+
+    def _put(self, item) -> None:
+        # Gives up once stopped: a blocking put on a full queue nobody reads any more (the device
+        # loop died on a write fault, or the run was refused) would hold the exit forever.
+        while True:
+            try:
+                self.batches.put(item, timeout=0.2)
+                return
+            except queue.Full:
+                if self.stop.is_set():
+                    raise _Stopped from None
 
 
 def _resolve(spec: str | None):
@@ -229,192 +211,66 @@ def _resolve(spec: str | None):
     return getattr(importlib.import_module(module), name)
 
 
-class ConfigError(Exception):
-    """Usage or configuration problem found before any work (exit 2)."""
+class Pipeline:
+    """Decoding starts at construction; run() drives the device; leaving the `with` stops it all."""
 
-
-def build_recipe(model: LoadedModel, opts: JobOptions) -> Recipe:
-    return Recipe(
-        model_fingerprint=model.model_fingerprint,
-        adapter_fingerprint=model.adapter.fingerprint if model.adapter else None,
-        d_model=model.cfg.d_model,
-        padding_mask=opts.padding_mask,
-        dtype=str(model.dtype).removeprefix("torch."),
-        pooling=opts.pooling,
-        output_dtype=opts.output_dtype,
-        gelu="tanh-epilogue" if model.encoder.fused_gelu else "erf",
-        package_version=__version__,
-    )
-
-
-def _in(manifest: pl.DataFrame, ids) -> pl.Expr:
-    return pl.col("id").is_in(pl.from_arrow(ids).alias("id").cast(manifest.schema["id"]).implode())
-
-
-def pending_rows(manifest: pl.DataFrame, out: OutputDir, *, include_failed: bool) -> tuple[pl.DataFrame, int, int]:
-    """(rows still to do, rows already embedded, rows already failed) for this manifest."""
-    done_ids = out.read_ids(out.part_files())
-    failed_ids = out.read_ids(out.failure_files())
-    pending = manifest
-    n_done = n_failed = 0
-    if done_ids is not None:
-        n_done = manifest.filter(_in(manifest, done_ids)).height
-        pending = pending.filter(~_in(manifest, done_ids))
-    if failed_ids is not None:
-        n_failed = manifest.filter(_in(manifest, failed_ids)).height
-        if not include_failed:
-            pending = pending.filter(~_in(manifest, failed_ids))
-    return pending, n_done, n_failed
-
-
-def failed_rows(manifest: pl.DataFrame, out: OutputDir) -> int:
-    """Rows of this manifest with a failure record: the numerator of the failure rate. Reads only
-    the failure files (the parts' ids, millions of them, are not needed for this)."""
-    failed_ids = out.read_ids(out.failure_files())
-    return 0 if failed_ids is None else manifest.filter(_in(manifest, failed_ids)).height
-
-
-def _import_ahead(modules: list[str]) -> None:
-    """Import what the device loop and the LoRA check will need, on a thread, during start-up."""
-    for name in modules:
-        try:
-            importlib.import_module(name)
-        except Exception as e:  # whoever needs it imports it again and reports the error
-            logger.debug("importing %s ahead failed: %s", name, e)
-        else:
-            logger.debug("%s imported %.1f s after launch", name, process_age_s())
-
-
-def run_job(opts: JobOptions, model: LoadedModel | None = None) -> Summary:
-    # Clocks start at the process's launch, so wall time and time to first batch include imports.
-    t0 = time.monotonic() - process_age_s()
-    device = resolve_device(opts.device)
-    # Slow imports, on a thread while the manifest is read, decoding starts and the tower loads
-    # (measured on an H200 host): FlashAttention's varlen entry point (~1 s, it imports
-    # torch._dynamo) is needed by the first batch. peft (and transformers under it, ~7 s) is
-    # needed here only by an adapter that is not plain LoRA, before the first batch, or on CPU,
-    # where the merge is checked in-process (a GPU job checks it in a child: extractor.lora).
-    ahead = ["torch.nn.attention.varlen"] if device.type == "cuda" else []
-    if opts.adapter and model is None and (device.type != "cuda" or not plain_config(Path(opts.adapter))):
-        ahead.append("peft")
-    if ahead:
-        threading.Thread(target=_import_ahead, args=(ahead,), name="import-ahead", daemon=True).start()
-    source = read_manifest(opts.manifest, opts.storage_options)
-    manifest = source.shard_rows(opts.shard.index, opts.shard.count)
-    if device.type == "cuda" and device.index is not None:
-        torch.cuda.set_device(device)  # else cuda:0 gets a context and the default streams
-    dtype = resolve_dtype(opts.dtype, device)
-    cfg = read_config(Path(opts.model)) if model is None else model.cfg
-    out = OutputDir(opts.output, opts.shard, opts.storage_options)
-    summary = Summary(output=str(out.root), rows_total=len(manifest), device=torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu")
-    pending, n_done, n_failed = pending_rows(manifest, out, include_failed=opts.retry_failed)
-
-    # Decoding starts now, while the model loads; nothing is written until the lock is held.
-    stream = Stream(source, pending, opts, cfg, device) if len(pending) else None
-    logger.debug("manifest read and decoding started %.1f s after launch", process_age_s())
-    try:
-        if model is None:
-            t = time.monotonic()
-            # On a GPU the first batch does not wait for PEFT's check of the LoRA merge (the writer
-            # does); a CPU run is not bound by start-up, and its first part waits for nothing.
-            model = load_model(Path(opts.model), Path(opts.adapter) if opts.adapter else None, device, dtype,
-                               defer_check=device.type == "cuda")
-            logger.info("model loaded in %.1f s", time.monotonic() - t)
-        recipe = build_recipe(model, opts)
-        if out.existing_recipe() is not None:
-            out.check_recipe(recipe)
-        summary.skipped = n_done + (0 if opts.retry_failed else n_failed)
-        if stream is None and out.existing_recipe() is not None and out.shard_done() and out.is_complete():
-            return finish_summary(summary, t0, n_failed, noop=True)
-
-        def embed(again: pl.DataFrame) -> None:
-            nonlocal stream
-            if stream is None or len(again) != len(stream.pending):
-                # Another run committed rows since the first look: decode what is left instead.
-                if stream is not None:
-                    stream.stop()
-                stream = Stream(source, again, opts, cfg, device)
-            stream.run(model, out, recipe, summary, t0)
-
-        run_locked(out, recipe, manifest, opts, summary, embed)
-    finally:
-        if stream is not None:
-            stream.stop()
-        if model is not None and model.adapter_check is not None:
-            model.adapter_check.close()  # awaited by the writer if anything was written
-    return finish_summary(summary, t0, failed_rows(manifest, out))
-
-
-def run_locked(out: OutputDir, recipe: Recipe, manifest: pl.DataFrame, opts: JobOptions, summary: Summary,
-               embed: Callable[[pl.DataFrame], None]) -> None:
-    """The writing half of a run, under the output's lock; `embed(pending)` does the work.
-
-    Shared by the local and Ray engines, so both drop failures for --retry-failed, re-read what is
-    done, clear and write markers the same way.
-    """
-    lock = out.open_for_writing(recipe)
-    try:
-        if opts.retry_failed:
-            dropped = out.drop_failures()
-            if dropped:
-                logger.info("--retry-failed: %d failed rows are pending again", dropped)
-        # Re-read under the lock: a run that ended since the first look may have committed more.
-        pending, n_done, n_failed = pending_rows(manifest, out, include_failed=opts.retry_failed)
-        summary.skipped = n_done + (0 if opts.retry_failed else n_failed)
-        if len(pending):
-            out.clear_markers()
-            logger.info("%d rows to embed (%d already embedded, %d failed earlier) → %s", len(pending), n_done, n_failed, out.root)
-            embed(pending)
-        out.write_markers()
-        summary.complete = out.is_complete()
-    finally:
-        lock.release()
-
-
-def finish_summary(summary: Summary, t0: float, failed_total: int, noop: bool = False) -> Summary:
-    summary.wall_seconds = time.monotonic() - t0
-    summary.failure_rate = failed_total / summary.rows_total if summary.rows_total else 0.0
-    summary.complete = summary.complete or noop
-    if noop:
-        logger.info("nothing to do: every row of the manifest is already in %s", summary.output)
-    logger.info(summary.line())
-    return summary
-
-
-class Stream:
-    """One pass over the pending rows: the producer starts at construction, the rest in run()."""
-
-    def __init__(self, source: Manifest, pending: pl.DataFrame, opts: JobOptions, cfg: EncoderConfig, device: torch.device):
-        self.source, self.pending, self.opts = source, pending, opts
-        self.results = RowResults(cfg.d_model, keep_frames=opts.pooling == "none")
+    def __init__(self, pending: pl.DataFrame, opts: JobOptions, cfg: EncoderConfig, device: torch.device,
+                 stop: threading.Event, audio: list[bytes | None] | None = None):
+        self.pending, self.opts, self.cfg, self.device = pending, opts, cfg, device
+        self.stop = stop
+        self._halt = threading.Event()  # stops the producer: set on the way out, or with `stop`
         self.budget = Budget(opts.token_budget or default_token_budget(device))
-        workers = opts.decode_workers if opts.decode_workers is not None else default_decode_workers()
-        self.producer = Producer(pending, opts, self.results, self.budget, workers, default_max_windows(device))
+        self.staging = Staging(device, STAGING_SLOTS)
+        self.producer = Producer(pending, opts, cfg, self.budget, default_max_windows(device), self.staging, self._halt, audio)
         self.producer.start()
 
-    def stop(self) -> None:
-        self.producer.stop.set()
-        self.producer.join(timeout=30)
+    def __enter__(self) -> Pipeline:
+        return self
 
-    def run(self, model: LoadedModel, out: OutputDir, recipe: Recipe, summary: Summary, t0: float) -> None:
-        opts = self.opts
-        progress = Progress(len(self.pending), enabled=opts.progress, on_update=opts.on_progress)
-        writer = PartWriter(
-            out, self.source, self.pending, recipe, progress,
-            keep_columns=opts.manifest.keep_columns, part_rows=opts.part_rows, part_bytes=opts.part_bytes, commit_seconds=opts.commit_seconds,
-            gate=model.adapter_check.wait if model.adapter_check else None,
-        )
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self._halt.set()
+        self.producer.join()
+
+    def run(self, model: LoadedModel, writer: PartWriter, progress: Progress, stats: DeviceStats, t0: float) -> None:
+        """Embed every pending row into `writer`, or stop early when `stop` is set."""
+        def emit_rows(rows: Rows) -> None:
+            writer.put_rows(rows)
+            progress.update(len(rows.items), 0, float(rows.durations.sum()))
+
+        def emit_failures(items: np.ndarray, errors: list[str]) -> None:
+            writer.put_failures(items, errors)
+            progress.update(len(items), len(items), 0.0)
+
+        pooling = RowPooling(self.cfg.d_model, self.opts.pooling == "none", emit_rows, emit_failures)
+
+        def handle(item) -> None:
+            if item[0] == "done":
+                pooling.done(item[1])
+            else:
+                pooling.fail(item[1], item[2])
+
         if model.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(model.device)
-        writer.start()
-        try:
-            DeviceLoop(model, self.results, writer, self.budget, summary).run(self.producer.batches, t0)
-        finally:
-            self.stop()
-            progress.close()
-        writer.close()
+        stats.device = torch.cuda.get_device_name(model.device) if model.device.type == "cuda" else "cpu"
+        loop = DeviceLoop(model, self.budget, self.staging, stats, lambda b, s, f: pooling.add(b, s, f, None),
+                          keep_frames=self.opts.pooling == "none")
+        stopper = threading.Thread(target=self._relay_stop, name="stop-relay", daemon=True)
+        stopper.start()
+        loop.run(self.producer.batches, handle, self.stop, t0)
+        if model.device.type == "cuda":
+            stats.gpu_peak_mem_gb = torch.cuda.max_memory_allocated(model.device) / 1e9
+        if self.stop.is_set():
+            return
         if self.producer.error is not None:
             raise RuntimeError(f"decoding failed: {self.producer.error}") from self.producer.error
-        summary.embedded, summary.failed, summary.audio_seconds = writer.embedded, writer.failed, writer.audio_s
-        if model.device.type == "cuda":
-            summary.gpu_peak_mem_gb = torch.cuda.max_memory_allocated(model.device) / 1e9
+        if len(pooling):
+            raise RuntimeError(f"{len(pooling)} row(s) came back neither embedded nor failed")
+
+    def _relay_stop(self) -> None:
+        while not self._halt.is_set():
+            if self.stop.wait(0.2):
+                self._halt.set()
+                return

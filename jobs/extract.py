@@ -1,28 +1,31 @@
-"""`extract-embeddings`: parse flags, wire the stages, map outcomes to exit codes.
+"""`extract-embeddings`: parse flags, run the engine, map the outcome to an exit code.
 
-Exit codes: 0 done (failures within --max-failure-rate), 3 done but over it, 2 usage or
-configuration error (nothing written), 1 anything unexpected.
+Exit codes (extractor.errors, the README's table): 0 done; 1 unexpected (retry); 2 configuration
+or input error (never retry); 3 this run's failure rate over the limit; 75 the output is busy
+with a live run (retry later); 130/143 stopped by SIGINT/SIGTERM (what was embedded is kept).
+
+Nothing here imports torch: `--help`, `--version` and a rerun with nothing to do stay fast.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import signal
 import sys
 
 import click
 
-from extractor.checkpoint import CheckpointError
-from extractor.lora import AdapterError
-from extractor.manifest import ManifestError, ManifestSpec
-from extractor.multidevice import run_on_devices
-from extractor.output import OutputError, Shard
-from extractor.pipeline import EXIT_CONFIG, EXIT_FAILURE_RATE, EXIT_OK, EXIT_UNEXPECTED, ConfigError, JobOptions, run_job
+from extractor import __version__
+from extractor.errors import EXIT_CONFIG, EXIT_FAILURE_RATE, EXIT_OK, EXIT_UNEXPECTED, Interrupted, exit_code_of
+from extractor.manifest.spec import ManifestSpec
+from extractor.options import (DEFAULT_DECODE_TIMEOUT_S, DEFAULT_MAX_DURATION_S, DEFAULT_MAX_FAILURE_RATE, DEFAULT_PART_ROWS,
+                               JobOptions, Shard)
+from jobs.logs import configure
 
 logger = logging.getLogger("extract-embeddings")
 
 ENV_PREFIX = "EXTRACT_EMBEDDINGS"
-CONFIG_ERRORS = (ManifestError, CheckpointError, AdapterError, OutputError, ConfigError)
 
 
 def _columns(value: str | None) -> tuple[str, ...]:
@@ -42,13 +45,14 @@ def _json_object(ctx, param, value: str | None) -> dict | None:
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
-@click.option("--manifest", required=True, help="Parquet manifest, one row per audio.")
-@click.option("--output", required=True, help="Output directory (created if missing).")
+@click.version_option(__version__, "--version", package_name="qwen2-audio-embeddings")
+@click.option("--manifest", required=True, help="Manifest, one row per audio: Parquet of paths.")
+@click.option("--output", required=True, help="Output directory (created if missing); readers read OUTPUT/embeddings.")
 @click.option("--storage-options", callback=_json_object,
               help='JSON object of fsspec options for s3://, gs://, ... paths, e.g. \'{"client_kwargs": {"endpoint_url": "http://minio:9000"}}\'; '
                    "default: the environment (AWS_ACCESS_KEY_ID, AWS_ENDPOINT_URL, ...).")
-@click.option("--model", required=True, type=click.Path(exists=True, file_okay=False), help="Qwen2-Audio checkpoint directory (HF layout).")
-@click.option("--adapter", type=click.Path(exists=True, file_okay=False), help="PEFT LoRA adapter directory, merged at load.")
+@click.option("--model", required=True, help="Qwen2-Audio checkpoint directory (HF layout).")
+@click.option("--adapter", help="PEFT LoRA adapter directory, merged at load.")
 @click.option("--id-column", help="Unique key column; default: the path is the id.")
 @click.option("--path-column", default="path", show_default=True, help="Column holding the audio path.")
 @click.option("--keep-columns", help="Comma-separated manifest columns copied to the output.")
@@ -62,34 +66,38 @@ def _json_object(ctx, param, value: str | None) -> dict | None:
 @click.option("--pooling", type=click.Choice(["mean", "none"]), default="mean", show_default=True,
               help="mean: one vector per row; none: also a `frames` column with every 40 ms frame.")
 @click.option("--output-dtype", type=click.Choice(["float32", "float16"]), default="float32", show_default=True)
-@click.option("--part-rows", type=click.IntRange(min=1), default=10_000, show_default=True,
+@click.option("--part-rows", type=click.IntRange(min=1), default=DEFAULT_PART_ROWS, show_default=True,
               help="Rows per committed part (a part is also committed at least every 60 s).")
-@click.option("--max-failure-rate", type=click.FloatRange(0, 1), default=0.01, show_default=True,
-              help="Exit 3 when the fraction of failed rows is above this.")
+@click.option("--max-failure-rate", type=click.FloatRange(0, 1), default=DEFAULT_MAX_FAILURE_RATE, show_default=True,
+              help="Exit 3 when the fraction of this run's rows that failed is above this.")
 @click.option("--retry-failed", is_flag=True, help="Retry rows that failed in earlier runs.")
-@click.option("--max-duration-s", type=click.FloatRange(min=0, min_open=True), default=2 * 3600.0, show_default=True,
+@click.option("--max-duration-s", type=click.FloatRange(min=0, min_open=True), default=DEFAULT_MAX_DURATION_S, show_default=True,
               help="Longer audio becomes a failure record (memory stays bounded).")
 @click.option("--decode-workers", type=click.IntRange(min=0), help="Decoder processes; default: cores - 1 (max 16); 0 decodes in-process.")
-@click.option("--decode-timeout-s", type=click.FloatRange(min=0, min_open=True), default=120.0, show_default=True,
-              help="Per-file decode timeout; the worker is killed and replaced.")
+@click.option("--decode-timeout-s", type=click.FloatRange(min=0, min_open=True), default=DEFAULT_DECODE_TIMEOUT_S, show_default=True,
+              help="A decode that makes no progress for this long is killed; its file gets a failure record.")
 @click.option("--token-budget", type=click.IntRange(min=1500), help="Encoder tokens per batch (default: 32768 on GPU).")
 @click.option("--shard-index", type=click.IntRange(min=0), default=0, show_default=True)
 @click.option("--num-shards", type=click.IntRange(min=1), default=1, show_default=True)
 @click.option("--engine", type=click.Choice(["local", "ray"]), default="local", show_default=True,
-              help="local: this host; ray: a Ray cluster at RAY_ADDRESS, or a local Ray (pip install '.[ray]').")
-@click.option("--ray-actors", type=click.IntRange(min=1), help="--engine ray: embedder actors (default: one per GPU, 1 without GPUs).")
-@click.option("--summary-json", type=click.Path(dir_okay=False), help="Write the run's summary here (for XCom and dashboards).")
+              help="local: this host; ray: every shard as a task on a Ray cluster at RAY_ADDRESS, or a local Ray (pip install '.[ray]').")
+@click.option("--summary-json", type=click.Path(dir_okay=False), help="Write the run's summary here, whatever the outcome (for XCom and dashboards).")
+@click.option("--dry-run", is_flag=True, help="Print what a run would do (pending rows, audio hours, recipe) or why it would be refused; write nothing.")
 @click.option("--log-level", default="INFO", show_default=True)
+@click.option("--log-format", type=click.Choice(["plain", "json"]), default="plain", show_default=True,
+              help="json: one JSON object per line (progress, summary, warnings).")
 @click.option("--decode-fn", hidden=True, help="module:function replacing the decoder (tests only).")
 def extract(**kw) -> None:
-    """Embed every audio of a Parquet manifest with Qwen2-Audio's audio tower (+ LoRA) into Parquet parts.
+    """Embed every audio of a manifest with Qwen2-Audio's audio tower (+ LoRA) into Parquet parts.
 
     Resumable: rerun the same command after any interruption; every row ends up exactly once in
-    OUTPUT/part-*.parquet or OUTPUT/_failures/. Every flag can also be set as an environment
-    variable, EXTRACT_EMBEDDINGS_<FLAG> (e.g. EXTRACT_EMBEDDINGS_PART_ROWS=5000).
+    OUTPUT/embeddings/ or OUTPUT/failures/. Every flag can also be set as an environment variable,
+    EXTRACT_EMBEDDINGS_<FLAG> (e.g. EXTRACT_EMBEDDINGS_PART_ROWS=5000).
+
+    Exit codes: 0 done, 1 unexpected (retry), 2 configuration error (never retry), 3 failure
+    rate over the limit, 75 output busy (retry later), 130/143 interrupted (rerun resumes).
     """
-    # force: the command owns the process's logging (and under test, the current sys.stderr).
-    logging.basicConfig(force=True, level=kw["log_level"].upper(), stream=sys.stderr, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    configure(kw["log_level"], kw["log_format"])
     if kw["shard_index"] >= kw["num_shards"]:
         raise click.BadParameter(f"--shard-index {kw['shard_index']} must be below --num-shards {kw['num_shards']}")
     opts = JobOptions(
@@ -104,34 +112,53 @@ def extract(**kw) -> None:
         token_budget=kw["token_budget"], shard=Shard(kw["shard_index"], kw["num_shards"]), decode_fn=kw["decode_fn"],
         storage_options=kw["storage_options"],
     )
+    summary, code, error = None, EXIT_OK, None
     try:
-        if kw["engine"] == "ray":
-            from extractor.ray_engine import run_job_ray  # Ray is an optional extra
+        if kw["dry_run"]:
+            from extractor.tools.dry_run import dry_run
 
-            if kw.get("devices"):
-                raise ConfigError("--devices is for --engine local; Ray places one actor per GPU (see --ray-actors)")
-            summary = run_job_ray(opts, actors=kw["ray_actors"])
+            code = dry_run(opts, kw["engine"], kw["devices"])
+            sys.exit(code)
+        elif kw["engine"] == "ray":
+            from extractor.engines.ray import run_ray
+
+            if kw["devices"]:
+                raise click.UsageError("--devices is for --engine local; Ray places one task per GPU")
+            summary = run_ray(opts)
         elif kw["devices"]:
+            from extractor.engines.devices import run_on_devices
+
             summary = run_on_devices(opts, kw["devices"])
         else:
-            summary = run_job(opts)
-    except CONFIG_ERRORS as e:
-        logger.error("%s", e)
-        sys.exit(EXIT_CONFIG)
-    except ValueError as e:  # resolve_device and friends: a bad flag value
-        logger.error("%s", e)
-        sys.exit(EXIT_CONFIG)
-    except Exception:
-        logger.exception("unexpected error; committed parts are intact, rerun to resume")
-        sys.exit(EXIT_UNEXPECTED)
+            from extractor.engines.local import run_local
+
+            summary = run_local(opts)
+    except click.UsageError:
+        raise
+    except Interrupted as e:
+        code, error = e.exit_code, f"stopped by {e}"
+        logger.error("stopped at once by a second %s; committed parts are intact, rerun to resume", e)
+    except Exception as e:
+        code, error = exit_code_of(e), f"{type(e).__name__}: {e}"
+        if code == EXIT_UNEXPECTED:
+            logger.exception("unexpected error; committed parts are intact, rerun to resume")
+        else:
+            logger.error("%s", e)
+    if summary is not None:
+        if summary.interrupted:
+            code = 128 + getattr(signal.Signals, summary.interrupted, signal.SIGTERM).value if summary.interrupted != "stopped" else EXIT_UNEXPECTED
+            logger.warning("interrupted by %s: kept %d embedded and %d failed rows in committed parts; rerun the same command to resume",
+                           summary.interrupted, summary.embedded, summary.failed, extra={"event": "interrupted"})
+        elif summary.failure_rate > opts.max_failure_rate:
+            code = EXIT_FAILURE_RATE
+            logger.error("this run's failure rate %.2f%% (%d of %d rows) is over --max-failure-rate %.2f%%: see %s/failures/",
+                         100 * summary.failure_rate, summary.failed, summary.attempted, 100 * opts.max_failure_rate, summary.output)
     if kw["summary_json"]:
+        payload = dict(summary.to_json() if summary is not None else {"output": opts.output})
+        payload.update(exit_code=code, error=error)
         with open(kw["summary_json"], "w") as f:
-            json.dump(summary.to_json(), f, indent=2)
-    if summary.failure_rate > opts.max_failure_rate:
-        logger.error("failure rate %.2f%% is over --max-failure-rate %.2f%%: see %s/_failures/",
-                     100 * summary.failure_rate, 100 * opts.max_failure_rate, summary.output)
-        sys.exit(EXIT_FAILURE_RATE)
-    sys.exit(EXIT_OK)
+            json.dump(payload, f, indent=2, default=str)
+    sys.exit(code)
 
 
 def main() -> None:

@@ -12,7 +12,7 @@ import sys
 
 import click
 
-from extractor.inspect import InspectError, check_plot_request, plot, render, summarize
+from extractor.tools.inspect import InspectError, check_plot_request, plot, render, summarize
 
 logger = logging.getLogger("inspect-embeddings")
 

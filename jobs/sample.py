@@ -6,7 +6,7 @@ import logging
 
 import click
 
-from extractor.sample import build_sample
+from extractor.tools.sample import build_sample
 
 
 @click.command()

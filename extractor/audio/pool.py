@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import ctypes
 import gc
+import inspect
 import logging
 import multiprocessing as mp
 import os
@@ -31,17 +32,28 @@ from dataclasses import dataclass
 from multiprocessing.connection import Connection, wait
 from typing import Any, Callable, Hashable, Iterable, Iterator
 
-from extractor.decode import DecodeRequest, decode_request
+from extractor.audio.decode import DecodeRequest, decode_request
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["DecodePool", "DecodeRequest", "WorkerFailure"]
+__all__ = ["END", "DecodePool", "DecodeRequest", "WorkerFailure"]
 
 STARTUP_TIMEOUT_S = 60.0  # a worker that is not ready by then (import deadlock, ...) is killed
 MAX_STARTUP_FAILURES = 3  # consecutive workers dying before ready: decode_fn cannot run at all
 CLOSE_GRACE_S = 1.0  # idle workers exit on EOF within this; the rest get SIGKILL
 _READY = b"ready"
 _PR_SET_PDEATHSIG = 1  # from <linux/prctl.h>
+
+
+class _End:
+    def __repr__(self) -> str:
+        return "END"
+
+    def __reduce__(self):
+        return "END"  # unpickles as this module's END: compared with `is`
+
+
+END = _End()  # stream(): a job's last message, after all it yielded
 
 
 @dataclass(frozen=True)
@@ -60,9 +72,15 @@ class WorkerFailure:
 class DecodePool:
     """Run `decode_fn(request)` for many requests in `num_workers` isolated worker processes.
 
-    `imap(items)` takes `(key, request)` pairs and yields `(key, result)` in completion order,
-    where result is decode_fn's return value or a WorkerFailure. `num_workers=0` runs decode_fn
-    in the calling thread: no processes and no isolation, for notebooks and tiny runs.
+    `stream(items)` takes `(key, request)` pairs and yields `(key, message)`: each item that
+    decode_fn yields (a generator streams: a long file's first windows arrive while it decodes),
+    or its return value, then END; or a WorkerFailure in their place when the decode did not
+    finish. `imap(items)` yields one `(key, result)` per request, for plain functions.
+    `num_workers=0` runs decode_fn in the calling thread: no processes and no isolation, for
+    notebooks and tiny runs.
+
+    A job's timeout counts from its last message, so a long file that streams steadily is not
+    cut off, and a decoder that stops making progress is.
     """
 
     def __init__(
@@ -106,8 +124,8 @@ class DecodePool:
 
     # --- public API ---------------------------------------------------------------------------
 
-    def imap(self, items: Iterable[tuple[Hashable, Any]]) -> Iterator[tuple[Hashable, Any]]:
-        """Yield `(key, result)` for every `(key, request)` of `items`, in completion order.
+    def stream(self, items: Iterable[tuple[Hashable, Any]]) -> Iterator[tuple[Hashable, Any]]:
+        """Yield `(key, message)` for every `(key, request)` of `items` (see the class doc).
 
         At most max_inflight requests are outstanding; `items` is pulled lazily. Stopping the
         iteration early kills the workers still busy with requests of it (they are replaced).
@@ -115,8 +133,21 @@ class DecodePool:
         if self._closed:
             raise ValueError("DecodePool is closed")
         if self._num_workers == 0:
-            return self._imap_inline(items)
-        return self._imap_workers(items)
+            return self._stream_inline(items)
+        return self._stream_workers(items)
+
+    def imap(self, items: Iterable[tuple[Hashable, Any]]) -> Iterator[tuple[Hashable, Any]]:
+        """Yield `(key, result)` once per request, in completion order: decode_fn's return value
+        (the last item, for a generator) or a WorkerFailure."""
+        last: dict[Hashable, Any] = {}
+        for key, message in self.stream(items):
+            if message is END:
+                yield key, last.pop(key, None)
+            elif isinstance(message, WorkerFailure):
+                last.pop(key, None)
+                yield key, message
+            else:
+                last[key] = message
 
     def close(self) -> None:
         """Stop all workers: idle ones exit on EOF, busy or stuck ones are killed."""
@@ -142,15 +173,16 @@ class DecodePool:
 
     # --- in-process -------------------------------------------------------------------------
 
-    def _imap_inline(self, items):
+    def _stream_inline(self, items):
         for key, request in items:
-            yield key, _call(self._decode_fn, request)
+            for message in _messages(self._decode_fn, request):
+                yield key, message
 
     # --- worker processes ---------------------------------------------------------------------
 
-    def _imap_workers(self, items):
+    def _stream_workers(self, items):
         if self._running:
-            raise RuntimeError("DecodePool.imap is already running; one iteration at a time")
+            raise RuntimeError("DecodePool.stream is already running; one iteration at a time")
         self._running = True
         # Workers killed when a previous iteration was abandoned are replaced now, not then:
         # an abandoning caller is often about to close the pool.
@@ -236,10 +268,14 @@ class DecodePool:
                         w.started_deadline = None
                         self._startup_failures = 0
                     else:
-                        result = _recv_result(w.conn)
-                        job, w.job = w.job, None
+                        message = _recv_result(w.conn)
+                        job = w.job
                         if job is not None:
-                            done.append((job.key, result))
+                            done.append((job.key, message))
+                            if message is END or isinstance(message, WorkerFailure):
+                                w.job = None  # a failure is the job's last message too
+                            else:
+                                job.deadline = time.monotonic() + self._timeout_s
                     continue
                 except (EOFError, OSError):
                     pass  # the pipe broke: treat as a death, below
@@ -339,6 +375,10 @@ class _Worker:
 
 
 def _label(key: Hashable, request: Any) -> str:
+    """What a failure message names: the request's file, or its first of several."""
+    files = getattr(request, "files", None)
+    if files:
+        return files[0].name if len(files) == 1 else f"{files[0].name} (and {len(files) - 1} more files of its request)"
     path = getattr(request, "path", None)
     if isinstance(path, (str, os.PathLike)):
         return os.fspath(path)
@@ -357,11 +397,19 @@ def _describe_exit(code: int | None) -> str:
     return f"exit code {code}"
 
 
-def _call(decode_fn: Callable[[Any], Any], request: Any) -> Any:
+def _messages(decode_fn: Callable[[Any], Any], request: Any) -> Iterator[Any]:
+    """What a job sends: each item a generator yields (or the one return value), then END; a
+    WorkerFailure instead of END when decode_fn raises."""
     try:
-        return decode_fn(request)
+        result = decode_fn(request)
+        if inspect.isgenerator(result):
+            yield from result
+        else:
+            yield result
     except Exception as e:
-        return WorkerFailure(f"{type(e).__name__}: {e}")
+        yield WorkerFailure(f"{type(e).__name__}: {e}")
+        return
+    yield END
 
 
 # --- the wire: a pickled header, then each out-of-band buffer as its own message ----------------
@@ -447,11 +495,12 @@ def _worker_main(conn: Connection, decode_fn: Callable[[Any], Any]) -> None:
         try:
             request = pickle.loads(data)
         except Exception as e:  # e.g. the request's class is not importable here
-            result = WorkerFailure(f"{type(e).__name__}: cannot unpickle the request: {e}")
+            messages = iter([WorkerFailure(f"{type(e).__name__}: cannot unpickle the request: {e}")])
         else:
-            result = _call(decode_fn, request)
+            messages = _messages(decode_fn, request)
         try:
-            _send_result(conn, result)
+            for message in messages:
+                _send_result(conn, message)
         except (EOFError, OSError):
             return
 

@@ -59,16 +59,10 @@ All four need a run to be stuck or misconfigured for minutes; none arises from a
 
 from __future__ import annotations
 
-import fcntl
 import io
-import json
 import logging
 import os
 import posixpath
-import socket
-import threading
-import time
-import uuid
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import BinaryIO, Callable, Iterable, Mapping
@@ -76,11 +70,12 @@ from typing import BinaryIO, Callable, Iterable, Mapping
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from ..errors import ConfigError
+from .locks import LOCK_STALE_S, LockLost, ObjectLock, RunLock, _Conflict
+
 logger = logging.getLogger(__name__)
 
 TMP_DIR = "_tmp"
-LOCK_STALE_S = 600.0  # an object-store lock without a heartbeat for this long is taken over
-LOCK_HEARTBEAT_S = 30.0  # how often its holder refreshes it
 LOCK_SETTLE_S = 2.0  # stores without conditional writes: wait this long before reading a lock back
 READ_THREADS = 8  # parts whose ids are read at once at startup: each read is 2-3 round trips
 # fsspec protocols whose upload becomes visible only once complete (one PUT, a completed multipart
@@ -88,20 +83,8 @@ READ_THREADS = 8  # parts whose ids are read at once at startup: each read is 2-
 ATOMIC_UPLOAD_PROTOCOLS = frozenset({"s3", "s3a", "gs", "gcs", "az", "abfs", "abfss", "memory"})
 
 
-class OutputError(Exception):
-    """The output directory cannot be used for this run (exit 2)."""
-
-
-class LockHeld(OutputError):
-    pass
-
-
-class LockLost(Exception):
-    """This run may no longer hold its lock: it stops before writing more; a rerun resumes."""
-
-
-class _Conflict(Exception):
-    """A conditional write of the lock found another version than the one expected."""
+class OutputError(ConfigError):
+    """The output cannot be used for this run as it is (exit 2)."""
 
 
 Location = Path | str  # a listed file: a Path in a directory, a URL in an object store
@@ -162,54 +145,6 @@ def write_atomic(path: Path, data: bytes) -> None:
     _fsync_dir(path.parent)
 
 
-def _process_start(pid) -> str | None:
-    """Start time of `pid` in clock ticks since boot, to tell a live owner from a reused pid."""
-    try:
-        return Path(f"/proc/{int(pid)}/stat").read_text().rsplit(")", 1)[1].split()[19]
-    except (OSError, IndexError, TypeError, ValueError):
-        return None
-
-
-class RunLock:
-    """One run per (output, shard) at a time.
-
-    An exclusive flock on `_lock-<shard>`: the kernel drops it when the holder dies, however it
-    dies, so a lock left by a killed run is always taken over, and a live holder always refuses
-    the next run. The file's content says who holds it, for the error message and the log.
-    """
-
-    def __init__(self, path: Path):
-        self.path = path
-        self._fd: int | None = None
-
-    def acquire(self) -> None:
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            holder = os.pread(fd, 4096, 0).decode(errors="replace").strip() or "unknown"
-            os.close(fd)
-            raise LockHeld(f"another run holds {self.path} ({holder}); refusing to run concurrently") from None
-        previous = os.pread(fd, 4096, 0).decode(errors="replace").strip()
-        if previous:
-            logger.warning("taking over stale lock %s left by a dead run (%s)", self.path, previous)
-        me = {"host": socket.gethostname(), "pid": os.getpid(), "pid_start": _process_start(os.getpid()), "since": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, json.dumps(me).encode(), 0)
-        self._fd = fd
-
-    def check(self) -> None:
-        """Nothing to check: the kernel holds the flock until this process ends."""
-
-    def release(self) -> None:
-        if self._fd is not None:
-            # Empty the file before unlocking: an empty lock file means a clean exit.
-            os.ftruncate(self._fd, 0)
-            fcntl.flock(self._fd, fcntl.LOCK_UN)
-            os.close(self._fd)
-            self._fd = None
-
-
 class LocalStorage:
     """A directory: parts via `_tmp/` + fsync + rename, small files via a sibling + rename, flock."""
 
@@ -230,6 +165,28 @@ class LocalStorage:
 
     def write(self, name: str, data: bytes) -> None:
         write_atomic(self.root / name, data)
+
+    def create(self, name: str, data: bytes) -> bool:
+        """Write `name` only if it does not exist, atomically: True if this call created it.
+
+        The content goes to a temporary sibling first and is hard-linked into place: link()
+        fails if the name exists, so of two runs creating it at once exactly one succeeds, and
+        nobody ever sees it half-written.
+        """
+        final = self.root / name
+        tmp = final.parent / f".{final.name}.{os.getpid()}.tmp"
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        try:
+            os.link(tmp, final)
+        except FileExistsError:
+            return False
+        finally:
+            tmp.unlink(missing_ok=True)
+        _fsync_dir(final.parent)
+        return True
 
     def commit(self, name: str, fill: Callable[[BinaryIO], None]) -> Path:
         """Write `name` with `fill(file)` under _tmp/, then fsync and rename it into place."""
@@ -268,6 +225,12 @@ class LocalStorage:
     def lock(self, name: str, *, stale_after_s: float = LOCK_STALE_S) -> RunLock:
         return RunLock(self.root / name)
 
+    def is_dir(self, name: str) -> bool:
+        return (self.root / name).is_dir()
+
+    def is_file(self, name: str) -> bool:
+        return (self.root / name).is_file()
+
 
 # ---------------------------------------------------------------------------------------------
 # Object stores
@@ -304,6 +267,20 @@ class ObjectStorage:
 
     def write(self, name: str, data: bytes) -> None:
         self._put(self._key(name), data, create=False)
+
+    def create(self, name: str, data: bytes) -> bool:
+        """Write `name` only if absent: True if this call created it (see create_versioned)."""
+        try:
+            self.create_versioned(self._key(name), data)
+        except FileExistsError:
+            return False
+        return True
+
+    def is_dir(self, name: str) -> bool:
+        return False  # object stores have no directories to be in the way
+
+    def is_file(self, name: str) -> bool:
+        return self.exists(name)
 
     def commit(self, name: str, fill: Callable[[BinaryIO], None]) -> str:
         """Serialise with `fill(buffer)` in memory, then upload to the final key in one piece."""
@@ -349,7 +326,7 @@ class ObjectStorage:
         data = self.fs.cat_file(key)
         return data, data
 
-    def create(self, key: str, data: bytes) -> object:
+    def create_versioned(self, key: str, data: bytes) -> object:
         """Write `key` if absent (FileExistsError otherwise); here a check, then a write."""
         self.fs.invalidate_cache(key)
         if self.fs.exists(key):
@@ -429,9 +406,14 @@ class S3Storage(ObjectStorage):
 
         return sync(self.fs.loop, _get_object, self.fs, *self._split(key))  # body and ETag of one GET
 
-    def create(self, key: str, data: bytes) -> object:
+    def create_versioned(self, key: str, data: bytes) -> object:
         bucket, k = self._split(key)
-        return self.fs.call_s3("put_object", Bucket=bucket, Key=k, Body=data, IfNoneMatch="*")["ETag"]
+        try:
+            return self.fs.call_s3("put_object", Bucket=bucket, Key=k, Body=data, IfNoneMatch="*")["ETag"]
+        except OSError as e:
+            if _precondition_failed(e):
+                raise FileExistsError(key) from e
+            raise
 
     def replace(self, key: str, data: bytes, version: object) -> object:
         bucket, k = self._split(key)
@@ -443,181 +425,3 @@ class S3Storage(ObjectStorage):
             if _precondition_failed(e):
                 raise _Conflict(f"{key} changed") from e
             raise
-
-
-# ---------------------------------------------------------------------------------------------
-# The lock on an object store
-# ---------------------------------------------------------------------------------------------
-
-
-def _read_first_line(path: str) -> str | None:
-    try:
-        return Path(path).read_text().strip() or None
-    except OSError:
-        return None
-
-
-def _owner() -> dict:
-    """Who we are, precisely enough for a run on the same machine to tell whether we still live."""
-    pid = os.getpid()
-    try:
-        pid_ns = os.readlink("/proc/self/ns/pid")  # containers sharing a host name have their own
-    except OSError:
-        pid_ns = None
-    return {
-        "host": socket.gethostname(),
-        "boot_id": _read_first_line("/proc/sys/kernel/random/boot_id"),
-        "pid_ns": pid_ns,
-        "pid": pid,
-        "pid_start": _process_start(pid),
-        "since": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-    }
-
-
-def _parse(body: bytes) -> dict:
-    try:
-        holder = json.loads(body)
-    except ValueError:
-        return {}
-    return holder if isinstance(holder, dict) else {}
-
-
-def _describe(holder: dict) -> str:
-    if not holder:
-        return "unreadable lock"
-    return f"pid {holder.get('pid')} on {holder.get('host')}, since {holder.get('since')}"
-
-
-def _judge(holder: dict, stale_after_s: float) -> tuple[bool, str]:
-    """(may the lock be taken over, why) for the lock's current content."""
-    me = _owner()
-    here = all(holder.get(k) is not None and holder.get(k) == me[k] for k in ("host", "boot_id", "pid_ns"))
-    if here and _process_start(holder.get("pid")) != holder.get("pid_start"):
-        return True, f"its process {holder.get('pid')} on this host is gone"
-    try:
-        age = time.time() - float(holder["heartbeat"])
-    except (KeyError, TypeError, ValueError):
-        return True, "it records no heartbeat"
-    if age > stale_after_s:
-        return True, f"no heartbeat for {age:.0f} s (stale after {stale_after_s:.0f} s)"
-    alive = " (alive on this host)" if here else ""
-    return False, f"last heartbeat {age:.0f} s ago{alive}; it is taken over after {stale_after_s:.0f} s without one"
-
-
-class ObjectLock:
-    """One run per (output, shard) on an object store: a lock object with a heartbeat (see above)."""
-
-    def __init__(self, storage: ObjectStorage, name: str, *, stale_after_s: float = LOCK_STALE_S, heartbeat_s: float | None = None):
-        self.storage, self.key, self.location = storage, storage._key(name), storage.location(name)
-        self.stale_after_s = stale_after_s
-        self.heartbeat_s = heartbeat_s if heartbeat_s is not None else min(LOCK_HEARTBEAT_S, stale_after_s / 10)
-        self.token = uuid.uuid4().hex
-        self._owner = _owner()
-        self._version: object = None
-        self._last_ok = 0.0
-        self._lost: str | None = None
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
-
-    def _record(self) -> bytes:
-        now = time.time()
-        stamp = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(now))
-        return json.dumps({**self._owner, "token": self.token, "heartbeat": now, "heartbeat_utc": stamp}).encode()
-
-    def acquire(self) -> None:
-        try:
-            try:
-                self._version = self.storage.create(self.key, self._record())
-            except FileExistsError:
-                self._take_over()
-            self._confirm()
-        except (FileNotFoundError, PermissionError) as e:  # no such bucket, no write access
-            raise OutputError(f"cannot create the lock {self.location}: {e}") from e
-        self._last_ok = time.monotonic()
-        self._thread = threading.Thread(target=self._beat, name="lock-heartbeat", daemon=True)
-        self._thread.start()
-
-    def _take_over(self) -> None:
-        try:
-            body, version = self.storage.read_versioned(self.key)
-        except FileNotFoundError:  # released since: try once more, and lose if somebody was faster
-            try:
-                self._version = self.storage.create(self.key, self._record())
-            except FileExistsError:
-                raise LockHeld(f"another run took {self.location} at the same time; refusing to run concurrently") from None
-            return
-        holder = _parse(body)
-        if holder.get("token") == self.token:  # our own create, retried after a lost response
-            self._version = version
-            return
-        free, why = _judge(holder, self.stale_after_s)
-        if not free:
-            raise LockHeld(f"another run holds {self.location} ({_describe(holder)}); {why}; refusing to run concurrently")
-        logger.warning("taking over stale lock %s (%s): %s", self.location, _describe(holder), why)
-        try:
-            self._version = self.storage.replace(self.key, self._record(), version)
-        except _Conflict:
-            raise LockHeld(f"another run took over {self.location} at the same time; refusing to run concurrently") from None
-
-    def _confirm(self) -> None:
-        """Read the lock back: ours, or somebody's write landed after ours (a store without CAS)."""
-        time.sleep(self.storage.settle_s)
-        body, version = self.storage.read_versioned(self.key)
-        holder = _parse(body)
-        if holder.get("token") != self.token:
-            raise LockHeld(f"another run took {self.location} at the same time ({_describe(holder)}); refusing to run concurrently")
-        self._version = version
-
-    def _beat(self) -> None:
-        while not self._stop.wait(self.heartbeat_s):
-            try:
-                self._refresh()
-            except LockLost as e:
-                self._lost = str(e)
-                logger.error("%s; this run stops before writing more", e)
-                return
-            except _Conflict:
-                pass  # written between our read and our write: the next beat reads who holds it
-            except Exception as e:  # the network: keep trying; check() stops the run in time
-                logger.warning("cannot refresh the lock %s: %s; retrying in %g s", self.location, e, self.heartbeat_s)
-
-    def _refresh(self) -> None:
-        # Read before writing: a takeover shows even on a server that ignores If-Match, and a
-        # refresh that landed although its response was lost is recognised as ours.
-        try:
-            body, version = self.storage.read_versioned(self.key)
-        except FileNotFoundError:
-            raise LockLost(f"the lock {self.location} was removed") from None
-        holder = _parse(body)
-        if holder.get("token") != self.token:
-            raise LockLost(f"the lock {self.location} was taken over ({_describe(holder)})")
-        self._version = self.storage.replace(self.key, self._record(), version)
-        self._last_ok = time.monotonic()
-
-    def check(self) -> None:
-        """Raise LockLost unless this run certainly still holds the lock: called before each write."""
-        if self._lost:
-            raise LockLost(f"{self._lost}; stopping before writing more (rerun to resume)")
-        silent = time.monotonic() - self._last_ok
-        if silent > self.stale_after_s / 2:
-            raise LockLost(
-                f"the lock {self.location} was not refreshed for {silent:.0f} s and may be taken over after "
-                f"{self.stale_after_s:.0f} s; stopping before writing more (rerun to resume)"
-            )
-
-    def release(self) -> None:
-        if self._thread is None:
-            return
-        self._stop.set()
-        self._thread.join()
-        self._thread = None
-        if self._lost:
-            return
-        try:
-            body, _ = self.storage.read_versioned(self.key)
-            if _parse(body).get("token") == self.token:
-                self.storage.delete_key(self.key)
-        except FileNotFoundError:
-            pass
-        except Exception as e:  # the run's work is committed; a leftover lock only delays the next run
-            logger.warning("cannot remove the lock %s: %s; the next run takes it over after %.0f s", self.location, e, self.stale_after_s)

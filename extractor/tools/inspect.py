@@ -22,8 +22,9 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from .output import FAILURES_DIR, RUN_FILE, SUCCESS_FILE, TMP_DIR, OutputDir
-from .recipe import METADATA_KEY, Recipe
+from ..output.layout import FAILURES_DIR, RUN_FILE, SHARDS_DIR, SUCCESS_FILE, OutputDir
+from ..output.storage import TMP_DIR
+from ..recipe import METADATA_KEY, Recipe
 
 logger = logging.getLogger(__name__)
 
@@ -57,7 +58,7 @@ def _layout(directory: str | Path) -> _Layout:
     out = OutputDir(root)
     parts, failures = out.part_files(), out.failure_files()
     if not (root / RUN_FILE).exists() and not parts and not failures:
-        what = "is empty" if not any(root.iterdir()) else f"holds no {RUN_FILE}, part-*.parquet or {FAILURES_DIR}/"
+        what = "is empty" if not any(root.iterdir()) else f"holds no {RUN_FILE}, embeddings/part-*.parquet or {FAILURES_DIR}/"
         raise InspectError(f"{root} {what}: not an output directory of extract-embeddings")
     return _Layout(root, parts, failures)
 
@@ -71,6 +72,13 @@ def _read_run_file(root: Path) -> tuple[dict | None, str | None]:
         return dict(payload["recipe"]), payload.get("created")
     except (OSError, ValueError, KeyError, TypeError) as e:
         raise InspectError(f"cannot read {path}: {e}") from e
+
+
+def _read_layout(root: Path) -> int | None:
+    try:
+        return json.loads((root / RUN_FILE).read_text()).get("num_shards")
+    except (OSError, ValueError, AttributeError):
+        return None
 
 
 def _read_schema(path: Path) -> pa.Schema:
@@ -161,14 +169,16 @@ def summarize(directory: str | Path) -> dict:
         if r is not None and not _same_recipe(r, recipe):
             mismatched.append(str(f.relative_to(lay.root)))
 
-    markers = sorted(lay.root.glob("_SUCCESS-*-of-*"))
-    locks = {p.name: p.read_text(errors="replace").strip() for p in sorted(lay.root.glob("_lock-*"))}
+    markers = sorted((lay.root / SHARDS_DIR).glob("*.done"))
+    # A lock file exists only while a run holds it, or after a run that died (its next run takes it over).
+    locks = {p.name: p.read_text(errors="replace").strip() for p in sorted((lay.root / SHARDS_DIR).glob("*.lock"))}
+    layout = _read_layout(lay.root)
     summary: dict = {
         "directory": str(lay.root),
         "complete": (lay.root / SUCCESS_FILE).exists(),
         "shard_markers": len(markers),
-        "shards": int(markers[0].name.rsplit("-of-", 1)[1]) if markers else None,
-        "locks_held": {k: v for k, v in locks.items() if v},  # an empty lock file means a clean exit
+        "shards": layout,
+        "locks_held": {k: v for k, v in locks.items() if v},
         "tmp_files": len(list((lay.root / TMP_DIR).glob("*"))) if (lay.root / TMP_DIR).is_dir() else 0,
         "recipe": recipe,
         "created": created,

@@ -1,47 +1,47 @@
-"""Decode one audio file, or parts of it, into the encoder's input: mono float32 at SAMPLE_RATE.
+"""Decode audio into the encoder's input: mono float32 at SAMPLE_RATE, cut into 30 s windows.
 
 libsndfile (via soundfile) reads what it can open (wav, flac, ogg, mp3, aiff, ...); PyAV (FFmpeg)
 reads the rest (m4a/aac, opus, webm, video containers). Every per-file problem is an AudioError
-whose message names the problem and the file, because the pipeline records failures as
-`f"{type(e).__name__}: {e}"` for millions of files and nobody will have a traceback.
+(audio.errors) whose message names the problem and the file.
 
-Memory stays bounded on hostile inputs: nothing is allocated from a header's claimed length.
-The source is read in blocks of BLOCK_SECONDS, each block is downmixed at once and fed to a
-streaming resampler, and decoding stops as soon as the output passes max_duration_s. So a
-96 kHz 8-channel file is never held whole at its source rate or width.
+Memory is bounded by a window, never by a file or by what a header claims. The source is read in
+blocks of BLOCK_SECONDS, each block is downmixed at once and fed to a streaming resampler, and the
+16 kHz signal passes through one sliding buffer from which each row's windows are cut as soon as
+they are complete: the buffer holds at most one window plus a block, however long the file and
+however many segments of it are wanted (issue 10: a 14-minute podcast's first window is on the
+GPU while the rest decodes; 64 segments of one file cost one window of memory, not 64 copies).
 
 Segments are cut on the 16 kHz signal, at `round(t * SAMPLE_RATE)`, so a segment's samples do
 not depend on the source rate. Only the region a segment needs is read: libsndfile seeks to a
 little before it (see `_run_pass` for why the cut then equals slicing the full decode).
 
-A "://" path (s3://, gs://, https://, ...) is read whole into memory through fsspec, after a size
-check against max_duration_s, and decoded from there; a file that cannot be read is an AudioError
-like a missing local one. Local paths never touch fsspec.
-
 Native decoders can still crash or hang on malformed files; isolating that is the job of
-extractor.workers, not of this module.
+audio.pool, not of this module.
 """
 
 from __future__ import annotations
 
-import io
 import logging
 import math
 import os
 import re
-import stat
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Iterator, Mapping, Sequence
 
 import numpy as np
 import soundfile as sf
 import soxr
 
-from extractor.constants import SAMPLE_RATE
+from ..constants import N_SAMPLES, SAMPLE_RATE, encoder_tokens, mel_frames, output_frames
+from ..options import DEFAULT_MAX_DURATION_S
+from .errors import AudioError, DecodeError, SegmentError, TooLongError, TooShort
+from .sources import Source, open_source
 
 logger = logging.getLogger(__name__)
 
-DEFAULT_MAX_DURATION_S = 3600.0  # one hour of 16 kHz float32 is 230 MB
+__all__ = ["AudioError", "DecodeError", "Decoded", "DecodeRequest", "FileJob", "SegmentError", "TooLongError", "TooShort",
+           "WindowBlock", "decode_request", "load_audio", "load_segments"]
+
 BLOCK_SECONDS = 2.0  # source audio read per step; 96 kHz x 8 ch float32 is 6 MB
 MAX_BLOCK_VALUES = 1 << 22  # frames x channels per block (16 MB float32), for absurd channel counts
 MIN_SAMPLE_RATE = 1  # Hz; below or above these a header is broken or hostile, not audio
@@ -56,30 +56,59 @@ MAX_ABS_SAMPLE = 1e4
 RESAMPLE_MARGIN_S = 0.1
 # Segments closer than this are decoded in one pass; farther apart, libsndfile seeks instead.
 SEGMENT_GAP_S = 30.0
-# Bytes per second of the widest audio expected (48 kHz, 8 channels, 32-bit PCM): a remote file
-# bigger than max_duration_s of it is refused before it is downloaded into a worker's memory.
-REMOTE_MAX_BYTES_PER_S = 48_000 * 8 * 4
+# A worker sends what it has cut once it holds this many samples (~4 MB, about a minute of audio),
+# and at the end of each request: few messages for short clips, little latency for long files.
+FLUSH_SAMPLES = 1 << 20
+# numpy's mean over 8 or more channels sums pairwise; below that it adds them in order, which the
+# column loop in _downmix reproduces bit for bit, 17 times faster for stereo (measured).
+_ORDERED_MEAN_CHANNELS = 7
 # A WAV/AIFF data chunk that declares this many bytes or more is a streaming writer's
 # "length unknown" placeholder (0xFFFFFFFF, 0x7FFFFFFF, ...), not a truncated file.
 _UNKNOWN_LENGTH_BYTES = 0x7FFF0000
 # libsndfile logs a data chunk that runs past the end of the file as "data : 96000 (should be 47978)".
 _CLAMPED_CHUNK = re.compile(r"^\s*(?:data|SSND)\s*:\s*(\d+)\s*\(should be (\d+)\)", re.MULTILINE)
 
-
-class AudioError(Exception):
-    """A problem with one file (or one segment of it); the message names the problem and the file."""
+Segment = tuple[float | None, float | None]  # (start_s, end_s); None means the file's start / end
 
 
-class DecodeError(AudioError):
-    """The file is not audio we can decode: junk, truncated, no audio stream, NaN samples, ..."""
+# --- requests and results -------------------------------------------------------------------
 
 
-class TooLongError(AudioError):
-    """The decoded audio is longer than max_duration_s."""
+@dataclass(frozen=True)
+class FileJob:
+    """One file and the rows (`items`) wanted from it, each a segment (or the whole file)."""
+
+    name: str  # path or URL; for embedded audio, what messages call it
+    items: tuple[int, ...]
+    segments: tuple[Segment, ...]
+    data: bytes | None = None  # audio stored in the manifest
 
 
-class SegmentError(AudioError):
-    """A requested segment is invalid or lies outside the file."""
+@dataclass(frozen=True)
+class DecodeRequest:
+    """What a decode worker is asked to do: several files, decoded in order (see audio.pool)."""
+
+    files: tuple[FileJob, ...]
+    max_duration_s: float = DEFAULT_MAX_DURATION_S
+    storage_options: Mapping | None = None  # fsspec options for a "://" path
+
+
+@dataclass
+class WindowBlock:
+    """Windows ready for the encoder, and which rows are done or failed: one worker message.
+
+    A row's windows may come in several blocks (a long file streams); its `done` entry comes with
+    or after its last window, and a row is either done or failed, never both. A row that fails
+    after some of its windows were sent (a truncation found at the end of the file) is failed:
+    the windows already sent are dropped by whoever receives them.
+    """
+
+    samples: np.ndarray  # (S,) float32: every window's samples, back to back
+    lengths: np.ndarray  # (W,) int64 samples per window
+    items: np.ndarray  # (W,) int64 the row of each window
+    index: np.ndarray  # (W,) int64 the window's position within its row
+    done: list[tuple[int, int, float]] = field(default_factory=list)  # (item, windows, duration_s)
+    failed: list[tuple[int, str]] = field(default_factory=list)  # (item, "Kind: message")
 
 
 @dataclass(frozen=True)
@@ -88,33 +117,135 @@ class Decoded:
     duration_s: float  # len(samples) / SAMPLE_RATE
 
 
-Segment = tuple[float | None, float | None]  # (start_s, end_s); None means the file's start / end
+# --- the worker's entry point ---------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class DecodeRequest:
-    """What a decode worker is asked to do for one file (see extractor.workers)."""
-
-    path: str
-    segments: Sequence[Segment] = ((None, None),)
-    max_duration_s: float = DEFAULT_MAX_DURATION_S
-    storage_options: Mapping | None = None  # fsspec options for a "://" path
-
-
-def decode_request(request: DecodeRequest) -> list[Decoded | AudioError]:
-    """The default decode function of extractor.workers.DecodePool: a picklable top-level function."""
-    return load_segments(
-        request.path, list(request.segments), max_duration_s=request.max_duration_s, storage_options=request.storage_options
-    )
+def decode_request(request: DecodeRequest) -> Iterator[WindowBlock]:
+    """The decode function of audio.pool.DecodePool: a picklable top-level generator whose blocks
+    the pool streams to the job as they fill."""
+    out = _Blocks()
+    for job in request.files:
+        for _ in _decode_job(job, out, request.max_duration_s, request.storage_options):
+            yield from out.ready()  # a long file streams: its first windows go while it decodes
+        yield from out.ready()
+    if not out.empty:
+        yield out.take()
 
 
-def load_audio(
-    path: str | os.PathLike,
-    *,
-    start_s: float | None = None,
-    end_s: float | None = None,
-    max_duration_s: float = DEFAULT_MAX_DURATION_S,
-) -> Decoded:
+class _Blocks:
+    """Collects windows into blocks, dropping windows too short for an output frame (a 20 ms tail
+    adds nothing to a row) and failing rows left with none (TooShort)."""
+
+    def __init__(self):
+        self._reset()
+        self._full: list[WindowBlock] = []
+
+    def _reset(self) -> None:
+        self.parts: list[np.ndarray] = []
+        self.meta: list[tuple[int, int, int]] = []  # (item, index, length)
+        self.done: list[tuple[int, int, float]] = []
+        self.failed: list[tuple[int, str]] = []
+        self.samples = 0
+
+    @property
+    def empty(self) -> bool:
+        return not (self.meta or self.done or self.failed)
+
+    def window(self, item: int, index: int, samples: np.ndarray) -> bool:
+        """Add a window; False when it is too short to count (and is dropped)."""
+        if output_frames(encoder_tokens(mel_frames(len(samples)))) < 1:
+            return False
+        self.parts.append(samples)
+        self.meta.append((item, index, len(samples)))
+        self.samples += len(samples)
+        if self.samples >= FLUSH_SAMPLES:
+            self._full.append(self.take())
+        return True
+
+    def row_done(self, item: int, windows: int, duration_s: float, name: str) -> None:
+        if windows == 0:
+            self.row_failed(item, f"TooShort: {name} is too short ({duration_s * 1000:.1f} ms) for one output frame")
+        else:
+            self.done.append((item, windows, duration_s))
+
+    def row_failed(self, item: int, error: str) -> None:
+        self.failed.append((item, error))
+
+    def ready(self) -> list[WindowBlock]:
+        full, self._full = self._full, []
+        return full
+
+    def take(self) -> WindowBlock:
+        meta = np.array(self.meta, dtype=np.int64).reshape(-1, 3)
+        block = WindowBlock(
+            samples=np.concatenate(self.parts) if self.parts else np.zeros(0, np.float32),
+            lengths=meta[:, 2].copy(), items=meta[:, 0].copy(), index=meta[:, 1].copy(),
+            done=self.done, failed=self.failed,
+        )
+        self._reset()
+        return block
+
+
+class _Collect:
+    """A sink that keeps each row's whole signal (load_segments: tests and the notebook API)."""
+
+    def __init__(self):
+        self.windows: dict[int, list[np.ndarray]] = {}
+        self.results: dict[int, Decoded | AudioError] = {}
+
+    def window(self, item: int, index: int, samples: np.ndarray) -> bool:
+        self.windows.setdefault(item, []).append(np.array(samples, dtype=np.float32))
+        return True
+
+    def row_done(self, item: int, windows: int, duration_s: float, name: str) -> None:
+        parts = self.windows.pop(item, [])
+        samples = np.ascontiguousarray(np.concatenate(parts) if parts else np.zeros(0, np.float32))
+        self.results[item] = Decoded(samples, len(samples) / SAMPLE_RATE)
+
+    def row_failed(self, item: int, error: AudioError) -> None:
+        self.windows.pop(item, None)
+        self.results[item] = error
+
+
+def _decode_job(job: FileJob, sink, max_duration_s: float, storage_options: Mapping | None) -> Iterator[None]:
+    """Decode one file's rows into `sink` (window / row_done / row_failed); never raises AudioError.
+
+    A generator that yields after each decoded block, so the caller can pass on what is cut."""
+    if not max_duration_s > 0:
+        raise ValueError(f"max_duration_s must be > 0, got {max_duration_s!r}")
+    max_samples = math.floor(max_duration_s * SAMPLE_RATE) if math.isfinite(max_duration_s) else None
+    spans: list[_Span] = []
+    for item, (start_s, end_s) in zip(job.items, job.segments):
+        try:
+            spans.append(_Span(item, start_s, end_s, *_segment_indices(job.name, start_s, end_s)))
+        except SegmentError as e:
+            _fail(sink, item, e)
+    if not spans:
+        return
+    try:
+        source = open_source(job.name, data=job.data, max_duration_s=max_duration_s, storage_options=storage_options)
+        yield from _decode_spans(source, spans, sink, max_samples, max_duration_s)
+    except AudioError as e:
+        for sp in spans:
+            if not sp.reported:
+                sp.reported = True
+                _fail(sink, sp.item, e)
+        return
+    for sp in spans:
+        if not sp.reported:
+            sp.reported = True
+            if sp.error is not None:
+                _fail(sink, sp.item, sp.error)
+            else:
+                sink.row_done(sp.item, sp.windows, sp.n / SAMPLE_RATE, job.name if sp.whole else f"{sp.describe()} of {job.name}")
+
+
+def _fail(sink, item: int, error: AudioError) -> None:
+    sink.row_failed(item, error if isinstance(sink, _Collect) else f"{type(error).__name__}: {error}")
+
+
+def load_audio(path: str | os.PathLike, *, start_s: float | None = None, end_s: float | None = None,
+               max_duration_s: float = DEFAULT_MAX_DURATION_S) -> Decoded:
     """Decode `path` (or its [start_s, end_s) part) to mono float32 at SAMPLE_RATE; AudioError if not."""
     (result,) = load_segments(path, [(start_s, end_s)], max_duration_s=max_duration_s)
     if isinstance(result, AudioError):
@@ -122,65 +253,114 @@ def load_audio(
     return result
 
 
-def load_segments(
-    path: str | os.PathLike,
-    segments: Sequence[Segment],
-    *,
-    max_duration_s: float = DEFAULT_MAX_DURATION_S,
-    storage_options: Mapping | None = None,
-) -> list[Decoded | AudioError]:
-    """Decode several segments of one file, opening and reading it once.
+def load_segments(path: str | os.PathLike, segments: Sequence[Segment], *, max_duration_s: float = DEFAULT_MAX_DURATION_S,
+                  storage_options: Mapping | None = None, data: bytes | None = None) -> list[Decoded | AudioError]:
+    """Decode several segments of one file, reading it once: a Decoded or the AudioError of each.
 
-    Each result is a Decoded or the AudioError of that segment, so one bad segment does not fail
-    the others; a file-level error is returned for every segment.
+    One bad segment does not fail the others; a file-level error is returned for every segment.
     """
-    path = os.fspath(path)
-    if not max_duration_s > 0:
-        raise ValueError(f"max_duration_s must be > 0, got {max_duration_s!r}")
-    max_samples = math.floor(max_duration_s * SAMPLE_RATE) if math.isfinite(max_duration_s) else None
-
-    results: list[Decoded | AudioError | None] = [None] * len(segments)
-    spans: list[_Span] = []
-    for i, (start_s, end_s) in enumerate(segments):
-        try:
-            spans.append(_Span(i, start_s, end_s, *_segment_indices(path, start_s, end_s)))
-        except SegmentError as e:
-            results[i] = e
-    if spans:
-        try:
-            _decode_spans(path, spans, max_samples, max_duration_s, storage_options)
-        except AudioError as e:
-            for sp in spans:
-                results[sp.index] = e
-        else:
-            for sp in spans:
-                results[sp.index] = sp.result
-    return results  # type: ignore[return-value]  # every slot is filled above
+    sink = _Collect()
+    job = FileJob(os.fspath(path), tuple(range(len(segments))), tuple(segments), data)
+    for _ in _decode_job(job, sink, max_duration_s, storage_options):
+        pass
+    return [sink.results[i] for i in range(len(segments))]
 
 
 # --- segments -------------------------------------------------------------------------------
 
 
 class _Span:
-    """One requested segment in 16 kHz sample indices [a, b) (b None: to the end of the file)."""
+    """One row: a segment in 16 kHz sample indices [a, b) (b None: to the end of the file)."""
 
-    def __init__(self, index: int, start_s, end_s, a: int, b: int | None):
-        self.index, self.start_s, self.end_s, self.a, self.b = index, start_s, end_s, a, b
-        self.parts: list[np.ndarray] = []
-        self.n = 0  # samples collected so far
+    def __init__(self, item: int, start_s, end_s, a: int, b: int | None):
+        self.item, self.start_s, self.end_s, self.a, self.b = item, start_s, end_s, a, b
+        self.next = a  # where its next window starts
+        self.windows = 0  # windows sent (too-short tails are not counted)
+        self.n = 0  # samples cut so far
         self.error: AudioError | None = None
-        self.finished = False
+        self.finished = False  # nothing more to cut (done, or failed)
+        self.reported = False  # row_done or row_failed was called
+
+    @property
+    def whole(self) -> bool:
+        return self.a == 0 and self.b is None
 
     def describe(self) -> str:
         return f"segment start_s={self.start_s!r}, end_s={self.end_s!r}"
 
-    @property
-    def result(self) -> Decoded | AudioError:
-        if self.error is not None:
-            return self.error
-        samples = np.concatenate(self.parts) if len(self.parts) != 1 else self.parts[0]
-        samples = np.ascontiguousarray(samples, dtype=np.float32)
-        return Decoded(samples=samples, duration_s=len(samples) / SAMPLE_RATE)
+
+class _Cutter:
+    """The sliding 16 kHz buffer of one pass, from which every span's windows are cut.
+
+    The buffer holds samples from the earliest next-window start of an unfinished span to the end
+    of what is decoded: at most N_SAMPLES plus a block, however many spans there are.
+    """
+
+    def __init__(self, spans: list[_Span], sink, max_samples: int | None, max_duration_s: float, name: str):
+        self.spans, self.sink, self.max_samples, self.max_duration_s, self.name = spans, sink, max_samples, max_duration_s, name
+        self.buf = np.zeros(0, np.float32)
+        self.base = 0  # absolute index of buf[0]
+
+    def feed(self, out: np.ndarray, out_pos: int) -> int:
+        """Take 16 kHz samples starting at absolute index out_pos; cut what is complete."""
+        end = out_pos + len(out)
+        if len(out):
+            if not len(self.buf):
+                self.buf, self.base = out, out_pos
+            else:
+                assert self.base + len(self.buf) == out_pos, (self.base, len(self.buf), out_pos)
+                self.buf = np.concatenate([self.buf, out])
+        for sp in self.spans:
+            if sp.finished:
+                continue
+            while True:
+                stop = sp.next + N_SAMPLES if sp.b is None else min(sp.next + N_SAMPLES, sp.b)
+                if stop > end:
+                    break
+                self._cut(sp, sp.next, stop)
+                if sp.finished or (sp.b is not None and stop >= sp.b):
+                    sp.finished = True
+                    break
+            if not sp.finished and sp.b is None and self.max_samples is not None and end - sp.a > self.max_samples:
+                self._too_long(sp)
+        self._trim(end)
+        return end
+
+    def finish(self, total: int) -> None:
+        """End of the file at `total` samples: cut every span's last, partial window."""
+        for sp in self.spans:
+            if sp.finished:
+                continue
+            stop = total if sp.b is None else min(sp.b, total)
+            if stop > sp.next:
+                self._cut(sp, sp.next, stop)
+            sp.finished = True
+        self.buf = np.zeros(0, np.float32)
+
+    def _cut(self, sp: _Span, lo: int, hi: int) -> None:
+        sp.n += hi - lo
+        if self.max_samples is not None and sp.n > self.max_samples:
+            self._too_long(sp)
+            return
+        if self.sink.window(sp.item, sp.windows, self.buf[lo - self.base : hi - self.base]):
+            sp.windows += 1
+        sp.next = hi
+
+    def _too_long(self, sp: _Span) -> None:
+        what = self.name if sp.whole else f"{sp.describe()} of {self.name}"
+        sp.error = TooLongError(f"{what} is longer than max_duration_s={self.max_duration_s:g}")
+        sp.finished = True
+
+    def _trim(self, end: int) -> None:
+        keep = min([sp.next for sp in self.spans if not sp.finished] + [end])
+        if keep > self.base:
+            self.buf = self.buf[keep - self.base :]
+            self.base = keep
+            if not len(self.buf):
+                self.buf = np.zeros(0, np.float32)
+
+
+# --- segments (validation) -----------------------------------------------------------------
 
 
 def _segment_indices(path: str, start_s, end_s) -> tuple[int, int | None]:
@@ -224,29 +404,26 @@ def _clusters(spans: list[_Span], gap: int) -> list[list[_Span]]:
     return groups
 
 
+
+
 # --- decoding -------------------------------------------------------------------------------
 
 
-def _decode_spans(
-    path: str, spans: list[_Span], max_samples: int | None, max_duration_s: float, storage_options: Mapping | None = None
-) -> None:
-    """Fill in every span's parts or error; raise AudioError for problems of the whole file."""
-    if "://" in path:
-        data = _fetch(path, max_duration_s, storage_options)
-    else:
-        _check_file(path)
-        data = None
+def _decode_spans(src: Source, spans: list[_Span], sink, max_samples: int | None, max_duration_s: float) -> Iterator[None]:
+    """Cut every span's windows into `sink`; raise AudioError for problems of the whole file."""
+    path = src.name
     try:
-        source = _open(path, data)
+        source = _open(src)
         try:
             if source.seekable:
                 groups = _clusters(spans, round(SEGMENT_GAP_S * SAMPLE_RATE))
             else:
                 groups = [spans]  # PyAV is read once from the start (see _AvSource)
             for group in groups:
-                _run_pass(source, path, group, max_samples, max_duration_s)
+                yield from _run_pass(source, path, group, sink, max_samples, max_duration_s)
         finally:
             source.close()
+            src.close()
     except AudioError:
         raise
     except Exception as e:
@@ -266,59 +443,14 @@ def _out_of_memory(e: Exception) -> bool:
     return isinstance(e, MemoryError) and not type(e).__module__.startswith("av.")
 
 
-def _check_file(path: str) -> None:
-    """Reject what is not a non-empty regular file before any decoder sees it (a FIFO would hang)."""
+def _open(src: Source) -> _SndFileSource | _AvSource:
+    """Open a source with libsndfile, or with FFmpeg what libsndfile cannot read."""
+    path = src.name
     try:
-        st = os.stat(path)
-    except FileNotFoundError as e:
-        raise AudioError(f"cannot open {path}: no such file") from e
-    except OSError as e:
-        raise AudioError(f"cannot open {path}: {e.strerror or e}") from e
-    if stat.S_ISDIR(st.st_mode):
-        raise AudioError(f"cannot decode {path}: is a directory")
-    if not stat.S_ISREG(st.st_mode):
-        raise AudioError(f"cannot decode {path}: not a regular file")
-    if st.st_size == 0:
-        raise DecodeError(f"cannot decode {path}: empty file (0 bytes)")
-    if not os.access(path, os.R_OK):
-        raise AudioError(f"cannot open {path}: permission denied")
-
-
-def _fetch(path: str, max_duration_s: float, storage_options: Mapping | None) -> bytes:
-    """The whole content of a remote file; AudioError if it cannot be read or is too big."""
-    import fsspec
-
-    try:
-        fs, key = fsspec.core.url_to_fs(path, **dict(storage_options or {}))
-        size = fs.size(key)
-        limit = max_duration_s * REMOTE_MAX_BYTES_PER_S
-        if size is not None and size > limit:
-            raise TooLongError(
-                f"{path} is {size:,} bytes, more than max_duration_s={max_duration_s:g} of audio can take "
-                f"({limit:,.0f} bytes at {REMOTE_MAX_BYTES_PER_S:,} bytes/s)"
-            )
-        data = fs.cat_file(key)
-    except AudioError:
-        raise
-    except FileNotFoundError as e:
-        raise AudioError(f"cannot read {path}: no such file") from e
-    except Exception as e:
-        if _out_of_memory(e):
-            raise
-        # Credentials, endpoints, timeouts, HTTP errors: all mean "this file cannot be read now".
-        raise AudioError(f"cannot read {path}: {type(e).__name__}: {e}") from e
-    if not data:
-        raise DecodeError(f"cannot decode {path}: empty file (0 bytes)")
-    return data
-
-
-def _open(path: str, data: bytes | None = None) -> _SndFileSource | _AvSource:
-    """Open `path`, or `data` (a remote file's content) named `path` in messages."""
-    try:
-        handle = sf.SoundFile(path if data is None else io.BytesIO(data))
+        handle = sf.SoundFile(src.fileobj())
     except Exception as e:
         logger.debug("libsndfile cannot open %s (%s); trying PyAV", path, e)
-        return _open_av(path, f"not a format libsndfile reads ({e})", data)
+        return _open_av(src, f"not a format libsndfile reads ({e})")
     try:
         source = _SndFileSource(path, handle)
     except BaseException:
@@ -328,13 +460,14 @@ def _open(path: str, data: bytes | None = None) -> _SndFileSource | _AvSource:
         # A WAV from a streaming writer may declare a data size of 0; libsndfile then sees no
         # frames while FFmpeg reads to the end of the file. A header-only file fails either way.
         source.close()
-        return _open_av(path, "libsndfile finds no audio frames", data)
+        return _open_av(src, "libsndfile finds no audio frames")
     return source
 
 
-def _open_av(path: str, why_not_libsndfile: str, data: bytes | None = None) -> _AvSource:
+def _open_av(src: Source, why_not_libsndfile: str) -> _AvSource:
+    path = src.name
     try:
-        return _AvSource(path, data)
+        return _AvSource(path, src.fileobj())
     except AudioError:
         raise
     except Exception as e:
@@ -424,13 +557,12 @@ class _AvSource:
 
     seekable = False
 
-    def __init__(self, path: str, data: bytes | None = None):
+    def __init__(self, path: str, fileobj):
         import av  # lazily: loading FFmpeg costs time and memory, and most corpora are wav/flac
 
         self._path = path
         # protocol_whitelist: a playlist-like file (hls, concat) must not make FFmpeg fetch URLs.
-        source = path if data is None else io.BytesIO(data)
-        self._container = av.open(source, options={"protocol_whitelist": "file"}, metadata_errors="ignore")
+        self._container = av.open(fileobj, options={"protocol_whitelist": "file"}, metadata_errors="ignore")
         try:
             audio = self._container.streams.audio
             if not audio:
@@ -505,8 +637,14 @@ class _AvSource:
 
 def _downmix(data: np.ndarray, path: str, pos: int, rate: int) -> np.ndarray:
     """(frames, channels) -> mono float32 by the channels' mean; reject NaN/Inf."""
-    if data.shape[1] == 1:
+    channels = data.shape[1]
+    if channels == 1:
         mono = data[:, 0]  # a view: for a 16 kHz mono file the output is soundfile's read, bit for bit
+    elif channels <= _ORDERED_MEAN_CHANNELS:
+        mono = data[:, 0].copy()  # == data.mean(axis=1, dtype=float32), bit for bit (tests/audio)
+        for c in range(1, channels):
+            mono += data[:, c]
+        mono /= np.float32(channels)
     else:
         mono = data.mean(axis=1, dtype=np.float32)
     if not np.isfinite(mono).all():
@@ -525,14 +663,8 @@ def _downmix(data: np.ndarray, path: str, pos: int, rate: int) -> np.ndarray:
     return mono
 
 
-def _run_pass(
-    source: _SndFileSource | _AvSource,
-    path: str,
-    spans: list[_Span],
-    max_samples: int | None,
-    max_duration_s: float,
-) -> None:
-    """Read the region that `spans` cover, resample it block by block and hand out the samples.
+def _run_pass(source, path: str, spans: list[_Span], sink, max_samples: int | None, max_duration_s: float) -> Iterator[None]:
+    """Read the region that `spans` cover, resample it block by block and cut it into windows.
 
     Why a seeked, resampled read equals slicing the full decode: soxr's output sample j sits at
     time j / SAMPLE_RATE. Starting the stream at a source frame s0 that is a multiple of
@@ -555,6 +687,8 @@ def _run_pass(
         out_pos = src_start * SAMPLE_RATE // rate  # exact by the choice of step
         src_stop = None if last is None else -(-last * rate // SAMPLE_RATE) + margin
         resampler = soxr.ResampleStream(rate, SAMPLE_RATE, 1, dtype="float32", quality=RESAMPLE_QUALITY)
+    cutter = _Cutter(spans, sink, max_samples, max_duration_s, path)
+    cutter.base = out_pos
 
     # A source that cannot seek is read from its start and what precedes the region is dropped.
     pos = src_start if source.seekable else 0
@@ -574,13 +708,14 @@ def _run_pass(
         if len(block):
             fed = True
             out = block if resampler is None else resampler.resample_chunk(block)
-            out_pos = _deliver(spans, out, out_pos, max_samples, max_duration_s, path)
+            out_pos = cutter.feed(out, out_pos)
+            yield
         if stop_here or all(sp.finished for sp in spans):
             reached_end = False
             break
     if resampler is not None and not all(sp.finished for sp in spans):
         out = resampler.resample_chunk(np.zeros(0, np.float32), last=True)
-        out_pos = _deliver(spans, out, out_pos, max_samples, max_duration_s, path)
+        out_pos = cutter.feed(out, out_pos)
 
     if reached_end:
         source.check_complete(pos)
@@ -595,43 +730,9 @@ def _run_pass(
             raise DecodeError(f"cannot decode {path}: no audio samples")
         for sp in spans:
             if not sp.finished and sp.a >= total:
-                sp.error = SegmentError(
-                    f"{sp.describe()} starts at or past the end of {path} ({total / SAMPLE_RATE:.3f} s)"
-                )
-                sp.parts = []
-            sp.finished = True
-    for sp in spans:
-        if sp.error is None and not sp.parts:  # cannot happen; guard the invariant loudly
-            raise AssertionError(f"{sp.describe()} of {path} collected no samples")
-
-
-def _deliver(
-    spans: list[_Span],
-    out: np.ndarray,
-    out_pos: int,
-    max_samples: int | None,
-    max_duration_s: float,
-    path: str,
-) -> int:
-    """Copy the part of `out` (16 kHz samples from index out_pos) that each span wants."""
-    end = out_pos + len(out)
-    for sp in spans:
-        if sp.finished:
-            continue
-        lo = max(sp.a, out_pos)
-        hi = end if sp.b is None else min(sp.b, end)
-        if hi > lo:
-            piece = out[lo - out_pos : hi - out_pos]
-            # Copy partial pieces so a short segment does not pin whole blocks in memory.
-            sp.parts.append(piece if len(piece) == len(out) else piece.copy())
-            sp.n += len(piece)
-            if max_samples is not None and sp.n > max_samples:
-                whole = sp.a == 0 and sp.b is None
-                what = path if whole else f"{sp.describe()} of {path}"
-                sp.error = TooLongError(f"{what} is longer than max_duration_s={max_duration_s:g}")
-                sp.parts = []
+                sp.error = SegmentError(f"{sp.describe()} starts at or past the end of {path} ({total / SAMPLE_RATE:.3f} s)")
                 sp.finished = True
-                continue
-        if sp.b is not None and end >= sp.b:
-            sp.finished = True
-    return end
+        cutter.finish(total)
+    for sp in spans:
+        if sp.error is None and not sp.finished:  # cannot happen; guard the invariant loudly
+            raise AssertionError(f"{sp.describe()} of {path} was left unfinished")

@@ -14,7 +14,7 @@ import functools
 import numpy as np
 import torch
 
-from .constants import HOP_LENGTH, LOG_MEL_DYNAMIC_RANGE, MEL_FLOOR, N_FFT, SAMPLE_RATE
+from ..constants import HOP_LENGTH, LOG_MEL_DYNAMIC_RANGE, MEL_FLOOR, N_FFT, SAMPLE_RATE
 
 
 def _slaney_mel(hz: np.ndarray) -> np.ndarray:

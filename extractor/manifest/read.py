@@ -15,21 +15,31 @@ import polars as pl
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from ..errors import ConfigError
+from ..options import Shard
+from .spec import ManifestSpec
+
 ROW = "__row"  # manifest position, kept through filtering so outputs can be traced back
 
 
-class ManifestError(Exception):
+class ManifestError(ConfigError):
     """The manifest cannot be used (exit 2)."""
 
 
-@dataclass(frozen=True)
-class ManifestSpec:
-    path: str
-    path_column: str = "path"
-    id_column: str | None = None  # None: the path is the id
-    keep_columns: tuple[str, ...] = ()
-    start_column: str | None = None
-    end_column: str | None = None
+def canonical_type(t: pa.DataType) -> pa.DataType:
+    """One Arrow type per logical type, in every part: manifests rewritten by another tool
+    (pyarrow's string and int32, polars' large_string and int64) never give two schemas."""
+    if pa.types.is_dictionary(t):
+        return canonical_type(t.value_type)
+    if pa.types.is_string(t) or pa.types.is_large_string(t) or pa.types.is_string_view(t):
+        return pa.large_string()
+    if pa.types.is_binary(t) or pa.types.is_large_binary(t) or pa.types.is_binary_view(t):
+        return pa.large_binary()
+    if pa.types.is_integer(t):
+        return pa.uint64() if t == pa.uint64() else pa.int64()
+    if pa.types.is_floating(t):
+        return pa.float64()
+    return t
 
 
 def _preview(values: list) -> str:
@@ -41,14 +51,31 @@ class Manifest:
     rows: pl.DataFrame  # id, path, [start_s, end_s], kept columns, __row
     arrow_types: dict[str, pa.DataType]  # output column → the manifest's own Arrow type
 
-    def shard_rows(self, index: int, count: int) -> pl.DataFrame:
-        """The rows of shard `index` of `count` (by shard_of, a hash of the id); all when count is 1."""
-        return self.rows if count == 1 else self.rows.filter(shard_of(self.rows["id"], count) == index)
+    def shard_rows(self, shard: Shard) -> pl.DataFrame:
+        """The rows of `shard` (by shard_of, a hash of the id); all of them for one shard."""
+        return self.rows if shard.count == 1 else self.rows.filter(shard_of(self.rows["id"], shard.count) == shard.index)
 
     def to_arrow(self, column: str, values: pl.Series) -> pa.Array:
-        """`values` as the manifest's Arrow type (polars turns string into large_string)."""
+        """`values` as the column's canonical Arrow type."""
         arr = values.to_arrow()
         return arr.cast(self.arrow_types[column]) if column in self.arrow_types else arr
+
+    @property
+    def id_type(self) -> pa.DataType:
+        return self.arrow_types["id"]
+
+
+def fingerprint(rows: pl.DataFrame) -> str:
+    """SHA-256 of the rows' identities (id, path, segment), in order: what a marker was written for.
+
+    A cache key, not a proof: polars' row hash may change with its version, which only costs one
+    run that plans from the committed ids instead of trusting the marker.
+    """
+    cols = [c for c in ("id", "path", "start_s", "end_s") if c in rows.columns]
+    h = hashlib.sha256(f"{len(rows)}|{','.join(cols)}|".encode())
+    if len(rows):
+        h.update(rows.select(cols).hash_rows(seed=0).to_numpy().tobytes())
+    return h.hexdigest()
 
 
 def read_manifest(spec: ManifestSpec, storage_options: dict | None = None) -> Manifest:
@@ -101,6 +128,8 @@ def read_manifest(spec: ManifestSpec, storage_options: dict | None = None) -> Ma
         *[pl.col(c) for c in spec.keep_columns],
         pl.int_range(pl.len(), dtype=pl.UInt32).alias(ROW),
     )
+    if out["id"].dtype.is_integer() and out["id"].dtype != pl.UInt64:
+        out = out.with_columns(pl.col("id").cast(pl.Int64))  # the canonical type of every part's ids
     if out["id"].null_count():
         raise ManifestError(f"manifest {spec.path}: {out['id'].null_count()} row(s) with a null id in {id_col!r}")
     dup = out.group_by("id").len().filter(pl.col("len") > 1)
@@ -113,8 +142,8 @@ def read_manifest(spec: ManifestSpec, storage_options: dict | None = None) -> Ma
         if src and not df.schema[src].is_numeric():
             raise ManifestError(f"manifest {spec.path}: {src!r} is {df.schema[src]}, expected seconds as numbers")
     schema = table.schema
-    types = {"id": schema.field(id_col).type, "path": schema.field(spec.path_column).type}
-    types.update({c: schema.field(c).type for c in spec.keep_columns})
+    types = {"id": canonical_type(schema.field(id_col).type), "path": pa.large_string()}
+    types.update({c: canonical_type(schema.field(c).type) for c in spec.keep_columns})
     return Manifest(out, types)
 
 

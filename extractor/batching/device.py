@@ -1,0 +1,289 @@
+"""The device loop: packed batches in, pooled window sums out, with one batch kept in flight.
+
+The loop runs on the thread that owns the device, and does as little Python as a batch allows:
+the producer thread has already packed the batch and copied its waveforms into a pinned staging
+slot (Staging), so the loop copies to the device, launches log-mel and the encoder, and while the
+device computes it finishes the previous batch (a pinned copy back, then pooling).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import queue
+import threading
+import time
+from collections.abc import Callable
+
+import numpy as np
+import torch
+
+from ..constants import MAX_TOKENS, SAMPLE_RATE
+from ..model.encoder import PackedSeqs
+from ..model.load import LoadedModel
+from ..summary import DeviceStats
+from .packing import Batch
+
+logger = logging.getLogger(__name__)
+
+RSS_SAMPLE_S = 10.0  # host memory is sampled this often into the summary
+GPU_TOKEN_BUDGET = 32_768  # ~32k tokens fill an H100's GEMMs (M ≥ 16k) while fc1's activation stays
+# well under 1 GB in bf16; 16k and 64k measured slower on an H200.
+GPU_MAX_WINDOWS = 4096
+
+
+def default_token_budget(device: torch.device) -> int:
+    # CPU: one full window per batch (see default_max_windows).
+    return GPU_TOKEN_BUDGET if device.type == "cuda" else MAX_TOKENS
+
+
+def default_max_windows(device: torch.device) -> int:
+    # CPU: one window per batch, so a row's numbers never depend on which rows shared its batch
+    # (CPU GEMMs are not batch-invariant; measured 7.6e-6 differences) and a resumed run gives
+    # bit-identical embeddings. GPUs pack as many windows as the budget allows.
+    return 1 if device.type == "cpu" else GPU_MAX_WINDOWS
+
+
+def host_rss_gb() -> float:
+    """Resident memory of this process (Linux), to show it stays flat over a long run."""
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 1e9
+    except OSError:
+        return float("nan")
+
+
+class Budget:
+    """Encoder tokens per batch; shared with the producer, halved on out-of-memory."""
+
+    def __init__(self, tokens: int):
+        self.tokens = tokens
+
+
+class Staging:
+    """Pinned host slots the producer packs batches into, reused once their copy is done.
+
+    Pinning is what makes a host → device copy asynchronous; pinning a fresh 40 MB array per
+    batch costs more than the copy itself, so slots are allocated once (grown if a batch needs
+    more) and each remembers the event after its last copy. On the CPU, slots are plain arrays.
+    """
+
+    def __init__(self, device: torch.device, slots: int):
+        self.cuda = device.type == "cuda"
+        self._free: queue.Queue = queue.Queue()
+        for i in range(slots):
+            self._free.put(_Slot(i))
+
+    def acquire(self, n_waves: int, n_index: int, stop: threading.Event) -> _Slot:
+        while True:
+            try:
+                slot = self._free.get(timeout=0.2)
+                break
+            except queue.Empty:
+                if stop.is_set():
+                    raise _Stopped from None
+        if slot.event is not None:
+            slot.event.synchronize()  # its last copy to the device is done
+            slot.event = None
+        slot.ensure(n_waves, n_index, self.cuda)
+        return slot
+
+    def release(self, slot: _Slot, event) -> None:
+        slot.event = event
+        self._free.put(slot)
+
+
+class _Stopped(Exception):
+    pass
+
+
+class _Slot:
+    def __init__(self, i: int):
+        self.i = i
+        self.waves: torch.Tensor | None = None  # float32, flat
+        self.index: torch.Tensor | None = None  # int64, flat
+        self.event = None
+
+    def ensure(self, n_waves: int, n_index: int, pin: bool) -> None:
+        if self.waves is None or self.waves.numel() < n_waves:
+            self.waves = torch.empty(int(n_waves * 1.25), dtype=torch.float32, pin_memory=pin)
+        if self.index is None or self.index.numel() < n_index:
+            self.index = torch.empty(int(n_index * 1.25), dtype=torch.int64, pin_memory=pin)
+
+
+INDEX_KEYS = ("keep_frames", "token_index", "position_index", "cu_seqlens", "pool_index", "frame_window")
+
+
+def stage(batch: Batch, staging: Staging, stop: threading.Event) -> None:
+    """Pack `batch` into a staging slot (the producer thread's side of the hand-over)."""
+    idx = batch.indices()
+    n_index = sum(len(idx[k]) for k in INDEX_KEYS)
+    slot = staging.acquire(batch.size * batch.padded_samples(), n_index, stop)
+    waves = batch.fill_waves(slot.waves.numpy())
+    flat = slot.index.numpy()
+    offsets, pos = {}, 0
+    for k in INDEX_KEYS:
+        flat[pos : pos + len(idx[k])] = idx[k]
+        offsets[k] = (pos, len(idx[k]))
+        pos += len(idx[k])
+    batch.meta.update(slot=slot, waves_shape=waves.shape, offsets=offsets, n_index=pos)
+    batch.samples = []  # the received blocks they point into can go
+
+
+@torch.inference_mode()
+def forward(model: LoadedModel, batch: Batch, waves: torch.Tensor, ix: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(sums (B, D) float32, frames (N, D) float32) on the device, for a batch's (B, S) waveforms
+    and index arrays already there."""
+    mel = model.logmel(waves, ix["keep_frames"]).to(model.dtype)  # (B, n_mels, F)
+    tokens = model.encoder.embed_tokens(mel, ix["token_index"], ix["position_index"])  # (T, D)
+    seqs = PackedSeqs(ix["cu_seqlens"].to(torch.int32), batch.tokens.tolist(), batch.max_tokens)
+    frames = model.encoder(tokens, seqs, ix["pool_index"]).float()  # (N, D)
+    sums = torch.zeros(batch.size, frames.shape[1], device=frames.device, dtype=torch.float32)
+    sums.index_add_(0, ix["frame_window"], frames)  # (B, D)
+    return sums, frames
+
+
+def run_batch(model: LoadedModel, batch: Batch) -> tuple[np.ndarray, np.ndarray]:
+    """One batch, synchronously, no staging: (sums (B, D), frames (N, D)) on the host. For the
+    notebook API and tests; the job's device loop overlaps this with the next batch."""
+    waves = batch.fill_waves(np.empty(batch.size * batch.padded_samples(), np.float32))
+    ix = {k: torch.from_numpy(v).to(model.device) for k, v in batch.indices().items()}
+    sums, frames = forward(model, batch, torch.from_numpy(waves).to(model.device), ix)
+    return sums.cpu().numpy(), frames.cpu().numpy()
+
+
+class DeviceLoop:
+    """Runs batches from a queue; the one thread that touches the device."""
+
+    def __init__(self, model: LoadedModel, budget: Budget, staging: Staging, stats: DeviceStats,
+                 on_batch: Callable[[Batch, np.ndarray, np.ndarray | None], None], keep_frames: bool):
+        self.model, self.budget, self.staging, self.stats = model, budget, staging, stats
+        self.on_batch, self.keep_frames = on_batch, keep_frames
+        self.cuda = model.device.type == "cuda"
+        self._stream = torch.cuda.current_stream(model.device) if self.cuda else None
+
+    @torch.inference_mode()
+    def _launch(self, batch: Batch):
+        dev = self.model.device
+        slot = batch.meta["slot"]
+        B, S = batch.meta["waves_shape"]
+        waves = slot.waves[: B * S].view(B, S).to(dev, non_blocking=self.cuda)
+        flat = slot.index[: batch.meta["n_index"]].to(dev, non_blocking=self.cuda)
+        ix = {k: flat[a : a + n] for k, (a, n) in batch.meta["offsets"].items()}
+        sums, frames = forward(self.model, batch, waves, ix)
+        if not self.cuda:
+            self.staging.release(slot, None)
+            return batch, sums, frames if self.keep_frames else None, None
+        host_sums = torch.empty(sums.shape, dtype=sums.dtype, pin_memory=True)
+        host_sums.copy_(sums, non_blocking=True)
+        host_frames = None
+        if self.keep_frames:
+            host_frames = torch.empty(frames.shape, dtype=frames.dtype, pin_memory=True)
+            host_frames.copy_(frames, non_blocking=True)
+        done = torch.cuda.Event()
+        done.record(self._stream)
+        self.staging.release(slot, done)  # reusable once this batch's copies (in stream order) are done
+        return batch, host_sums, host_frames, done
+
+    def _finish(self, inflight) -> None:
+        batch, sums, frames, event = inflight
+        if event is not None:
+            event.synchronize()
+        self.on_batch(batch, sums.numpy(), None if frames is None else frames.numpy())
+        self.stats.batches += 1
+        self.stats.last_batch_at = time.monotonic()
+
+    def _launch_with_backoff(self, batch: Batch) -> list:
+        """Launch a batch; on out-of-memory halve the budget and split it, never losing a window."""
+        try:
+            return [self._launch(batch)]
+        except torch.cuda.OutOfMemoryError:
+            if batch.size == 1:
+                raise
+            torch.cuda.synchronize(self.model.device)
+            torch.cuda.empty_cache()
+            self.budget.tokens = max(self.budget.tokens // 2, MAX_TOKENS)
+            self.stats.oom_retries += 1
+            logger.warning("out of GPU memory on a batch of %d windows (%d tokens); retrying in halves, token budget now %d",
+                           batch.size, batch.num_tokens, self.budget.tokens)
+            out = []
+            halves = _halves(batch, self.staging)
+            self.staging.release(batch.meta["slot"], None)
+            for half in halves:
+                out.extend(self._launch_with_backoff(half))
+                while len(out) > 1:  # halves must not pile up on a full device
+                    self._finish(out.pop(0))
+            return out
+
+    def run(self, batches: queue.Queue, handle: Callable[[object], None], stop: threading.Event, t0: float) -> None:
+        """Consume `batches` until None (or `stop`); other queue items go to `handle`.
+
+        t0: the process's launch on the monotonic clock, for time to first batch."""
+        inflight: list = []
+        steady_start = None
+        last_rss = time.monotonic()
+        idle = 0.0
+        st = self.stats
+        while True:
+            t_wait = time.monotonic()
+            try:
+                item = batches.get(timeout=0.2)
+            except queue.Empty:
+                if stop.is_set():
+                    break
+                if steady_start is not None:
+                    idle += time.monotonic() - t_wait
+                continue
+            if steady_start is not None:
+                idle += time.monotonic() - t_wait
+            if item is None:
+                break
+            if not isinstance(item, Batch):
+                handle(item)
+                continue
+            if st.time_to_first_batch_s is None:
+                st.time_to_first_batch_s = time.monotonic() - t0
+                logger.info("first batch on the device %.1f s after launch", st.time_to_first_batch_s)
+            st.useful_flops += item.flops
+            launched = self._launch_with_backoff(item)
+            for f in inflight:
+                self._finish(f)
+            inflight = launched
+            if time.monotonic() - last_rss >= RSS_SAMPLE_S:
+                last_rss = time.monotonic()
+                st.host_rss_gb_samples.append(round(host_rss_gb(), 3))
+            if steady_start is None:
+                st.host_rss_gb_first_batch = host_rss_gb()
+                # Steady state starts once the first batch is back: compilation, warm-up and the
+                # decode pipeline's fill are behind us.
+                for f in inflight:
+                    self._finish(f)
+                inflight = []
+                steady_start = time.monotonic()
+            else:
+                st.steady_useful_flops += item.flops
+                st.steady_audio_seconds += item.audio_samples / SAMPLE_RATE
+            if stop.is_set():
+                break
+        for f in inflight:
+            self._finish(f)
+        st.host_rss_gb_end = host_rss_gb()
+        if steady_start is not None:
+            st.steady_wall_seconds = time.monotonic() - steady_start
+            if st.steady_wall_seconds > 0:
+                st.device_idle_fraction = idle / st.steady_wall_seconds
+
+
+def _halves(batch: Batch, staging: Staging) -> list[Batch]:
+    """Split a staged batch in two, restaged (its waveforms are read back from its slot)."""
+    slot = batch.meta["slot"]
+    B, S = batch.meta["waves_shape"]
+    waves = slot.waves[: B * S].view(B, S).numpy().copy()
+    never = threading.Event()
+    out = []
+    for sel in (slice(0, B // 2), slice(B // 2, B)):
+        half = Batch(batch.items[sel], batch.index[sel], batch.tokens[sel], batch.outs[sel], [])
+        half.samples = [waves[b, : half.padded_samples()] for b in range(B)[sel]]  # zeros past the audio
+        stage(half, staging, never)
+        out.append(half)
+    return out
