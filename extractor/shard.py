@@ -32,7 +32,7 @@ from pathlib import Path
 import polars as pl
 import pyarrow as pa
 
-from . import __version__
+from . import __version__, hooks
 from .errors import ConfigError
 from .manifest.read import Manifest, read_manifest, shard_of
 from .manifest.read import fingerprint as rows_fingerprint
@@ -113,7 +113,8 @@ def _inputs_fingerprint(opts: JobOptions) -> str:
     files = [Path(opts.model) / "config.json", *tower_files(Path(opts.model))]
     if opts.adapter:
         files += [Path(opts.adapter) / "adapter_config.json", adapter_weights_file(Path(opts.adapter))]
-    signature = stat_signature(files) or f"unknown-{time.time_ns()}"  # files changing right now: never a match
+    # Racy files are fine here: a marker only spares a rerun the planning, never decides what is done.
+    signature = stat_signature(files, racy_ok=True) or f"missing-{time.time_ns()}"
     flags = dict(padding_mask=opts.padding_mask, pooling=opts.pooling, output_dtype=opts.output_dtype, dtype=opts.dtype,
                  device=opts.device.split(":")[0], version=__version__)
     return hashlib.sha256(f"{signature}|{json.dumps(flags, sort_keys=True)}".encode()).hexdigest()
@@ -232,9 +233,12 @@ def embed_locked(plan: ShardPlan, lock, *, part: tuple[int, int] = (0, 1), first
     rows = sub_shard(plan.rows, shard, *part)
     summary = plan.summary()
     summary.rows_total = len(rows)
+    hooks.point("locked", shard=shard.index, part=part[0])
     pending, n_done, n_failed = pending_rows(plan, rows)
     summary.skipped = n_done + (0 if opts.retry_failed else n_failed)
+    hooks.point("planned", shard=shard.index, part=part[0], pending=len(pending))
     if not len(pending):
+        verify_identity(plan)
         if ready is not None:
             ready()
         return summary
@@ -277,6 +281,25 @@ def embed_locked(plan: ShardPlan, lock, *, part: tuple[int, int] = (0, 1), first
     if stop.is_set():
         summary.interrupted = _signal_name(stop)
     return summary
+
+
+def verify_identity(plan: ShardPlan) -> None:
+    """Nothing to embed, but the inputs changed since the shard's marker (another model or adapter
+    file): the recipe's fingerprints must still match the output's, or the run is refused as one
+    with work would be. Reads the tensors (the tower's fingerprint is cached), loads no model."""
+    existing, mine = plan.existing, plan.out.marker(plan.shard) or {}
+    if existing is None or mine.get("inputs") == plan.marker["inputs"]:
+        return
+    from .model.checkpoint import model_fingerprint
+    from .model.lora import adapter_fingerprint
+    from .output.layout import RecipeMismatch
+
+    found = {"model_fingerprint": model_fingerprint(Path(plan.opts.model)),
+             "adapter_fingerprint": adapter_fingerprint(Path(plan.opts.adapter)) if plan.opts.adapter else None}
+    diff = [f"{k}: {getattr(existing.recipe, k)!r} (existing output) → {v!r} (this run)" for k, v in found.items()
+            if getattr(existing.recipe, k) != v]
+    if diff:
+        raise RecipeMismatch(f"{plan.out.root} was written with another recipe or layout; refusing to mix: " + "; ".join(diff))
 
 
 def begin_writes(plan: ShardPlan, lock, first_seq: int) -> None:
@@ -333,6 +356,7 @@ def run_shard(opts: JobOptions, shard: Shard | None = None, *, model=None, stop:
             if summary.interrupted is None:
                 summary.complete = plan.out.write_markers(shard, plan.marker, lock)
                 plan.out.forget_created()
+                hooks.point("marked", shard=shard.index)
     finally:
         plan.out.remove_created()
     return finish(plan, summary)

@@ -15,7 +15,7 @@ import os
 import resource
 import time
 
-from extractor.decode import DecodeRequest, decode_request
+from extractor.audio.decode import DecodeRequest, decode_request
 
 SEGFAULT = "SEGFAULT"  # reads address 0: SIGSEGV, as a buggy libsndfile/FFmpeg build does
 ABORT = "ABORT"  # abort(): SIGABRT, as a failed assert() in a C library does
@@ -49,3 +49,37 @@ def crashy_decode(request: DecodeRequest):
     if HANG in name:
         time.sleep(HANG_SECONDS)
     return decode_request(request)
+
+
+# --- run hooks: EXTRACTOR_TEST_HOOK=tests.hooks:<name>, with HOOK_DIR set to a folder ---------------
+# The job calls extractor.hooks.point(name, **info) at fixed points; these make a test's race
+# happen at exactly that point: they leave a file saying where the run is, and wait for the test.
+
+HOOK_DIR = "HOOK_DIR"
+
+
+def _flag(name: str) -> str:
+    return os.path.join(os.environ[HOOK_DIR], name)
+
+
+def _wait_for(name: str, timeout: float = 300.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not os.path.exists(_flag(name)):
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"test hook: nobody released {name}")
+        time.sleep(0.01)
+
+
+def stop_after_first_commit(point: str, **info) -> None:
+    """After the first committed part: say so, and wait (for the SIGKILL or signal the test sends)."""
+    if point == "committed":
+        open(_flag(f"committed-{os.getpid()}"), "w").close()
+        _wait_for(f"release-{os.getpid()}")
+
+
+def pause_at(point: str, **info) -> None:
+    """At the point named by HOOK_PAUSE (once per process): say so, wait until released."""
+    if point == os.environ.get("HOOK_PAUSE") and not os.path.exists(_flag(f"passed-{point}-{os.getpid()}")):
+        open(_flag(f"at-{point}-{os.getpid()}"), "w").close()
+        _wait_for(f"release-{os.getpid()}")
+        open(_flag(f"passed-{point}-{os.getpid()}"), "w").close()

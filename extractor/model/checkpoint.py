@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
-from .config import INDEX_FILE, SINGLE_FILE, TOWER_PREFIX, CheckpointError, tower_files
+from .config import INDEX_FILE, SINGLE_FILE, TOWER_PREFIX, CheckpointError, cached_fingerprint, remember_fingerprint, tower_files
 
 logger = logging.getLogger(__name__)
 
@@ -66,3 +66,13 @@ def fingerprint(state: dict[str, torch.Tensor]) -> str:
         h.update(f"{key}|{t.dtype}|{tuple(t.shape)}|".encode())
         h.update(t.view(torch.uint8).reshape(-1).numpy().data)
     return h.hexdigest()
+
+
+def model_fingerprint(model_dir: Path) -> str:
+    """The tower's fingerprint without building a model: cached by the files' stat signature."""
+    files = tower_files(Path(model_dir))
+    fp = cached_fingerprint(files)
+    if fp is None:
+        fp = fingerprint(read_tower_tensors(Path(model_dir)))
+        remember_fingerprint(files, fp)
+    return fp

@@ -213,10 +213,10 @@ RACY_S = 2.0
 FINGERPRINT_CACHE = "fingerprints"  # under the cache directory: stat signature → fingerprint
 
 
-def stat_signature(paths: list[Path]) -> str | None:
+def stat_signature(paths: list[Path], *, racy_ok: bool = False) -> str | None:
     """SHA-256 over (resolved path, size, mtime_ns, inode, device) of each file; None if any file
-    is missing or was modified in the last RACY_S seconds. Like make, rsync and git's index, it
-    assumes that a file rewritten in place gets a new mtime or size."""
+    is missing, or (unless racy_ok) was modified in the last RACY_S seconds. Like make, rsync and
+    git's index, it assumes that a file rewritten in place gets a new mtime or size."""
     h = hashlib.sha256()
     now = time.time()
     for p in paths:
@@ -224,7 +224,7 @@ def stat_signature(paths: list[Path]) -> str | None:
             st = os.stat(p)
         except OSError:
             return None
-        if now - st.st_mtime < RACY_S:
+        if not racy_ok and now - st.st_mtime < RACY_S:
             return None
         h.update(f"{os.path.realpath(p)}|{st.st_size}|{st.st_mtime_ns}|{st.st_ino}|{st.st_dev};".encode())
     return h.hexdigest()

@@ -117,17 +117,37 @@ def read_adapter(adapter_dir: Path, encoder: nn.Module) -> Adapter:
     if unknown:
         raise AdapterError(f"{adapter_dir}: LoRA targets modules the tower does not have as Linear layers: {unknown[:5]}")
 
-    parameters = sum(t.numel() for t in state.values())
-    kinds = list(dict.fromkeys(n.rsplit(".", 1)[-1] for n in known if n in modules))  # model order: q, k, v
-    layers = len({_LAYER_RE.match(m).group(1) for m in modules})
-    names = "/".join(k.removesuffix("_proj") for k in kinds) + "_proj" if all(k.endswith("_proj") for k in kinds) else "/".join(kinds)
-    description = f"{len(modules)} modules ({names} × {layers} layers), {parameters:,} parameters"
+    report = _report(config, state, modules, ignored, list(known))
+    logger.info("LoRA: %s", report.description)
+    return Adapter(config, state, dict(sorted(modules.items())), report)
+
+
+def _fingerprint(config: AdapterConfig, state: dict[str, torch.Tensor]) -> str:
     h = hashlib.sha256(fingerprint(state).encode())
     for key in ("r", "lora_alpha", "use_rslora", "use_dora", "fan_in_fan_out", "rank_pattern", "alpha_pattern"):
         h.update(f"{key}={json.dumps(config.raw.get(key), sort_keys=True)};".encode())
-    report = MergeReport(len(modules), parameters, len(ignored), h.hexdigest(), description)
-    logger.info("LoRA: %s", description)
-    return Adapter(config, state, dict(sorted(modules.items())), report)
+    return h.hexdigest()
+
+
+def adapter_fingerprint(adapter_dir: Path) -> str:
+    """The adapter's fingerprint as the recipe records it, without a tower to merge into."""
+    config = read_adapter_config(Path(adapter_dir))
+    state = {}
+    for key, tensor in _read_tensors(Path(adapter_dir)).items():
+        names = _split_key(key)
+        if names is not None:
+            trained, tower = names
+            state[PEFT_PREFIX + tower + key[len(PEFT_PREFIX) + len(trained):]] = tensor
+    return _fingerprint(config, state)
+
+
+def _report(config: AdapterConfig, state: dict, modules: dict[str, str], ignored: set, order: list[str]) -> MergeReport:
+    parameters = sum(t.numel() for t in state.values())
+    kinds = list(dict.fromkeys(n.rsplit(".", 1)[-1] for n in order if n in modules))  # model order: q, k, v
+    layers = len({_LAYER_RE.match(m).group(1) for m in modules})
+    names = "/".join(k.removesuffix("_proj") for k in kinds) + "_proj" if all(k.endswith("_proj") for k in kinds) else "/".join(kinds)
+    description = f"{len(modules)} modules ({names} × {layers} layers), {parameters:,} parameters"
+    return MergeReport(len(modules), parameters, len(ignored), _fingerprint(config, state), description)
 
 
 def merge_adapter(encoder: nn.Module, adapter_dir: Path) -> tuple[nn.Module, MergeReport]:

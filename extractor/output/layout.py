@@ -202,9 +202,10 @@ class OutputDir:
     def write_markers(self, shard: Shard, marker: dict, lock) -> bool:
         """Mark the shard done for this manifest; write `_SUCCESS` once every shard's marker names
         the same manifest. True when `_SUCCESS` is there for it."""
-        lock.check()
-        self.storage.makedirs(SHARDS_DIR)
-        self.storage.write(self._marker_name(shard), json.dumps(marker, sort_keys=True).encode())
+        if self.marker(shard) != marker:  # a rerun that changed nothing writes nothing
+            lock.check()
+            self.storage.makedirs(SHARDS_DIR)
+            self.storage.write(self._marker_name(shard), json.dumps(marker, sort_keys=True).encode())
         whole = marker["whole_manifest"]
         for i in range(shard.count):
             other = marker if i == shard.index else self.marker(Shard(i, shard.count))

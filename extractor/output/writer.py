@@ -18,6 +18,7 @@ import numpy as np
 import pyarrow as pa
 
 from ..constants import OUTPUT_FRAME_RATE_HZ
+from .. import hooks
 from ..errors import Interrupted
 from ..manifest.read import Manifest
 from ..options import Shard
@@ -169,6 +170,8 @@ class PartWriter:
         self.failed += 0 if failures is None else failures.num_rows
         self.audio_s += float(sum(r.durations.sum() for r in self._rows))
         self._rows, self._failures, self._n, self._bytes, self._first_at = [], [], 0, 0, None
+        hooks.point("committed", seq=self.seq - self.seq_step, rows=0 if rows is None else rows.num_rows,
+                    failures=0 if failures is None else failures.num_rows)
 
     def _rows_table(self) -> pa.Table:
         items = np.concatenate([r.items for r in self._rows])

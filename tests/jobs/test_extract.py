@@ -21,50 +21,23 @@ from click.testing import CliRunner
 from builders import build_adapter, speechlike, write_audio
 from canonical import canonical_embedding, cosine
 from jobs.extract import ENV_PREFIX, extract
-
-REPO = Path(__file__).resolve().parents[1]
-SR = 16_000
-
-
-def make_corpus(root: Path, n: int = 6, seed: int = 0) -> tuple[Path, list[Path], list[np.ndarray]]:
-    root.mkdir(parents=True, exist_ok=True)
-    rng = np.random.default_rng(seed)
-    paths, waves = [], []
-    for i in range(n):
-        x = speechlike(float(rng.uniform(0.3, 4.0)), SR, seed=seed * 1000 + i)
-        paths.append(write_audio(root / f"clip{i:03d}.flac", x, SR))
-        waves.append(x)
-    return root, paths, waves
+from jobrun import (REPO, SR, base_args, failure_parts, job_cmd, job_env, make_corpus, parts, read_failures, read_output,
+                    run_cli, snapshot, wait_for, write_manifest)
 
 
-def write_manifest(path: Path, rows: list[dict]) -> Path:
-    pq.write_table(pa.Table.from_pylist(rows), path)
-    return path
 
 
-def run_cli(args: list[str], env: dict | None = None):
-    result = CliRunner().invoke(extract, args, env=env, catch_exceptions=False)
-    return result.exit_code, result.output
 
 
-def base_args(manifest, out, model, adapter=None, *extra):
-    args = ["--manifest", str(manifest), "--output", str(out), "--model", str(model), "--decode-workers", "0"]
-    if adapter:
-        args += ["--adapter", str(adapter)]
-    return args + list(extra)
 
 
-def read_output(out: Path) -> pl.DataFrame:
-    return pl.read_parquet(sorted(out.glob("part-*.parquet"))).sort("id")
 
 
-def read_failures(out: Path) -> pl.DataFrame:
-    files = sorted((out / "_failures").glob("part-*.parquet"))
-    return pl.read_parquet(files).sort("id") if files else pl.DataFrame({"id": [], "path": [], "error": []})
 
 
-def snapshot(out: Path) -> dict[str, tuple[int, int]]:
-    return {str(p.relative_to(out)): (p.stat().st_mtime_ns, p.stat().st_size) for p in out.rglob("*") if p.is_file()}
+
+
+
 
 
 @pytest.fixture(scope="module")
@@ -87,24 +60,24 @@ def test_output_contract(finished, corpus, tiny_ref_adapted):
     out, log = finished
     df = read_output(out)
     assert df["id"].to_list() == list(range(100, 106))
-    schema = pq.read_schema(sorted(out.glob("part-*.parquet"))[0])
-    assert schema.field("id").type == pa.int64()  # the manifest's dtype
+    schema = pq.read_schema(parts(out)[0])
+    assert schema.field("id").type == pa.int64()  # the canonical type of integer ids
     assert schema.field("embedding").type == pa.list_(pa.float32(), 64)  # fixed_size_list<float32>[d_model]
     assert schema.field("duration_s").type == pa.float64()
-    assert schema.field("speaker").type == pa.string()
+    assert schema.field("speaker").type == pa.large_string()  # the canonical type of strings
     assert set(schema.names) == {"id", "embedding", "duration_s", "speaker"}
     recipe = json.loads(schema.metadata[b"qwen2_audio_embeddings.recipe"])
     run = json.loads((out / "_run.json").read_text())["recipe"]
     assert recipe == run and run["padding_mask"] is True and run["dtype"] == "float32" and run["adapter_fingerprint"]
     assert (out / "_SUCCESS").exists()
-    assert len(list(out.glob("part-*.parquet"))) == 2  # --part-rows 4 over 6 rows
+    assert len(parts(out)) == 2  # --part-rows 4 over 6 rows
     for i, x in enumerate(corpus["waves"]):
         row = df.filter(pl.col("id") == 100 + i)
         assert row["duration_s"][0] == pytest.approx(len(x) / SR)
         assert cosine(np.asarray(row["embedding"][0]), canonical_embedding(tiny_ref_adapted, x)) >= 0.9999
-    # Both readers see the directory as a dataset, and only the parts.
-    assert ds.dataset(out).to_table().num_rows == 6
-    assert pl.scan_parquet(f"{out}/*.parquet").collect().height == 6
+    # Readers see the embeddings folder as a dataset, and only the parts.
+    assert ds.dataset(out / "embeddings").to_table().num_rows == 6
+    assert pl.scan_parquet(out / "embeddings").collect().height == 6
     assert "done: 6 embedded, 0 failed, 0 skipped of 6 rows" in log
 
 
@@ -138,11 +111,11 @@ def test_new_manifest_rows_are_processed_incrementally(corpus, tiny_model, tmp_p
     first = [{"path": str(p)} for p in corpus["paths"][:4]]
     m = write_manifest(tmp_path / "m.parquet", first)
     assert run_cli(base_args(m, out, tiny_model))[0] == 0
-    parts_before = {p.name: p.stat().st_mtime_ns for p in out.glob("part-*.parquet")}
+    parts_before = {p: p.stat().st_mtime_ns for p in parts(out)}
     write_manifest(m, first + [{"path": str(p)} for p in corpus["paths"][4:]])
     code, log = run_cli(base_args(m, out, tiny_model))
     assert code == 0 and "2 embedded, 0 failed, 4 skipped" in log
-    assert all(out.joinpath(n).stat().st_mtime_ns == t for n, t in parts_before.items())  # untouched
+    assert all(p.stat().st_mtime_ns == t for p, t in parts_before.items())  # untouched
     df = read_output(out)
     assert sorted(df["id"].to_list()) == sorted(str(p) for p in corpus["paths"])  # path is the id
     assert (out / "_SUCCESS").exists()
@@ -186,7 +159,7 @@ def test_bad_audio_becomes_failure_records(corpus, tiny_model, tmp_path):
     assert errors[str(bad["too_short"])].startswith("TooShort:") and "too short" in errors[str(bad["too_short"])]
     assert "missing" in errors[str(bad["missing"])].lower() or "no such file" in errors[str(bad["missing"])].lower()
     assert "directory" in errors[str(bad["directory"])].lower()
-    # Over the limit: exit 3, the output is still complete.
+    # Over the limit (this run's failures, 7 of 10): exit 3, the output is still complete.
     out3 = tmp_path / "out3"
     code, log = run_cli(base_args(m, out3, tiny_model, None, "--max-failure-rate", "0.5"))
     assert code == 3 and (out3 / "_SUCCESS").exists() and "over --max-failure-rate" in log
@@ -258,27 +231,16 @@ def test_flags_come_from_environment_variables(corpus, tiny_model, tmp_path):
            f"{ENV_PREFIX}_ID_COLUMN": "id", f"{ENV_PREFIX}_PART_ROWS": "1", f"{ENV_PREFIX}_DECODE_WORKERS": "0"}
     result = CliRunner().invoke(extract, [], env=env, auto_envvar_prefix=ENV_PREFIX, catch_exceptions=False)
     assert result.exit_code == 0, result.output
-    assert len(list(out.glob("part-*.parquet"))) == 6  # one row per part
+    assert len(parts(out)) == 6  # one row per part
 
 
 # -- subprocess tests: a real process to kill, a real lock to hold -----------------------------
 
 
-def job_cmd(manifest, out, model, *extra) -> list[str]:
-    return [sys.executable, "-m", "jobs.extract", "--manifest", str(manifest), "--output", str(out), "--model", str(model), *extra]
 
 
-def job_env() -> dict:
-    return {**os.environ, "PYTHONPATH": f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
 
 
-def wait_for(predicate, timeout: float, proc: subprocess.Popen | None = None) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if proc is not None and proc.poll() is not None:
-            raise AssertionError(f"job exited ({proc.returncode}) before the condition held: {proc.stderr.read()}")
-        assert time.monotonic() < deadline, "timed out"
-        time.sleep(0.02)
 
 
 @pytest.fixture(scope="module")
@@ -293,21 +255,25 @@ def test_kill_after_first_part_then_rerun_is_exactly_once(big_corpus, tiny_model
     extra = ["--adapter", str(tiny_adapter), "--id-column", "id", "--part-rows", "3", "--decode-workers", "1"]
     clean = tmp_path / "clean"
     subprocess.run(job_cmd(big_corpus, clean, tiny_model, *extra), env=job_env(), check=True, capture_output=True, cwd=REPO)
-    out = tmp_path / "killed"
-    proc = subprocess.Popen(job_cmd(big_corpus, out, tiny_model, *extra), env=job_env(), stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True, cwd=REPO)
-    wait_for(lambda: any(out.glob("part-*.parquet")), 120, proc)
+    out, flags = tmp_path / "killed", tmp_path / "flags"
+    flags.mkdir()
+    # The run stops right after its first commit (a hook, not a race), and is SIGKILLed there.
+    env = job_env(EXTRACTOR_TEST_HOOK="tests.hooks:stop_after_first_commit", HOOK_DIR=str(flags))
+    proc = subprocess.Popen(job_cmd(big_corpus, out, tiny_model, *extra), env=env, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True, cwd=REPO)
+    wait_for(lambda: any(flags.glob("committed-*")), 120, proc)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     committed = read_output(out)
-    assert 0 < committed.height < 12 and not (out / "_SUCCESS").exists()
-    assert ds.dataset(out).to_table().num_rows == committed.height  # readers see only complete parts
+    assert committed.height == 3 and not (out / "_SUCCESS").exists()
+    assert ds.dataset(out / "embeddings").to_table().num_rows == committed.height  # readers see only complete parts
     rerun = subprocess.run(job_cmd(big_corpus, out, tiny_model, *extra), env=job_env(), capture_output=True, text=True, cwd=REPO)
     assert rerun.returncode == 0, rerun.stderr
-    assert "taking over stale lock" in rerun.stderr
+    assert "taking over the lock" in rerun.stderr and "left by a run that died" in rerun.stderr
     a, b = read_output(clean), read_output(out)
     assert b["id"].to_list() == [f"r{i:02d}" for i in range(12)]  # exactly once
     assert np.array_equal(np.stack(a["embedding"].to_numpy()), np.stack(b["embedding"].to_numpy()))  # bit-identical
     assert (out / "_SUCCESS").exists() and not list((out / "_tmp").iterdir())
+    assert not list((out / "_shards").glob("*.lock"))  # the finished rerun let its lock go
 
 
 HOLD_LOCK = """
@@ -321,16 +287,18 @@ time.sleep(120)
 
 
 def test_second_concurrent_run_is_refused(big_corpus, tiny_model, tmp_path):
-    """A live holder of the output's lock (a real process) makes the next run exit 2, writing nothing."""
+    """A live holder of the shard's lock (a real process) makes the next run exit 75 (busy: retry
+    later), writing nothing."""
     out = tmp_path / "out"
-    out.mkdir()
-    holder = subprocess.Popen([sys.executable, "-c", HOLD_LOCK, str(out / "_lock-00000")], stdout=subprocess.PIPE, text=True)
+    (out / "_shards").mkdir(parents=True)
+    holder = subprocess.Popen([sys.executable, "-c", HOLD_LOCK, str(out / "_shards" / "00000.lock")], stdout=subprocess.PIPE, text=True)
     try:
         assert holder.stdout.readline().strip() == "held"
+        before = snapshot(out)
         second = subprocess.run(job_cmd(big_corpus, out, tiny_model, "--id-column", "id"), env=job_env(), capture_output=True, text=True, cwd=REPO)
-        assert second.returncode == 2, second.stderr
+        assert second.returncode == 75, second.stderr
         assert "another run holds" in second.stderr and str(holder.pid) in second.stderr
-        assert not list(out.glob("part-*")) and not (out / "_run.json").exists()
+        assert snapshot(out) == before and not (out / "_run.json").exists()
     finally:
         holder.kill()
         holder.wait()
@@ -341,6 +309,6 @@ def test_progress_lines_and_summary_when_not_a_terminal(corpus, tiny_model, tmp_
     out = tmp_path / "out"
     code, log = run_cli(base_args(corpus["manifest"], out, tiny_model, None, "--id-column", "id", "--part-rows", "2", "--summary-json", str(tmp_path / "s.json")))
     assert code == 0
-    assert "progress: " in log and "audio-s/s" in log
+    assert "progress: " in log and "audio-s/s" in log and "ETA" in log
     summary = json.loads((tmp_path / "s.json").read_text())
     assert summary["embedded"] == 6 and summary["failed"] == 0 and summary["audio_seconds"] > 0
