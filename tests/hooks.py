@@ -83,3 +83,10 @@ def pause_at(point: str, **info) -> None:
         open(_flag(f"at-{point}-{os.getpid()}"), "w").close()
         _wait_for(f"release-{os.getpid()}")
         open(_flag(f"passed-{point}-{os.getpid()}"), "w").close()
+
+
+def decode_reporting_peak_rss(request: DecodeRequest):
+    """decode_request, then one more message: this worker's peak RSS (bytes) before and after."""
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    yield from decode_request(request)
+    yield {"rss_peak_before": before, "rss_peak_after": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}

@@ -139,8 +139,12 @@ class DecodePool:
     def imap(self, items: Iterable[tuple[Hashable, Any]]) -> Iterator[tuple[Hashable, Any]]:
         """Yield `(key, result)` once per request, in completion order: decode_fn's return value
         (the last item, for a generator) or a WorkerFailure."""
+        return self._results(self.stream(items))
+
+    @staticmethod
+    def _results(stream: Iterator[tuple[Hashable, Any]]) -> Iterator[tuple[Hashable, Any]]:
         last: dict[Hashable, Any] = {}
-        for key, message in self.stream(items):
+        for key, message in stream:
             if message is END:
                 yield key, last.pop(key, None)
             elif isinstance(message, WorkerFailure):

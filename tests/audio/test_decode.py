@@ -15,11 +15,12 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from extractor.constants import SAMPLE_RATE
-from extractor.decode import (
+from extractor.audio.decode import (
     AudioError,
     Decoded,
     DecodeError,
     DecodeRequest,
+    FileJob,
     SegmentError,
     TooLongError,
     decode_request,
@@ -394,12 +395,40 @@ def test_past_end_error_names_the_file_length(tmp_path, name, sr):
         assert length in str(result), str(result)
 
 
-def test_decode_request_is_load_segments(tmp_path):
-    path = tmp_path / "a.wav"
-    sf.write(path, noisy_tone(SAMPLE_RATE, 2.0), SAMPLE_RATE)
-    got = decode_request(DecodeRequest(str(path), ((0.0, 1.0), (5.0, 6.0)), 60.0))
-    np.testing.assert_array_equal(got[0].samples, load_audio(path, end_s=1.0).samples)
-    assert isinstance(got[1], SegmentError)
+def test_decode_request_streams_windows_that_make_up_load_segments(tmp_path):
+    """The worker's entry point: windows of each row, then done (or failed) once per row."""
+    a, b = tmp_path / "a.wav", tmp_path / "b.flac"
+    sf.write(a, noisy_tone(SAMPLE_RATE, 2.0), SAMPLE_RATE)
+    sf.write(b, noisy_tone(44100, 70.0, seed=1), 44100)  # three windows: 30 + 30 + 10 s
+    req = DecodeRequest((FileJob(str(a), (0, 1), ((0.0, 1.0), (5.0, 6.0))), FileJob(str(b), (2,), ((None, None),))), 120.0)
+    windows, done, failed = {}, {}, {}
+    for block in decode_request(req):
+        pos = 0
+        for item, index, n in zip(block.items, block.index, block.lengths):
+            windows.setdefault(int(item), {})[int(index)] = block.samples[pos : pos + n]
+            pos += n
+        assert pos == len(block.samples)
+        for item, count, duration in block.done:
+            assert item not in done and item not in failed
+            done[item] = (count, duration)
+        failed.update(block.failed)
+    assert set(done) == {0, 2} and set(failed) == {1} and failed[1].startswith("SegmentError: ")
+    np.testing.assert_array_equal(windows[0][0], load_audio(a, end_s=1.0).samples)
+    whole = load_audio(b).samples
+    assert done[2] == (3, len(whole) / SAMPLE_RATE) and [len(w) for _, w in sorted(windows[2].items())] == [480000, 480000, 160000]
+    np.testing.assert_array_equal(np.concatenate([w for _, w in sorted(windows[2].items())]), whole)
+
+
+def test_a_too_short_row_is_a_failure_and_a_too_short_tail_window_adds_nothing(tmp_path):
+    short, tail = tmp_path / "short.wav", tmp_path / "tail.wav"
+    sf.write(short, noisy_tone(SAMPLE_RATE, 0.015), SAMPLE_RATE)  # 240 samples: no output frame
+    sf.write(tail, noisy_tone(SAMPLE_RATE, 30.01), SAMPLE_RATE)  # 30 s + 160 samples
+    blocks = list(decode_request(DecodeRequest((FileJob(str(short), (0,), ((None, None),)), FileJob(str(tail), (1,), ((None, None),))))))
+    failed = dict(f for blk in blocks for f in blk.failed)
+    done = {d[0]: d for blk in blocks for d in blk.done}
+    assert failed[0].startswith("TooShort: ") and str(short) in failed[0] and "15.0 ms" in failed[0]
+    assert done[1][1] == 1 and done[1][2] == pytest.approx(30.01)  # one window; duration counts the tail
+    assert [int(n) for blk in blocks for n in blk.lengths] == [480000]
 
 
 # --- fuzzing --------------------------------------------------------------------------------

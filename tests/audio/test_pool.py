@@ -1,4 +1,4 @@
-"""Tests of extractor.workers: isolation from crashes and hangs, results, laziness, shutdown."""
+"""Tests of extractor.audio.pool: isolation from crashes and hangs, results, streaming, laziness, shutdown."""
 
 from __future__ import annotations
 
@@ -16,17 +16,32 @@ import numpy as np
 import pytest
 import soundfile as sf
 
-from extractor.decode import AudioError, Decoded, DecodeRequest, decode_request
-from extractor.workers import DecodePool, WorkerFailure
+from dataclasses import dataclass
+
+from extractor.audio.decode import AudioError, Decoded, load_segments
+from extractor.audio.pool import END, DecodePool, WorkerFailure
 
 TIMEOUT_S = 1.5
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 # Decode functions run in the workers: top-level, so they pickle by reference.
 
 
-def faulty_decode(request: DecodeRequest):
+@dataclass(frozen=True)
+class Req:
+    """A request of the pool's plain-function form: one file, its segments, one list of results."""
+
+    path: str
+    segments: tuple = ((None, None),)
+    max_duration_s: float = 60.0
+
+
+def decode_segments(request: Req):
+    return load_segments(request.path, request.segments, max_duration_s=request.max_duration_s)
+
+
+def faulty_decode(request: Req):
     """decode_request, unless the path asks for a fault."""
     name = os.path.basename(request.path)
     if "segv" in name:
@@ -37,7 +52,7 @@ def faulty_decode(request: DecodeRequest):
         raise ValueError(f"boom on {request.path}")
     if "pid" in name:
         return os.getpid()
-    return decode_request(request)
+    return decode_segments(request)
 
 
 def echo_size(request):
@@ -89,7 +104,7 @@ def pool():
 
 
 def _requests(paths, segments=((None, None), (0.5, 1.25))):
-    return [(i, DecodeRequest(p, segments, 60.0)) for i, p in enumerate(paths)]
+    return [(i, Req(p, segments, 60.0)) for i, p in enumerate(paths)]
 
 
 def _assert_same(got, want):
@@ -109,28 +124,28 @@ def _assert_same(got, want):
 
 def test_results_equal_in_process_decode(audio_files):
     items = _requests(audio_files)
-    with DecodePool(2) as p:  # the default decode_fn
+    with DecodePool(2, decode_fn=decode_segments) as p:
         results = dict(p.imap(items))
     assert sorted(results) == [k for k, _ in items]
     for key, request in items:
-        _assert_same(results[key], decode_request(request))
+        _assert_same(results[key], decode_segments(request))
 
 
 def test_num_workers_zero_runs_inline(audio_files):
     items = _requests(audio_files)
     with DecodePool(0, decode_fn=faulty_decode) as p:
-        results = list(p.imap(items + [(99, DecodeRequest("/x/raise.wav"))]))
+        results = list(p.imap(items + [(99, Req("/x/raise.wav"))]))
         assert not _our_children()
     assert [k for k, _ in results] == [k for k, _ in items] + [99]  # in order, in this thread
     for (_, request), (_, got) in zip(items, results[:-1], strict=True):
-        _assert_same(got, decode_request(request))
+        _assert_same(got, decode_segments(request))
     assert results[-1][1] == WorkerFailure("ValueError: boom on /x/raise.wav")
 
 
 def test_segfault_fails_only_that_item(pool, audio_files, tmp_path):
     segv = str(tmp_path / "segv.wav")
     items = _requests(audio_files[:4])
-    items.insert(2, ("crash", DecodeRequest(segv)))
+    items.insert(2, ("crash", Req(segv)))
     before = set(_our_children())
 
     results = dict(pool.imap(items))
@@ -138,7 +153,7 @@ def test_segfault_fails_only_that_item(pool, audio_files, tmp_path):
     assert results["crash"] == WorkerFailure(f"DecoderCrashed: decoder crashed (signal 11: SIGSEGV) on {segv}")
     for key, request in items:
         if key != "crash":
-            _assert_same(results[key], decode_request(request))
+            _assert_same(results[key], decode_segments(request))
     after = set(_our_children())
     assert len(after) == len(before) and all(p.is_alive() for p in after)
     assert before - after  # the crashed worker was replaced
@@ -147,14 +162,14 @@ def test_segfault_fails_only_that_item(pool, audio_files, tmp_path):
 def test_timeout_kills_and_replaces(pool, audio_files, tmp_path):
     before = _our_children()
     sleepy = str(tmp_path / "sleep.wav")
-    items = [("hang", DecodeRequest(sleepy))] + _requests(audio_files[:3])
+    items = [("hang", Req(sleepy))] + _requests(audio_files[:3])
     t0 = time.monotonic()
     results = dict(pool.imap(items))
     elapsed = time.monotonic() - t0
     assert results["hang"] == WorkerFailure(f"DecodeTimeout: decode timed out after 1.5 s on {sleepy}")
     assert TIMEOUT_S <= elapsed < TIMEOUT_S + 3
     for key, request in items[1:]:
-        _assert_same(results[key], decode_request(request))
+        _assert_same(results[key], decode_segments(request))
     assert len(_our_children()) == len(before)
 
 
@@ -162,9 +177,9 @@ def test_exception_becomes_failure_without_killing_worker(tmp_path):
     with DecodePool(1, decode_fn=faulty_decode) as p:
         bad = str(tmp_path / "raise.wav")
         items = [
-            ("pid1", DecodeRequest(str(tmp_path / "pid"))),
-            ("bad", DecodeRequest(bad)),
-            ("pid2", DecodeRequest(str(tmp_path / "pid"))),
+            ("pid1", Req(str(tmp_path / "pid"))),
+            ("bad", Req(bad)),
+            ("pid2", Req(str(tmp_path / "pid"))),
         ]
         results = dict(p.imap(items))
         assert results["bad"] == WorkerFailure(f"ValueError: boom on {bad}")
@@ -215,7 +230,7 @@ def test_large_arrays_round_trip():
 def test_close_stops_busy_workers_promptly(tmp_path):
     before = set(_our_children())
     p = DecodePool(2, timeout_s=60, decode_fn=faulty_decode)
-    it = p.imap([(1, DecodeRequest(str(tmp_path / "pid"))), (2, DecodeRequest(str(tmp_path / "sleep")))])
+    it = p.imap([(1, Req(str(tmp_path / "pid"))), (2, Req(str(tmp_path / "sleep")))])
     assert next(it)[0] == 1  # the other worker is now asleep in decode_fn
     ours = set(_our_children()) - before
     assert len(ours) == 2
@@ -231,12 +246,12 @@ def test_close_stops_busy_workers_promptly(tmp_path):
 
 def test_abandoned_imap_does_not_leak_results(tmp_path, audio_files):
     with DecodePool(1, timeout_s=60, decode_fn=faulty_decode) as p:
-        it = p.imap([(1, DecodeRequest(str(tmp_path / "pid"))), (2, DecodeRequest(str(tmp_path / "sleep")))])
+        it = p.imap([(1, Req(str(tmp_path / "pid"))), (2, Req(str(tmp_path / "sleep")))])
         next(it)
         it.close()  # the sleeping worker is killed and replaced
         results = list(p.imap(_requests(audio_files[:1])))
         assert [k for k, _ in results] == [0]
-        _assert_same(results[0][1], decode_request(_requests(audio_files[:1])[0][1]))
+        _assert_same(results[0][1], decode_segments(_requests(audio_files[:1])[0][1]))
 
 
 def test_workers_die_with_their_parent(tmp_path):
@@ -245,10 +260,11 @@ def test_workers_die_with_their_parent(tmp_path):
         import sys, time
         sys.path.insert(0, {str(REPO)!r})
         import multiprocessing as mp
-        from extractor.workers import DecodePool, DecodeRequest
+        from extractor.audio.decode import DecodeRequest, FileJob
+        from extractor.audio.pool import DecodePool
         if __name__ == "__main__":
             pool = DecodePool(2)
-            list(pool.imap([(0, DecodeRequest("/nonexistent.wav"))]))  # a worker is up and ready
+            list(pool.stream([(0, DecodeRequest((FileJob("/nonexistent.wav", (0,), ((None, None),)),)))]))  # a worker is up and ready
             print(" ".join(str(c.pid) for c in mp.active_children() if c.name == "decode-worker"), flush=True)
             time.sleep(60)
         """
@@ -274,3 +290,35 @@ def test_bad_arguments():
         DecodePool(1, timeout_s=0)
     with pytest.raises(TypeError, match="picklable"):
         DecodePool(1, decode_fn=lambda r: r)
+
+
+def stream_three(n):
+    """A generator decode function: three messages, or a crash after the first when n < 0."""
+    yield n
+    if n < 0:
+        ctypes.string_at(0)
+    yield n + 1
+    yield n + 2
+
+
+def slow_stream(n):
+    """Messages a second apart: longer in all than the pool's timeout, never silent that long."""
+    for i in range(n):
+        time.sleep(1.0)
+        yield i
+
+
+def test_stream_passes_each_message_then_end_or_a_failure_in_its_place():
+    with DecodePool(1, decode_fn=stream_three) as p:
+        got = list(p.stream([(0, 10), (1, -5), (2, 20)]))
+    by_key = {k: [m for kk, m in got if kk == k] for k in (0, 1, 2)}
+    assert by_key[0] == [10, 11, 12, END] and by_key[2] == [20, 21, 22, END]
+    assert by_key[1][0] == -5 and len(by_key[1]) == 2 and isinstance(by_key[1][1], WorkerFailure)
+    assert by_key[1][1].error.startswith("DecoderCrashed: decoder crashed (signal 11: SIGSEGV)")
+
+
+def test_a_streaming_job_times_out_on_silence_not_on_its_length():
+    # 4 s of steady progress under a 1.5 s timeout: each message restarts the job's clock.
+    with DecodePool(1, timeout_s=TIMEOUT_S, decode_fn=slow_stream) as p:
+        got = [m for _, m in p.stream([(0, 4)])]
+    assert got == [0, 1, 2, 3, END]
