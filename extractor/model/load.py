@@ -10,10 +10,11 @@ from pathlib import Path
 
 import torch
 
+from ..constants import CONV_STRIDE, HOP_LENGTH, POOL_STRIDE, SAMPLE_RATE, encoder_tokens, mel_frames, output_frames
 from ..errors import ConfigError
 from .checkpoint import check_finite, fingerprint, read_tower_tensors
-from .config import CheckpointError, EncoderConfig, cached_fingerprint, read_config, remember_fingerprint, tower_files
-from .encoder import AudioEncoder
+from .config import AdapterError, CheckpointError, EncoderConfig, cached_fingerprint, read_config, remember_fingerprint, tower_files
+from .encoder import AudioEncoder, PackedSeqs
 from .logmel import LogMel
 from .lora import MergeReport, merge_adapter
 
@@ -98,9 +99,35 @@ def load_model(model_dir: Path, adapter_dir: Path | None, device: torch.device, 
         logger.debug("model: LoRA merged in %.2f s", time.monotonic() - t)
     encoder = encoder.to(dtype=dtype)
     encoder.prepare_for_inference()
+    logmel = LogMel(cfg.num_mel_bins, device)
+    if not _probe(encoder, logmel, dtype):
+        # Finite weights can still be absurd (lora_alpha 1e38 merges into 1e36-sized weights): every
+        # embedding would then be NaN and be blamed on the audio. Refuse the model instead (issue 11).
+        what = f"the adapter {adapter_dir} merged into {model_dir}" if adapter is not None else str(model_dir)
+        error = AdapterError if adapter is not None else CheckpointError
+        raise error(f"{what} gives NaN or Inf on a test signal (1 s of a tone in noise): its weights are broken or absurd")
     logger.info(
         "model: %d layers × d_model %d on %s in %s (tower %s…%s)",
         cfg.encoder_layers, cfg.d_model, device, str(dtype).removeprefix("torch."),
         model_fp[:8], f", adapter {adapter.fingerprint[:8]}…" if adapter else "",
     )
-    return LoadedModel(encoder, LogMel(cfg.num_mel_bins, device), cfg, device, dtype, model_fp, adapter)
+    return LoadedModel(encoder, logmel, cfg, device, dtype, model_fp, adapter)
+
+
+@torch.inference_mode()
+def _probe(encoder: AudioEncoder, logmel: LogMel, dtype: torch.dtype) -> bool:
+    """Whether one window of a tone in noise (1 s) comes out of the encoder finite: a few ms."""
+    device = logmel.window.device
+    n = SAMPLE_RATE
+    gen = torch.Generator().manual_seed(0)
+    t = torch.arange(n, dtype=torch.float32) / SAMPLE_RATE
+    wave = 0.3 * torch.sin(2 * torch.pi * 220 * t) + 0.05 * torch.randn(n, generator=gen)
+    tokens = encoder_tokens(mel_frames(n))
+    padded = torch.zeros(1, HOP_LENGTH * (CONV_STRIDE * tokens + 3))
+    padded[0, :n] = wave
+    mel = logmel(padded.to(device), torch.tensor([CONV_STRIDE * tokens + 1], device=device)).to(dtype)
+    index = torch.arange(tokens, device=device)
+    x = encoder.embed_tokens(mel, index, index)
+    seqs = PackedSeqs(torch.tensor([0, tokens], dtype=torch.int32, device=device), [tokens], tokens)
+    frames = encoder(x, seqs, POOL_STRIDE * torch.arange(output_frames(tokens), device=device))
+    return bool(torch.isfinite(frames).all())

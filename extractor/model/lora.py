@@ -99,7 +99,9 @@ def read_adapter(adapter_dir: Path, encoder: nn.Module) -> Adapter:
     adapter_dir = Path(adapter_dir)
     config = read_adapter_config(adapter_dir)
     state, modules, ignored = {}, {}, set()
-    for key, tensor in _read_tensors(adapter_dir).items():
+    tensors = _read_tensors(adapter_dir)
+    check_finite(tensors, str(adapter_weights_file(adapter_dir)), AdapterError)
+    for key, tensor in tensors.items():
         names = _split_key(key)
         if names is None:
             ignored.add(key[len(PEFT_PREFIX):].split(".lora_")[0])
@@ -111,7 +113,6 @@ def read_adapter(adapter_dir: Path, encoder: nn.Module) -> Adapter:
         logger.warning("LoRA: ignoring %d modules outside the audio tower (e.g. the language model's)", len(ignored))
     if not state:
         raise AdapterError(f"{adapter_dir}: no LoRA module matches the audio tower (keys checked against {TOWER_PATHS})")
-    check_finite(state, str(adapter_weights_file(adapter_dir)), AdapterError)
     known = dict(encoder.named_modules())
     unknown = [m for m in sorted(modules) if not isinstance(known.get(m), nn.Linear)]
     if unknown:

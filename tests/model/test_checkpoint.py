@@ -9,8 +9,9 @@ import safetensors
 import torch
 
 from builders import build_checkpoint, corrupt_language_model_shards
-from extractor.checkpoint import CheckpointError, fingerprint, read_config, read_tower_tensors
-from extractor.model import load_model
+from extractor.model.checkpoint import fingerprint, read_tower_tensors
+from extractor.model.config import CheckpointError, read_config
+from extractor.model.load import load_model
 
 
 def test_garbage_language_model_shard_still_loads(tmp_path):
@@ -57,7 +58,7 @@ def test_only_tower_tensors_are_read(tmp_path, monkeypatch):
             requested.append(key)
             return self._f.get_tensor(key)
 
-    monkeypatch.setattr("extractor.checkpoint.safe_open", Spy)
+    monkeypatch.setattr("extractor.model.checkpoint.safe_open", Spy)
     state = read_tower_tensors(ckpt)
     assert requested and all(k.startswith("audio_tower.") for k in requested)
     index = json.loads((ckpt / "model.safetensors.index.json").read_text())["weight_map"]

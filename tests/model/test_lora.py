@@ -11,21 +11,28 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from builders import build_adapter
-from extractor.lora import AdapterError, read_adapter
-from extractor.model import load_model
+from extractor.model.config import AdapterError
+from extractor.model.encoder import AudioEncoder
+from extractor.model.load import load_model
+from extractor.model.lora import read_adapter
 
 
 @pytest.mark.parametrize("layout", ["tf5_full", "tf4_full", "tower"])
-def test_layouts_map_to_the_same_tower_tensors(adapter_factory, layout):
-    _, reference, _ = read_adapter(adapter_factory("tf5_full"))
-    _, state, ignored = read_adapter(adapter_factory(layout))
-    assert ignored == 0
-    assert state.keys() == reference.keys() and len(state) == 12  # 2 layers × q/k/v × A/B
-    assert all(torch.equal(state[k], reference[k]) for k in state)
+def test_layouts_map_to_the_same_tower_tensors(adapter_factory, tiny_model, layout):
+    from extractor.model.config import read_config
+
+    with torch.device("meta"):
+        encoder = AudioEncoder(read_config(tiny_model))
+    reference = read_adapter(adapter_factory("tf5_full"), encoder)
+    adapter = read_adapter(adapter_factory(layout), encoder)
+    assert adapter.report.ignored_modules == 0
+    assert adapter.state.keys() == reference.state.keys() and len(adapter.state) == 12  # 2 layers × q/k/v × A/B
+    assert all(torch.equal(adapter.state[k], reference.state[k]) for k in adapter.state)
+    assert adapter.report.fingerprint == reference.report.fingerprint
 
 
 def test_merge_is_logged_with_counts(tiny_model, tiny_adapter, caplog):
-    with caplog.at_level(logging.INFO, logger="extractor.lora"):
+    with caplog.at_level(logging.INFO, logger="extractor.model.lora"):
         model = load_model(tiny_model, tiny_adapter, torch.device("cpu"), torch.float32)
     assert "LoRA: 6 modules (q/k/v_proj × 2 layers), 3,072 parameters" in caplog.text  # r=4: 4·64·2 per module
     assert model.adapter.parameters == 3072
@@ -33,7 +40,7 @@ def test_merge_is_logged_with_counts(tiny_model, tiny_adapter, caplog):
 
 def test_language_model_modules_are_ignored_with_a_warning(tmp_path, tiny_model, caplog):
     adapter = build_adapter(tmp_path / "a", tiny_model, layout="tf5_full", include_language_model=True)
-    with caplog.at_level(logging.WARNING, logger="extractor.lora"):
+    with caplog.at_level(logging.WARNING, logger="extractor.model.lora"):
         model = load_model(tiny_model, adapter, torch.device("cpu"), torch.float32)
     assert model.adapter.modules == 6 and model.adapter.ignored_modules == 3  # LM: 1 layer × q/k/v
     assert "ignoring 3 modules outside the audio tower" in caplog.text
@@ -91,134 +98,85 @@ def test_merging_changes_the_weights_by_peft_scaling(tiny_model, tiny_adapter):
     """W' = W + (alpha / r) · B @ A, as PEFT defines it; q also carries the 1/sqrt(head_dim) fold."""
     base = load_model(tiny_model, None, torch.device("cpu"), torch.float32)
     merged = load_model(tiny_model, tiny_adapter, torch.device("cpu"), torch.float32)
-    _, state, _ = read_adapter(tiny_adapter)
+    state = load_file(tiny_adapter / "adapter_model.safetensors")
     cfg = json.loads((tiny_adapter / "adapter_config.json").read_text())
     scaling = cfg["lora_alpha"] / cfg["r"]
-    A = state["base_model.model.layers.1.self_attn.v_proj.lora_A.weight"]
-    B = state["base_model.model.layers.1.self_attn.v_proj.lora_B.weight"]
+    A = state["base_model.model.model.audio_tower.layers.1.self_attn.v_proj.lora_A.weight"]
+    B = state["base_model.model.model.audio_tower.layers.1.self_attn.v_proj.lora_B.weight"]
     d = base.cfg.d_model
     delta = merged.encoder.layers[1].self_attn.qkv_weight[2 * d :] - base.encoder.layers[1].self_attn.qkv_weight[2 * d :]
     torch.testing.assert_close(delta, scaling * B @ A, rtol=1e-4, atol=1e-6)
 
 
 # ---------------------------------------------------------------------------------------------
-# Plain LoRA is merged without waiting for peft's import, and PEFT's own merge checks it
+# One merge path: W + scaling · B @ A with PEFT's scaling rules; DoRA through PEFT itself
 # ---------------------------------------------------------------------------------------------
 
 ADAPTER_KINDS = {
     "plain": {},
-    "rslora": {"use_rslora": True},  # plain: scaling alpha / sqrt(r)
-    "rank-alpha-patterns": {"rank_pattern": {"k_proj": 2}, "alpha_pattern": {"v_proj": 3}},  # merged by PEFT
-    "dora": {"use_dora": True},  # merged by PEFT
+    "rslora": {"use_rslora": True},  # scaling alpha / sqrt(r)
+    # r and alpha per module, matched as PEFT does: a bare name, and a path that needs its prefix rule
+    "rank-alpha-patterns": {"rank_pattern": {"k_proj": 2}, "alpha_pattern": {"layers.1.self_attn.v_proj": 3}},
+    "rslora-patterns": {"use_rslora": True, "rank_pattern": {"q_proj": 8}, "alpha_pattern": {"k_proj": 5}},
+    "dora": {"use_dora": True},  # not W + scaling · B @ A: merged by PEFT
 }
 
 
+@pytest.mark.parametrize("layout", ["tf5_full", "tf4_full", "tower"])
 @pytest.mark.parametrize("kind", ADAPTER_KINDS)
-def test_each_kind_of_lora_config_equals_canonical_peft(tmp_path, tiny_model, kind):
-    """Whichever way the adapter is merged (W + scaling · B @ A, or PEFT's merge for DoRA and
-    patterns), the embeddings equal the canonical unmerged PeftModel's."""
+def test_each_kind_of_lora_in_each_layout_equals_canonical_peft(tmp_path, tiny_model, kind, layout):
+    """The merged tower's embeddings equal the canonical unmerged PeftModel's, for every adapter
+    kind in every key layout (a tf4_full adapter's reference is the tf5_full one with the same
+    tensors: PEFT cannot load tf4 keys into transformers 5, see canonical.load_canonical)."""
     from canonical import canonical_embedding, cosine, load_canonical
-    from test_encoder import clips, ours
+    from embedding import clips, ours
 
-    adapter = build_adapter(tmp_path / kind, tiny_model, layout="tower", lora_config=ADAPTER_KINDS[kind])
+    adapter = build_adapter(tmp_path / kind, tiny_model, layout=layout, lora_config=ADAPTER_KINDS[kind])
+    reference = adapter if layout != "tf4_full" else build_adapter(tmp_path / f"{kind}-ref", tiny_model, layout="tf5_full",
+                                                                    lora_config=ADAPTER_KINDS[kind])
     model = load_model(tiny_model, adapter, torch.device("cpu"), torch.float32)
-    ref = load_canonical(tiny_model, adapter, "tower")
+    ref = load_canonical(tiny_model, reference, "tower" if layout == "tower" else "tf5_full")
     base = load_model(tiny_model, None, torch.device("cpu"), torch.float32)
-    waves = clips()[2:5]
+    waves = clips()[2:4]
     for x, (emb, _), (plain_emb, _) in zip(waves, ours(model, waves), ours(base, waves)):
         expected = canonical_embedding(ref, x)
         assert cosine(emb, expected) >= 0.9999
         assert cosine(plain_emb, expected) < 0.9999  # the adapter matters at this tolerance
 
 
-def test_which_adapters_merge_without_peft(tmp_path, tiny_model):
-    from extractor.checkpoint import read_config
-    from extractor.encoder import AudioEncoder
-    from extractor.lora import plain_scaling, read_for
+def test_patterns_give_each_module_its_own_scaling(tmp_path, tiny_model):
+    """The rule itself, without the encoder: r and alpha per module from the patterns."""
+    from extractor.model.config import read_adapter_config
 
-    with torch.device("meta"):
-        encoder = AudioEncoder(read_config(tiny_model))  # unfused q/k/v, as the merge sees them
-    scalings = {kind: plain_scaling(read_for(encoder, build_adapter(tmp_path / kind, tiny_model, layout="tower", lora_config=cfg)))
-                for kind, cfg in ADAPTER_KINDS.items()}
-    assert scalings == {"plain": 8 / 4, "rslora": 8 / 2, "rank-alpha-patterns": None, "dora": None}
-
-
-def _job(tiny_model, tiny_adapter, manifest_dir, out):
-    from builders import speechlike, write_audio
-    import polars as pl
-    from extractor.manifest import ManifestSpec
-    from extractor.pipeline import JobOptions
-
-    paths = [str(write_audio(manifest_dir / f"{i}.wav", speechlike(0.5 + i / 3, 16_000, seed=i), 16_000)) for i in range(6)]
-    pl.DataFrame({"id": [f"r{i}" for i in range(6)], "path": paths}).write_parquet(manifest_dir / "m.parquet")
-    return JobOptions(manifest=ManifestSpec(str(manifest_dir / "m.parquet"), id_column="id"), output=str(out), model=str(tiny_model),
-                      adapter=str(tiny_adapter), device="cpu", decode_workers=0, progress=False, part_rows=2)
+    adapter = build_adapter(tmp_path / "p", tiny_model, layout="tf5_full", lora_config=ADAPTER_KINDS["rank-alpha-patterns"])
+    cfg = read_adapter_config(adapter)
+    name = "model.audio_tower.layers.{}.self_attn.{}"
+    assert cfg.scaling(name.format(0, "q_proj")) == 8 / 4
+    assert cfg.scaling(name.format(0, "k_proj")) == 8 / 2  # rank_pattern k_proj: r=2
+    assert cfg.scaling(name.format(1, "v_proj")) == 3 / 4 and cfg.scaling(name.format(0, "v_proj")) == 8 / 4
 
 
-def test_deferred_peft_check_gives_the_same_output(tmp_path, tiny_model, tiny_adapter):
-    """The GPU start-up path (model loaded with defer_check: the writer awaits PEFT's check)
-    writes what the synchronous path writes, bit for bit."""
-    import pyarrow.parquet as pq
-    from extractor.pipeline import run_job
-
-    (tmp_path / "audio").mkdir()
-    outputs = {}
-    for defer in (False, True):
-        out = tmp_path / f"out-{defer}"
-        model = load_model(tiny_model, tiny_adapter, torch.device("cpu"), torch.float32, defer_check=defer)
-        assert (model.adapter_check is not None) == defer
-        summary = run_job(_job(tiny_model, tiny_adapter, tmp_path / "audio", out), model=model)
-        assert summary.embedded == 6 and summary.complete
-        outputs[defer] = pq.read_table(sorted(out.glob("part-*.parquet"))).to_pydict()
-    assert outputs[True] == outputs[False]
-
-
-def test_a_merge_peft_disagrees_with_writes_nothing(tmp_path, tiny_model, tiny_adapter, monkeypatch):
-    """If W + scaling · B @ A is not what PEFT makes of the adapter, the run stops before its
-    first commit with an error naming the module, and the output holds no part."""
-    import extractor.lora as lora
-    from extractor.pipeline import run_job
-
-    real = lora.plain_scaling
-    monkeypatch.setattr(lora, "plain_scaling", lambda adapter: 1.5 * real(adapter))  # a wrong rule
-    model = load_model(tiny_model, tiny_adapter, torch.device("cpu"), torch.float32, defer_check=True)
-    (tmp_path / "audio").mkdir()
-    out = tmp_path / "out"
-    with pytest.raises(RuntimeError) as info:
-        run_job(_job(tiny_model, tiny_adapter, tmp_path / "audio", out), model=model)
-    cause = info.value.__cause__
-    assert isinstance(cause, AdapterError) and "PEFT merges layers.0.self_attn.k_proj differently" in str(cause)
-    assert not list(out.glob("part-*.parquet")) and not list(out.glob("_failures/part-*.parquet"))
-    assert not (out / "_SUCCESS").exists()
-    with pytest.raises(AdapterError, match="differently"):  # and a synchronous load refuses it outright
-        load_model(tiny_model, tiny_adapter, torch.device("cpu"), torch.float32)
-
-
-def test_a_check_child_that_cannot_run_falls_back_to_checking_in_process(tmp_path, tiny_model, tiny_adapter, monkeypatch, caplog):
-    """The child process is only a way to keep peft's import off the job's start-up: if it cannot
-    run at all, the check runs in the job's process, and the output is the same."""
-    import sys
-    import pyarrow.parquet as pq
-    from extractor.pipeline import run_job
-
-    monkeypatch.setattr(sys, "executable", "/bin/false")
-    model = load_model(tiny_model, tiny_adapter, torch.device("cpu"), torch.float32, defer_check=True)
-    (tmp_path / "audio").mkdir()
-    with caplog.at_level(logging.WARNING, logger="extractor.lora"):
-        summary = run_job(_job(tiny_model, tiny_adapter, tmp_path / "audio", tmp_path / "out"), model=model)
-    assert "the child process checking the merge failed (exit 1" in caplog.text
-    assert summary.embedded == 6 and summary.complete
-    assert pq.read_table(sorted((tmp_path / "out").glob("part-*.parquet"))).num_rows == 6
-
-
-def test_a_stopped_check_still_runs_if_the_model_is_used_again(tiny_model, tiny_adapter, monkeypatch):
-    """run_job stops a check it did not need (nothing written); a caller that runs the same model
-    again still gets the check, here a failing one."""
-    import extractor.lora as lora
-
-    real = lora.plain_scaling
-    monkeypatch.setattr(lora, "plain_scaling", lambda adapter: 1.5 * real(adapter))
-    model = load_model(tiny_model, tiny_adapter, torch.device("cpu"), torch.float32, defer_check=True)
-    model.adapter_check.close()
-    with pytest.raises(AdapterError, match="differently"):
-        model.adapter_check.wait()
+@pytest.mark.parametrize("bad", ["nan", "inf", "huge", "tensor"])
+def test_non_finite_adapters_are_refused_at_load(tmp_path, tiny_model, tiny_adapter, bad):
+    """NaN or Inf would make every embedding NaN and be blamed on the audio (issue 11)."""
+    adapter = tmp_path / bad
+    adapter.mkdir()
+    cfg = json.loads((tiny_adapter / "adapter_config.json").read_text())
+    state = load_file(tiny_adapter / "adapter_model.safetensors")
+    if bad == "tensor":
+        key = sorted(state)[3]
+        state[key] = state[key].clone()
+        state[key][0, 0] = float("nan")
+    else:
+        cfg["lora_alpha"] = {"nan": float("nan"), "inf": float("inf"), "huge": 1e38}[bad]
+    (adapter / "adapter_config.json").write_text(json.dumps(cfg))
+    save_file(state, adapter / "adapter_model.safetensors")
+    with pytest.raises(AdapterError) as info:
+        load_model(tiny_model, adapter, torch.device("cpu"), torch.float32)
+    message = str(info.value)
+    if bad == "tensor":
+        assert "NaN or Inf" in message and key in message  # the file's own key
+    elif bad == "huge":
+        assert "gives NaN or Inf on a test signal" in message  # 1e38 is finite, and so are its merged weights
+    else:
+        assert "lora_alpha" in message and "finite" in message
