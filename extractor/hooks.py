@@ -5,7 +5,8 @@ each point below; the tests use it to kill a run right after its first commit, o
 run inside its lock while another starts, instead of sleeping and hoping (tests/hooks.py). Unset,
 a point costs one attribute lookup.
 
-Points: "locked" (the shard's lock is held, nothing planned yet), "planned" (pending rows known),
+Points: "prepared" (configuration read and checked, no lock yet), "locked" (the shard's lock is
+held, nothing planned yet), "planned" (pending rows known),
 "committed" (a part or failure file is durable; info: seq, rows, failures), "marked" (markers written).
 """
 

@@ -132,7 +132,10 @@ class Producer(threading.Thread):
             self.error = e
             logger.error("producer failed: %s", e, exc_info=True)
         finally:
-            self._put(None)
+            try:
+                self._put(None)
+            except _Stopped:
+                pass  # nobody reads any more: the run is over
 
     def _receive(self, key: int, message) -> None:
         files, items = self._outstanding[key]

@@ -341,6 +341,7 @@ def run_shard(opts: JobOptions, shard: Shard | None = None, *, model=None, stop:
     """
     plan = prepare(opts, shard)
     shard = plan.shard
+    hooks.point("prepared", shard=shard.index)
     if stop is not None and stop.is_set():
         summary = plan.summary()
         summary.interrupted = _signal_name(stop)

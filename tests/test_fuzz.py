@@ -37,11 +37,13 @@ from hypothesis import strategies as st
 
 from extractor.api import Embedder
 from extractor.batching import split_windows
-from extractor.decode import AudioError, DecodeRequest
-from extractor.manifest import ManifestError, ManifestSpec, read_manifest
-from extractor.model import load_model
-from extractor.pipeline import JobOptions, run_job
-from extractor.workers import DecodePool, WorkerFailure
+from extractor.audio.decode import AudioError, DecodeRequest
+from extractor.manifest.read import ManifestError, read_manifest
+from extractor.manifest.spec import ManifestSpec
+from extractor.model.load import load_model
+from extractor.options import JobOptions
+from extractor.shard import run_shard
+from extractor.audio.pool import DecodePool, WorkerFailure
 from extractor.writer import nonfinite_failure
 from jobs.extract import extract
 
@@ -203,7 +205,7 @@ def test_one_absurd_segment_fails_alone(cpu_model, tiny_model, tmp_path):
     pl.DataFrame({"id": ["absurd", "fine"], "path": [str(clip)] * 2, "start": [0.0, 0.0], "end": [1e308, 0.5]}).write_parquet(manifest)
     spec = ManifestSpec(str(manifest), id_column="id", start_column="start", end_column="end")
     out = tmp_path / "out"
-    run_job(JobOptions(manifest=spec, output=str(out), model=str(tiny_model), device="cpu", decode_workers=0, progress=False,
+    run_shard(JobOptions(manifest=spec, output=str(out), model=str(tiny_model), device="cpu", decode_workers=0, progress=False,
                        max_failure_rate=1.0), model=cpu_model)
     failures = pl.read_parquet(sorted((out / "_failures").glob("part-*.parquet")))
     assert failures["id"].to_list() == ["absurd"] and failures["error"][0].startswith("SegmentError: ")
@@ -397,9 +399,9 @@ def test_manifest_is_accepted_or_refused_and_an_accepted_one_runs_exactly_once(c
     out = case_dir / "out"
     opts = JobOptions(manifest=spec, output=str(out), model=str(tiny_model), device="cpu", dtype="float32",
                       decode_workers=0, progress=False, max_failure_rate=1.0)
-    first = run_job(opts, model=cpu_model)
+    first = run_shard(opts, model=cpu_model)
     assert first.embedded == 0 and first.failed == len(rows) and first.complete
-    again = run_job(opts, model=cpu_model)
+    again = run_shard(opts, model=cpu_model)
     assert again.failed == 0 and again.skipped == len(rows), "a rerun redid rows already recorded"
     failures = pl.read_parquet(sorted((out / "_failures").glob("part-*.parquet"))) if len(rows) else None
     if failures is not None:

@@ -15,9 +15,10 @@ from builders import speak, speechlike, write_audio
 from canonical import canonical_embedding, cosine, load_canonical
 from extractor.batching import make_batch, plan_batches, split_windows
 from extractor.embed import run_batch
-from extractor.manifest import ManifestSpec
-from extractor.model import load_model
-from extractor.pipeline import JobOptions, run_job
+from extractor.manifest.spec import ManifestSpec
+from extractor.model.load import load_model
+from extractor.options import JobOptions
+from extractor.shard import run_shard
 
 pytestmark = pytest.mark.gpu
 SR = 16_000
@@ -92,7 +93,7 @@ def test_out_of_memory_retry_loses_no_row(tiny_model, tiny_adapter, tmp_path, mo
     monkeypatch.setattr(runner, "encode_batch", flaky)
     opts = JobOptions(manifest=ManifestSpec(str(tmp_path / "m.parquet"), id_column="id"), output=str(tmp_path / "out"),
                       model=str(tiny_model), adapter=str(tiny_adapter), device="cuda", decode_workers=1, progress=False)
-    summary = run_job(opts)
+    summary = run_shard(opts)
     assert calls["oom"] > 0 and summary.oom_retries > 0
     assert summary.embedded == 12 and summary.failed == 0 and summary.complete
     out = pq.read_table(sorted((tmp_path / "out").glob("part-*.parquet"))).to_pydict()

@@ -26,8 +26,9 @@ from click.testing import CliRunner
 from builders import speechlike, write_audio
 from canonical import WINDOW_SAMPLES, canonical_frames, cosine
 
-from extractor.manifest import ManifestSpec
-from extractor.pipeline import JobOptions, run_job
+from extractor.manifest.spec import ManifestSpec
+from extractor.options import JobOptions
+from extractor.shard import run_shard
 from extractor.recipe import METADATA_KEY
 
 SR = 16_000
@@ -89,7 +90,7 @@ def root_logging_restored():
 def run(manifest: Path, output: Path, model: Path, adapter: Path, **kw):
     spec = ManifestSpec(str(manifest), id_column="id", start_column="start", end_column="end", keep_columns=kw.pop("keep", ()))
     opts = JobOptions(manifest=spec, output=str(output), model=str(model), adapter=str(adapter), decode_workers=0, progress=False, max_failure_rate=1.0, **kw)
-    return run_job(opts)
+    return run_shard(opts)
 
 
 def rows_by_id(output: Path, columns=None) -> dict[str, dict]:

@@ -7,6 +7,7 @@ the last one, and a killed shard resumes on its own.
 
 from __future__ import annotations
 
+import json
 import signal
 import subprocess
 from pathlib import Path
@@ -16,8 +17,9 @@ import polars as pl
 import pytest
 
 from builders import speechlike, write_audio
-from extractor.manifest import shard_of
-from test_job import REPO, SR, job_cmd, job_env, read_failures, read_output, run_cli, snapshot, wait_for, write_manifest
+from extractor.manifest.read import shard_of
+from jobrun import (REPO, SR, failure_parts, job_cmd, job_env, parts, read_failures, read_output, run_cli, snapshot, wait_for,
+                    write_manifest)
 
 N_CLIPS = 10
 FLAGS = ["--id-column", "id", "--part-rows", "3", "--max-failure-rate", "0.5", "--decode-workers", "0"]
@@ -94,16 +96,20 @@ def test_two_shards_equal_one_full_run(corpus, tiny_model, full_run, tmp_path):
     out = tmp_path / "out"
     code, log = run_cli(job_args(corpus, out, tiny_model, "--shard-index", "1", "--num-shards", "2"))
     assert code == 0, log
-    assert (out / "_SUCCESS-00001-of-00002").exists()
+    assert (out / "_shards" / "00001.done").exists()
     assert not (out / "_SUCCESS").exists()  # shard 0 has not run
-    assert {p.name[:10] for p in out.glob("part-*.parquet")} == {"part-00001"}
+    assert {p.name[:10] for p in parts(out)} == {"part-00001"}
     code, log = run_cli(job_args(corpus, out, tiny_model, "--shard-index", "0", "--num-shards", "2"))
     assert code == 0, log
-    assert (out / "_SUCCESS-00000-of-00002").exists() and (out / "_SUCCESS").exists()
-    assert {p.name[:10] for p in out.glob("part-*.parquet")} == {"part-00000", "part-00001"}
+    assert (out / "_shards" / "00000.done").exists() and (out / "_SUCCESS").exists()
+    assert {p.name[:10] for p in parts(out)} == {"part-00000", "part-00001"}
     assert_same_output(full_run, out)
-    for p in [*out.glob("part-*.parquet"), *out.glob("_failures/part-*.parquet")]:  # each shard wrote only its own rows
+    for p in [*parts(out), *failure_parts(out)]:  # each shard wrote only its own rows
         assert set(shard_of(pl.read_parquet(p)["id"], 2).to_list()) == {int(p.name[5:10])}
+    markers = [json.loads((out / "_shards" / f"0000{i}.done").read_text()) for i in (0, 1)]
+    success = json.loads((out / "_SUCCESS").read_text())
+    assert markers[0]["whole_manifest"] == markers[1]["whole_manifest"] == success["whole_manifest"]  # one manifest
+    assert markers[0]["manifest"] != markers[1]["manifest"]  # each its own shard's rows
 
     # A finished shard's rerun is a no-op, wherever the other shards are.
     before = snapshot(out)
@@ -113,24 +119,22 @@ def test_two_shards_equal_one_full_run(corpus, tiny_model, full_run, tmp_path):
 
 
 def test_killed_shard_resumes_on_its_own(corpus, tiny_model, full_run, tmp_path):
-    """Shard 0 finished; shard 1 is SIGKILLed after its first part, then rerun alone.
-
-    The first attempt decodes with tests.hooks.crashy_decode, which hangs on shard 1's last row:
-    the kill always lands mid-shard, however fast the machine.
-    """
-    out = tmp_path / "out"
+    """Shard 0 finished; shard 1 is SIGKILLed right after its first part (a hook), then rerun alone."""
+    out, flags = tmp_path / "out", tmp_path / "flags"
+    flags.mkdir()
     assert run_cli(job_args(corpus, out, tiny_model, "--shard-index", "0", "--num-shards", "2"))[0] == 0
     shard0 = {p.name: p.stat().st_mtime_ns for p in out.rglob("part-00000-*.parquet")}
     cmd = job_cmd(corpus, out, tiny_model, *FLAGS, "--shard-index", "1", "--num-shards", "2", "--part-rows", "1")
-    proc = subprocess.Popen([*cmd, "--decode-fn", "tests.hooks:crashy_decode"], env=job_env(), stderr=subprocess.PIPE,
-                            stdout=subprocess.DEVNULL, text=True, cwd=REPO)
-    wait_for(lambda: any(out.rglob("part-00001-*.parquet")), 120, proc)
+    env = job_env(EXTRACTOR_TEST_HOOK="tests.hooks:stop_after_first_commit", HOOK_DIR=str(flags))
+    proc = subprocess.Popen(cmd, env=env, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True, cwd=REPO)
+    wait_for(lambda: any(flags.glob("committed-*")), 120, proc)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
-    assert not (out / "_SUCCESS").exists() and not (out / "_SUCCESS-00001-of-00002").exists()
+    assert any(out.rglob("part-00001-*.parquet"))
+    assert not (out / "_SUCCESS").exists() and not (out / "_shards" / "00001.done").exists()
     rerun = subprocess.run(cmd, check=False, env=job_env(), capture_output=True, text=True, cwd=REPO)
     assert rerun.returncode == 0, rerun.stderr
-    assert "taking over stale lock" in rerun.stderr and "_lock-00001" in rerun.stderr
+    assert "taking over the lock" in rerun.stderr and "00001.lock" in rerun.stderr
     assert (out / "_SUCCESS").exists()
     assert {p.name: p.stat().st_mtime_ns for p in out.rglob("part-00000-*.parquet")} == shard0  # untouched
     assert_same_output(full_run, out)

@@ -21,9 +21,10 @@ import pytest
 
 from builders import speechlike, write_audio
 from extractor.multidevice import merge_summaries, parse_devices
-from extractor.pipeline import ConfigError, Summary
-from test_job import REPO, SR, job_cmd, job_env, read_output, run_cli, snapshot, wait_for, write_manifest
-from test_shards import FLAGS, HANG_ID, assert_same_output, corpus, full_run, job_args  # noqa: F401 (corpus, full_run: shared module fixtures)
+from extractor.errors import ConfigError
+from extractor.summary import Summary
+from jobrun import REPO, SR, job_cmd, job_env, read_output, run_cli, snapshot, wait_for, write_manifest
+from test_shard import FLAGS, HANG_ID, assert_same_output, corpus, full_run, job_args  # noqa: F401 (corpus, full_run: shared module fixtures)
 
 
 def spawned_children(parent: int | None = None) -> list[int]:

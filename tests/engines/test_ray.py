@@ -17,8 +17,9 @@ ray = pytest.importorskip("ray", reason="--engine ray needs the optional extra: 
 
 from builders import speechlike, write_audio
 
-from extractor.manifest import ManifestSpec
-from extractor.pipeline import JobOptions, run_job
+from extractor.manifest.spec import ManifestSpec
+from extractor.options import JobOptions
+from extractor.shard import run_shard
 from extractor.ray_engine import run_job_ray
 from jobs.extract import extract
 
@@ -51,7 +52,7 @@ def job(corpus, model, adapter, out: Path, **kw) -> JobOptions:
 @pytest.fixture(scope="module")
 def local_out(corpus, tiny_model, tiny_adapter, tmp_path_factory):
     out = tmp_path_factory.mktemp("local") / "emb"
-    assert run_job(job(corpus, tiny_model, tiny_adapter, out)).complete
+    assert run_shard(job(corpus, tiny_model, tiny_adapter, out)).complete
     return out
 
 

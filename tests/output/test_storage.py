@@ -25,9 +25,9 @@ import pytest
 import s3fs
 from moto.server import ThreadedMotoServer
 
-from extractor.decode import AudioError, TooLongError, load_segments
+from extractor.audio.decode import AudioError, TooLongError, load_segments
 from extractor.storage import LockHeld, LockLost, ObjectLock, open_storage
-from test_job import REPO, job_cmd, job_env, make_corpus, read_output, run_cli, wait_for, write_manifest
+from jobrun import REPO, job_cmd, job_env, make_corpus, read_output, run_cli, wait_for, write_manifest
 
 BUCKET = "embeddings-test"
 N = 8  # audio files; plus one manifest row whose object is missing

@@ -24,9 +24,10 @@ from click.testing import CliRunner
 
 from builders import speechlike, write_audio
 
-from extractor.inspect import InspectError, plot, render, summarize
-from extractor.manifest import ManifestSpec
-from extractor.pipeline import JobOptions, run_job
+from extractor.tools.inspect import InspectError, plot, render, summarize
+from extractor.manifest.spec import ManifestSpec
+from extractor.options import JobOptions
+from extractor.shard import run_shard
 from jobs.inspect_embeddings import inspect_embeddings
 
 REPO = Path(__file__).resolve().parents[1]
@@ -57,7 +58,7 @@ def corpus(tmp_path_factory):
 def job(manifest: Path, output: Path, model: Path, adapter: Path, **kw) -> Path:
     """The job in-process (the CLI run is `mean_out`): cheaper for the extra configurations."""
     spec = ManifestSpec(str(manifest), id_column="id", keep_columns=("speaker", "snr_db"))
-    run_job(JobOptions(manifest=spec, output=str(output), model=str(model), adapter=str(adapter), decode_workers=0, progress=False, max_failure_rate=1.0, **kw))
+    run_shard(JobOptions(manifest=spec, output=str(output), model=str(model), adapter=str(adapter), decode_workers=0, progress=False, max_failure_rate=1.0, **kw))
     return output
 
 
