@@ -49,6 +49,7 @@ POOL_BATCHES = 4  # windows are sorted by length within a pool of this many batc
 MAX_SEGMENTS_PER_FILE = 64  # rows of one file decoded together (the file is read once)
 REQUEST_AUDIO_S = 20.0  # audio per decode request: many short clips in one, a long file alone
 MAX_FILES_PER_REQUEST = 64
+PRODUCER_JOIN_S = 5.0
 
 
 class Producer(threading.Thread):
@@ -235,7 +236,12 @@ class Pipeline:
 
     def close(self) -> None:
         self._halt.set()
-        self.producer.join()
+        # The producer stops within a poll once halted; only a decoder stuck in this very process
+        # (--decode-workers 0: no isolation) can hold it, and it writes nothing: leave it to die
+        # with the process rather than hold the run's exit.
+        self.producer.join(timeout=PRODUCER_JOIN_S)
+        if self.producer.is_alive():
+            logger.warning("the producer did not stop within %.0f s (a decoder stuck in-process?); leaving it", PRODUCER_JOIN_S)
 
     def run(self, model: LoadedModel, writer: PartWriter, progress: Progress, stats: DeviceStats, t0: float) -> None:
         """Embed every pending row into `writer`, or stop early when `stop` is set."""

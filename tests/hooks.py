@@ -40,13 +40,15 @@ def _limit_address_space() -> None:
 
 
 def crashy_decode(request: DecodeRequest):
+    """The real decoder, unless a file of the request is named to crash or hang it. Files before
+    the marked one are decoded first, as a worker would, so what it had cut is sent (streamed)."""
     _limit_address_space()
-    name = os.path.basename(request.path)
-    if SEGFAULT in name:
+    names = [os.path.basename(f.name) for f in request.files]
+    if any(SEGFAULT in n for n in names):
         ctypes.string_at(0)
-    if ABORT in name:
+    if any(ABORT in n for n in names):
         os.abort()
-    if HANG in name:
+    if any(HANG in n for n in names):
         time.sleep(HANG_SECONDS)
     return decode_request(request)
 

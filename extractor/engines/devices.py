@@ -177,10 +177,11 @@ def _supervise(plan, lock, procs: list, tags: list[str], messages, go, progress,
                 if any(p.exitcode is None for p in procs):
                     logger.warning("worker %s failed; stopping the other workers", tags[first_failed])
                     _stop(procs)
-    if errors:
-        raise errors[0][1]  # the first to fail is the cause; the others were stopped for it
-    if first_failed is not None:  # died without a word: a signal, or os._exit in native code
-        code = procs[first_failed].exitcode
+    if first_failed is not None:  # the first to fail is the cause; the others were stopped for it
+        error = next((e for i, e in errors if i == first_failed), None)
+        if error is not None:
+            raise error
+        code = procs[first_failed].exitcode  # died without a word: a signal, or os._exit in native code
         raise RuntimeError(f"worker {tags[first_failed]} {_describe_exit(code)}; committed parts are intact, rerun to resume")
     missing = [tags[d] for d in range(len(procs)) if d not in summaries]
     if missing:

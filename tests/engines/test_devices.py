@@ -20,10 +20,10 @@ import polars as pl
 import pytest
 
 from builders import speechlike, write_audio
-from extractor.multidevice import merge_summaries, parse_devices
+from extractor.engines.devices import parse_devices
 from extractor.errors import ConfigError
-from extractor.summary import Summary
-from jobrun import REPO, SR, job_cmd, job_env, read_output, run_cli, snapshot, wait_for, write_manifest
+from extractor.summary import DeviceStats, Summary, merge
+from jobrun import REPO, SR, job_cmd, job_env, parts, read_output, run_cli, snapshot, wait_for, write_manifest
 from test_shard import FLAGS, HANG_ID, assert_same_output, corpus, full_run, job_args  # noqa: F401 (corpus, full_run: shared module fixtures)
 
 
@@ -64,13 +64,14 @@ def two_workers(corpus, tiny_model, tmp_path_factory):
 def test_two_workers_equal_one(two_workers, full_run):
     out, log, summary = two_workers
     assert_same_output(full_run, out)
-    assert {p.name[:10] for p in out.glob("part-*.parquet")} == {"part-00000", "part-00001"}  # sub-shards 0 and 1 of 2
-    # The markers a one-device run leaves (so its rerun is a no-op), and the workers' own.
-    for marker in ("_SUCCESS", "_SUCCESS-00000-of-00001", "_SUCCESS-00000-of-00002", "_SUCCESS-00001-of-00002"):
-        assert (out / marker).exists(), marker
+    # Both workers write the shard's parts under its one lock, with part numbers dealt out by the parent.
+    names = [p.name for p in parts(out)]
+    assert {n[:10] for n in names} == {"part-00000"} and len(set(names)) == len(names) >= 2
+    # The markers a one-device run leaves (so its rerun is a no-op), and no lock left behind.
+    assert (out / "_SUCCESS").exists() and (out / "_shards" / "00000.done").exists() and not list((out / "_shards").glob("*.lock"))
     # One summary line, for the host; its JSON sums the workers.
     done = [line for line in log.splitlines() if "done: " in line]
-    assert len(done) == 1 and "extractor.multidevice: done: 11 embedded, 2 failed, 0 skipped of 13 rows" in done[0]
+    assert len(done) == 1 and "extractor.shard: done: 11 embedded, 2 failed, 0 skipped of 13 rows" in done[0]
     assert (summary["rows_total"], summary["embedded"], summary["failed"], summary["skipped"]) == (13, 11, 2, 0)
     assert summary["failure_rate"] == pytest.approx(2 / 13) and summary["complete"] and summary["device"] == "2 × cpu"
     # One progress stream, the parent's, fed by both workers' commits up to every row.
@@ -85,46 +86,41 @@ def test_rerun_after_completion_is_a_noop(two_workers, corpus, tiny_model):
     before = snapshot(out)
     code, log = run_cli(job_args(corpus, out, tiny_model, "--devices", "cpu,cpu"))
     assert code == 0, log
-    assert "done: 0 embedded, 0 failed, 13 skipped of 13 rows" in log
+    assert "nothing to do: 0 embedded, 0 failed, 13 skipped of 13 rows" in log and "rows to embed on" not in log
     assert snapshot(out) == before  # nothing rewritten
     code, log = run_cli(job_args(corpus, out, tiny_model))  # and the one-device run agrees
     assert code == 0 and "nothing to do" in log and snapshot(out) == before
 
 
 def test_new_rows_for_one_worker_keep_success_away_until_done(two_workers, corpus, tiny_model, tmp_path):
-    """A grown manifest whose one new row is in worker 1's sub-shard, and hangs there: worker 0,
-    with nothing new, finishes, and must not write _SUCCESS from the markers of the last run.
+    """A grown manifest whose one new row is in worker 1's part, and hangs there: worker 0 has
+    nothing new, yet _SUCCESS (and the shard's marker) go before any worker writes, and stay away.
     Then the parent is SIGKILLed (its workers die with it) and a one-device rerun completes the output."""
     out = tmp_path / "out"
     shutil.copytree(two_workers[0], out)
     rows = pl.read_parquet(corpus).to_dicts()
     new = write_audio(tmp_path / "newHANG.flac", speechlike(0.7, SR, seed=3), SR)  # hangs tests.hooks.crashy_decode
     manifest = write_manifest(tmp_path / "m.parquet", rows + [{"id": "h1", "path": str(new)}])  # h1: sub-shard 1 of 2
-    marker0 = out / "_SUCCESS-00000-of-00002"
-    before = marker0.stat().st_mtime_ns
-
     workers: set[int] = set()
 
-    def worker0_done() -> bool:
+    def markers_cleared() -> bool:
         workers.update(spawned_children(proc.pid))
-        try:
-            return marker0.stat().st_mtime_ns != before
-        except FileNotFoundError:
-            return False
+        return not (out / "_SUCCESS").exists()
 
     cmd = job_cmd(manifest, out, tiny_model, *FLAGS, "--devices", "cpu,cpu", "--decode-fn", "tests.hooks:crashy_decode")
     proc = subprocess.Popen(cmd, env=job_env(), stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True, cwd=REPO)
     try:
-        wait_for(worker0_done, 120, proc)
-        assert not (out / "_SUCCESS").exists() and not (out / "_SUCCESS-00000-of-00001").exists()
-        assert len(workers) == 2, workers
+        wait_for(markers_cleared, 120, proc)
+        assert not (out / "_shards" / "00000.done").exists()
+        wait_for(lambda: len(workers.union(spawned_children(proc.pid))) == 2, 60, proc)
+        workers.update(spawned_children(proc.pid))
     finally:
         proc.kill()
         proc.wait()
     wait_for(lambda: not any(alive(pid) for pid in workers), 30)  # PR_SET_PDEATHSIG: no orphan keeps a GPU
     code, log = run_cli(job_args(manifest, out, tiny_model))  # resumed on one device
     assert code == 0, log
-    assert "done: 1 embedded, 0 failed, 13 skipped of 14 rows" in log and (out / "_SUCCESS").exists()
+    assert "done: 1 embedded, 0 failed, 13 skipped of 14 rows" in log and (out / "_SUCCESS").exists(), log
     assert read_output(out)["id"].to_list() == sorted(read_output(two_workers[0])["id"].to_list() + ["h1"])
 
 
@@ -133,8 +129,8 @@ def test_devices_within_an_orchestrator_shard(corpus, tiny_model, full_run, tmp_
     out = tmp_path / "out"
     code, log = run_cli(job_args(corpus, out, tiny_model, "--shard-index", "0", "--num-shards", "2", "--devices", "cpu,cpu"))
     assert code == 0, log
-    assert {p.name[:10] for p in out.glob("part-*.parquet")} == {"part-00000", "part-00002"}
-    assert (out / "_SUCCESS-00000-of-00002").exists() and not (out / "_SUCCESS").exists()
+    assert {p.name[:10] for p in parts(out)} == {"part-00000"}  # shard 0's, from both devices
+    assert (out / "_shards" / "00000.done").exists() and not (out / "_SUCCESS").exists()
     code, log = run_cli(job_args(corpus, out, tiny_model, "--shard-index", "1", "--num-shards", "2"))
     assert code == 0, log
     assert (out / "_SUCCESS").exists()
@@ -199,12 +195,12 @@ def test_bad_devices_flag_exits_2(corpus, tiny_model, tmp_path):
 
 
 def test_merge_summaries():
-    a = Summary(output="o", rows_total=10, skipped=2, embedded=7, failed=1, audio_seconds=30.0, failure_rate=0.2, device="NVIDIA H100",
-                time_to_first_batch_s=4.0, gpu_peak_mem_gb=10.0, host_rss_gb_end=2.0, batches=3)
-    b = Summary(output="o", rows_total=5, embedded=5, audio_seconds=20.0, failure_rate=0.0, device="NVIDIA H100",
-                time_to_first_batch_s=6.0, gpu_peak_mem_gb=12.0, host_rss_gb_end=3.0, batches=2)
-    s = merge_summaries([a, b], "o", wall_seconds=10.0, complete=True)
-    assert (s.rows_total, s.skipped, s.embedded, s.failed, s.batches) == (15, 2, 12, 1, 5)
-    assert s.audio_seconds_per_second == 5.0 and s.failure_rate == pytest.approx(2 / 15)
-    assert (s.time_to_first_batch_s, s.gpu_peak_mem_gb, s.host_rss_gb_end) == (6.0, 12.0, 5.0)
-    assert s.device == "2 × NVIDIA H100" and s.complete
+    a = Summary(output="o", rows_total=10, skipped=2, embedded=7, failed=1, audio_seconds=30.0,
+                stats=DeviceStats(device="NVIDIA H100", time_to_first_batch_s=4.0, gpu_peak_mem_gb=10.0, host_rss_gb_end=2.0, batches=3))
+    b = Summary(output="o", rows_total=5, embedded=5, audio_seconds=20.0,
+                stats=DeviceStats(device="NVIDIA H100", time_to_first_batch_s=6.0, gpu_peak_mem_gb=12.0, host_rss_gb_end=3.0, batches=2))
+    s = merge([a, b], "o", "0 of 1", wall_seconds=10.0, complete=True)
+    assert (s.rows_total, s.skipped, s.embedded, s.failed, s.stats.batches) == (15, 2, 12, 1, 5)
+    assert s.audio_seconds_per_second == 5.0 and s.failure_rate == pytest.approx(1 / 13)  # of the rows attempted
+    assert (s.stats.time_to_first_batch_s, s.stats.gpu_peak_mem_gb, s.stats.host_rss_gb_end) == (6.0, 12.0, 5.0)
+    assert s.stats.device == "2 × NVIDIA H100" and s.complete
