@@ -143,7 +143,7 @@ def _read_table(spec: ManifestSpec, fmt: str, storage_options: dict | None) -> t
         except ManifestError:
             raise
         except Exception as e:  # each reader raises several types for a file that is not its format
-            raise ManifestError(f"cannot read manifest {spec.path} as {_FORMAT_NAMES[fmt]}: {e}") from e
+            raise ManifestError(f"cannot read manifest {spec.path} as {_FORMAT_NAMES[fmt]}: {_reason(e)}") from e
         _check_columns(spec, fmt, table.column_names)
         return table, None, None
     try:
@@ -171,6 +171,14 @@ def _read_table(spec: ManifestSpec, fmt: str, storage_options: dict | None) -> t
     except Exception as e:  # a non-Parquet file raises several types
         raise ManifestError(f"cannot read manifest {spec.path} as Parquet: {e}") from e
     return table, names, audio
+
+
+def _reason(e: Exception) -> str:
+    """The reader's own reason, without polars' advice on schema inference (it infers none here)."""
+    text = str(e).strip()
+    if "Original error:" in text:
+        text = text.rsplit("Original error:", 1)[1].strip().strip("`").strip()
+    return " ".join(text.split())
 
 
 def _check_unreadable(spec: ManifestSpec, no_bytes: list[int], names: pa.Array | None) -> None:
