@@ -28,13 +28,13 @@ How each format's values get their types, so that an id's type never flips betwe
 from __future__ import annotations
 
 import gzip
-import io
 import re
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import PurePosixPath
 from typing import BinaryIO, Mapping
 
+import polars as pl
 import pyarrow as pa
 import pyarrow.parquet as pq
 
@@ -99,16 +99,8 @@ def open_parquet(path: str, storage_options: Mapping | None = None, *, buffered:
             yield pf
 
 
-def read_parquet(path: str, columns: list[str], storage_options: Mapping | None = None) -> pa.Table:
-    """`columns` of a Parquet manifest (names, or `struct.field` for one field of a struct)."""
-    with open_parquet(path, storage_options) as pf:
-        return pf.read(columns=columns, use_threads=True)
-
-
 def read_csv(path: str, storage_options: Mapping | None = None) -> pa.Table:
     """Every column as strings (see the module's doc); empty fields are nulls."""
-    import polars as pl
-
     with open_binary(path, storage_options) as f:
         try:
             df = pl.read_csv(f, infer_schema=False)
@@ -123,12 +115,15 @@ def read_jsonl(path: str, storage_options: Mapping | None = None) -> pa.Table:
 
     def read(schema: pa.Schema | None) -> pa.Table:
         with open_binary(path, storage_options) as f:
-            data = f.read()
-        if not data.strip():
-            return pa.table({})
-        options = pj.ParseOptions(explicit_schema=schema) if schema is not None else None
-        return pj.read_json(io.BytesIO(data), parse_options=options)
+            options = pj.ParseOptions(explicit_schema=schema) if schema is not None else None
+            return pj.read_json(f, parse_options=options)
 
+    with open_binary(path, storage_options) as f:
+        while chunk := f.read(1 << 16):
+            if chunk.strip():
+                break
+        else:  # pyarrow refuses an empty document; it is a manifest without columns
+            return pa.table({})
     table = read(None)
     plain = pa.schema([f.with_type(_no_timestamps(f.type)) for f in table.schema])
     return table if plain == table.schema else read(plain)

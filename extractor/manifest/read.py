@@ -169,7 +169,9 @@ def _read_table(spec: ManifestSpec, fmt: str, storage_options: dict | None) -> t
     except ManifestError:
         raise
     except Exception as e:  # a non-Parquet file raises several types
-        raise ManifestError(f"cannot read manifest {spec.path} as Parquet: {e}") from e
+        guessed = spec.format is None and not spec.path.split("?", 1)[0].lower().endswith((".parquet", ".pq"))
+        hint = " (read as Parquet for want of a known extension: give --manifest-format csv, jsonl or lhotse)" if guessed else ""
+        raise ManifestError(f"cannot read manifest {spec.path} as Parquet: {e}{hint}") from e
     return table, names, audio
 
 

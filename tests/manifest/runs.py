@@ -24,10 +24,10 @@ def embeddings(out) -> pa.Table:
     return ds.dataset(Path(out) / "embeddings").to_table().sort_by("id")
 
 
-def committed(out) -> dict[str, float]:
-    """Committed parts and failure files with their mtimes: a no-op run changes none."""
+def snapshot(out) -> dict[str, int]:
+    """Every file of the output with its mtime: a no-op run changes none and adds none."""
     out = Path(out)
-    return {str(p.relative_to(out)): p.stat().st_mtime_ns for d in ("embeddings", "failures") for p in sorted((out / d).glob("*.parquet"))}
+    return {str(p.relative_to(out)): p.stat().st_mtime_ns for p in sorted(out.rglob("*")) if p.is_file()}
 
 
 def vectors(table: pa.Table) -> np.ndarray:

@@ -13,7 +13,7 @@ import pytest
 from extractor.manifest import ManifestError, ManifestSpec, read_manifest
 from extractor.manifest.embedded import BINARY, STRUCT, EmbeddedAudio
 
-from .runs import committed, embeddings, run_job
+from .runs import embeddings, run_job, snapshot
 
 HF_AUDIO = pa.struct([("bytes", pa.binary()), ("path", pa.string())])  # datasets.Audio's storage type
 
@@ -23,33 +23,33 @@ def hf_manifest(path, items: list[dict], **columns) -> str:
     return str(path)
 
 
-def test_hf_audio_structs_embed_with_their_paths_as_ids_and_name_failures(clips, tiny_model, tmp_path):
+def test_hf_audio_structs_embed_with_their_paths_as_ids_and_name_failures(clips, model, tmp_path):
     items = [{"bytes": clips[0].read_bytes(), "path": "a/clip0.flac"},
              {"bytes": b"RIFF not really audio", "path": "a/junk.wav"},
              {"bytes": None, "path": str(clips[1])},  # no bytes: read from its path, as datasets does
              {"bytes": b"", "path": "a/empty.wav"}]
     manifest = hf_manifest(tmp_path / "hf.parquet", items, speaker=["s0", "s1", "s2", "s3"])
     out = tmp_path / "out"
-    code, log = run_job(manifest, out, tiny_model, "--audio-column", "audio", "--keep-columns", "speaker", "--max-failure-rate", "1")
+    code, log = run_job(manifest, out, model, "--audio-column", "audio", "--keep-columns", "speaker", "--max-failure-rate", "1")
     assert code == 0 and "2 embedded, 2 failed" in log, log
     rows = {r["id"]: r["speaker"] for r in embeddings(out).select(["id", "speaker"]).to_pylist()}
     assert rows == {"a/clip0.flac": "s0", str(clips[1]): "s2"}
     failures = pl.read_parquet(out / "failures").sort("id")
     assert failures["id"].to_list() == ["a/empty.wav", "a/junk.wav"] and failures["path"].to_list() == ["a/empty.wav", "a/junk.wav"]
     assert "empty audio (0 bytes)" in failures["error"][0] and "a/junk.wav" in failures["error"][1]
-    before = committed(out)
-    code, log = run_job(manifest, out, tiny_model, "--audio-column", "audio", "--keep-columns", "speaker", "--max-failure-rate", "1")
-    assert code == 0 and committed(out) == before, log
+    before = snapshot(out)
+    code, log = run_job(manifest, out, model, "--audio-column", "audio", "--keep-columns", "speaker", "--max-failure-rate", "1")
+    assert code == 0 and snapshot(out) == before, log
 
 
-def test_plain_bytes_go_to_a_decode_worker_in_the_request(clips, tiny_model, tmp_path):
+def test_plain_bytes_go_to_a_decode_worker_in_the_request(clips, model, tmp_path):
     # The rows' names (manifest#row=N) are no files: an embedding proves the bytes travelled in
     # the request to the worker process, with no temporary file.
     manifest = tmp_path / "bin.parquet"
     pq.write_table(pa.table({"uid": [10, 11, 12], "wav": pa.array([clips[2].read_bytes(), b"junk", clips[3].read_bytes()], pa.large_binary())}),
                    manifest, row_group_size=2)
     out = tmp_path / "out"
-    code, log = run_job(manifest, out, tiny_model, "--audio-column", "wav", "--id-column", "uid", "--decode-workers", "1", "--max-failure-rate", "1")
+    code, log = run_job(manifest, out, model, "--audio-column", "wav", "--id-column", "uid", "--decode-workers", "1", "--max-failure-rate", "1")
     assert code == 0 and "2 embedded, 1 failed" in log, log
     assert embeddings(out).column("id").to_pylist() == [10, 12]
     failure = pl.read_parquet(out / "failures").row(0, named=True)
@@ -58,7 +58,7 @@ def test_plain_bytes_go_to_a_decode_worker_in_the_request(clips, tiny_model, tmp
 
 @pytest.mark.parametrize("problem", ["bytes_only", "duplicate_paths", "missing_paths", "no_audio", "no_audio_unstatted",
                                      "not_audio_type", "csv", "kept"])
-def test_embedded_audio_refusals_exit_2_with_nothing_written(problem, tiny_model, tmp_path):
+def test_embedded_audio_refusals_exit_2_with_nothing_written(problem, model, tmp_path):
     manifest, extra = tmp_path / "m.parquet", []
     if problem == "bytes_only":
         pq.write_table(pa.table({"audio": pa.array([b"x", b"y"])}), manifest)
@@ -85,7 +85,7 @@ def test_embedded_audio_refusals_exit_2_with_nothing_written(problem, tiny_model
         hf_manifest(manifest, [{"bytes": b"x", "path": "a.wav"}])
         extra, says = ["--keep-columns", "audio"], "cannot also be kept"
     out = tmp_path / "out"
-    code, log = run_job(manifest, out, tiny_model, "--audio-column", "audio", *extra)
+    code, log = run_job(manifest, out, model, "--audio-column", "audio", *extra)
     assert code == 2 and says in log, log
     assert not out.exists()
 

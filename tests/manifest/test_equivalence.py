@@ -13,7 +13,7 @@ import pytest
 from .runs import embeddings, run_job, vectors
 
 
-def test_paths_csv_jsonl_gz_hf_audio_bytes_and_lhotse_cuts_embed_bit_identically(clips, tiny_model, tmp_path):
+def test_paths_csv_jsonl_gz_hf_audio_bytes_and_lhotse_cuts_embed_bit_identically(clips, model, tmp_path):
     lhotse = pytest.importorskip("lhotse")
     paths = [str(p) for p in clips[:4]]
     given = {}
@@ -30,7 +30,7 @@ def test_paths_csv_jsonl_gz_hf_audio_bytes_and_lhotse_cuts_embed_bit_identically
     results = {}
     for how, manifest in given.items():
         out = tmp_path / how.replace(" ", "_")
-        code, log = run_job(manifest, out, tiny_model, *(["--audio-column", "audio"] if how == "hf audio bytes" else []))
+        code, log = run_job(manifest, out, model, *(["--audio-column", "audio"] if how == "hf audio bytes" else []))
         assert code == 0 and "4 embedded, 0 failed" in log, (how, log)
         results[how] = embeddings(out)
 

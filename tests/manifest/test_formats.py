@@ -76,10 +76,10 @@ def test_every_format_is_refused_for_the_same_problems(name, problem, tmp_path):
 
 
 @pytest.mark.parametrize("name", ["m.csv", "m.jsonl.gz", "m.parquet"])
-def test_a_refused_manifest_exits_2_with_nothing_written(name, tiny_model, tmp_path):
+def test_a_refused_manifest_exits_2_with_nothing_written(name, model, tmp_path):
     manifest = write(tmp_path / name, [{"id": "u1", "path": "/a.wav"}, {"id": "u1", "path": "/b.wav"}])
     out = tmp_path / "out"
-    code, log = run_job(manifest, out, tiny_model, "--id-column", "id")
+    code, log = run_job(manifest, out, model, "--id-column", "id")
     assert code == 2 and "duplicate id" in log, log
     assert not out.exists()
 
@@ -88,12 +88,13 @@ def test_a_refused_manifest_exits_2_with_nothing_written(name, tiny_model, tmp_p
     ("m.csv", b"", "lacks column(s) ['path']; it has []"),
     ("m.csv", b'path\n"a.wav\n', "as CSV: invalid csv file"),
     ("m.jsonl", b"{not json\n", "as JSONL: JSON parse error"),
-    ("m.parquet", b"path\na.wav\n", "as Parquet"),
+    ("m.parquet", b"path\na.wav\n", "as Parquet: Parquet magic bytes not found"),
+    ("manifest.txt", b"path\na.wav\n", "read as Parquet for want of a known extension: give --manifest-format csv"),
 ])
-def test_a_file_that_is_not_its_format_exits_2_naming_it(name, content, says, tiny_model, tmp_path):
+def test_a_file_that_is_not_its_format_exits_2_naming_it(name, content, says, model, tmp_path):
     manifest = tmp_path / name
     manifest.write_bytes(content)
-    code, log = run_job(manifest, tmp_path / "out", tiny_model)
+    code, log = run_job(manifest, tmp_path / "out", model)
     assert code == 2 and says in log and str(manifest) in log, log
     assert "infer_schema_length" not in log  # polars' advice does not apply: nothing is inferred
 

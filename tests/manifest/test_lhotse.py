@@ -33,7 +33,7 @@ def mono_cut(cid: str, source: str, *, start=0.0, duration=1.0, channel=0, sourc
     return {"id": cid, "start": start, "duration": duration, "channel": channel, "supervisions": [], "recording": rec, "type": "MonoCut"}
 
 
-def test_lhotse_cuts_become_rows_and_segments_embed_like_parquet_segments(clips, tiny_model, tmp_path):
+def test_lhotse_cuts_become_rows_and_segments_embed_like_parquet_segments(clips, model, tmp_path):
     lhotse = pytest.importorskip("lhotse")
     recordings = [lhotse.Recording.from_file(str(p), recording_id=f"r{i}") for i, p in enumerate(clips[:3])]
     whole = [r.to_cut() for r in recordings[:2]]
@@ -51,13 +51,13 @@ def test_lhotse_cuts_become_rows_and_segments_embed_like_parquet_segments(clips,
     assert m.rows["text"].to_list() == [None, None, "hello there"]
 
     out = tmp_path / "out"
-    code, log = run_job(cuts, out, tiny_model, "--keep-columns", "recording_id,text")
+    code, log = run_job(cuts, out, model, "--keep-columns", "recording_id,text")
     assert code == 0 and "3 embedded, 0 failed" in log, log
     got = embeddings(out)
     assert got.column("recording_id").to_pylist() == ["r0", "r1", "r2"]
     # The same segment given as a Parquet manifest of paths with start/end columns: bit-identical.
     pq.write_table(pa.table({"id": ["r2-part"], "path": [str(clips[2])], "start": [0.25], "end": [0.75]}), tmp_path / "seg.parquet")
-    code, log = run_job(tmp_path / "seg.parquet", tmp_path / "seg", tiny_model, "--id-column", "id", "--start-column", "start", "--end-column", "end")
+    code, log = run_job(tmp_path / "seg.parquet", tmp_path / "seg", model, "--id-column", "id", "--start-column", "start", "--end-column", "end")
     assert code == 0, log
     assert embeddings(tmp_path / "seg").column("embedding").equals(got.filter(pa.compute.equal(got.column("id"), "r2-part")).column("embedding"))
 
@@ -98,7 +98,7 @@ def test_cuts_lhotse_makes_that_cannot_be_honoured_are_refused_naming_the_cut(ca
     ("no_recording", "has no recording"),
     ("bad_duration", "duration is 'long', expected seconds"),
 ])
-def test_hand_written_cuts_that_cannot_be_honoured_are_refused(case, says, tiny_model, tmp_path):
+def test_hand_written_cuts_that_cannot_be_honoured_are_refused(case, says, model, tmp_path):
     two = [{"type": "file", "channels": [0], "source": "/a.wav"}, {"type": "file", "channels": [1], "source": "/b.wav"}]
     cut = {
         "several_sources": mono_cut("bad", "/a.wav", sources=two),
@@ -109,7 +109,7 @@ def test_hand_written_cuts_that_cannot_be_honoured_are_refused(case, says, tiny_
     }[case]
     cuts = write_cuts(tmp_path / "cuts.jsonl.gz", [mono_cut("fine", "/a.wav"), cut])
     out = tmp_path / "out"
-    code, log = run_job(cuts, out, tiny_model)
+    code, log = run_job(cuts, out, model)
     assert code == 2 and says in log and "line 2, cut 'bad'" in log, log
     assert not out.exists()
 

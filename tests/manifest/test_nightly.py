@@ -14,7 +14,7 @@ from click.testing import CliRunner
 
 from extractor.tools.migrate import main as migrate
 
-from .runs import committed, embeddings, run_job
+from .runs import embeddings, run_job, snapshot
 
 KEEP = "n,speaker,tags,meta"
 
@@ -57,19 +57,19 @@ def assert_reads_back(out: Path, rows: dict) -> None:
         assert by_id[uid] == {"id": uid, "n": rows["n"][i], "speaker": rows["speaker"][i], "tags": rows["tags"][i], "meta": rows["meta"][i]}
 
 
-def test_three_nights_of_pyarrow_and_polars_manifests_keep_one_schema(clips, tiny_model, tmp_path):
+def test_three_nights_of_pyarrow_and_polars_manifests_keep_one_schema(clips, model, tmp_path):
     out = tmp_path / "out"
     nights = [(write_with_pyarrow, 2), (write_with_polars, 4), (write_with_pyarrow, 6)]
     for night, (write, count) in enumerate(nights, 1):
         rows = _rows(clips, count)
         manifest = write(tmp_path / f"night{night}.parquet", rows)
-        code, log = run_job(manifest, out, tiny_model, "--id-column", "id", "--keep-columns", KEEP)
+        code, log = run_job(manifest, out, model, "--id-column", "id", "--keep-columns", KEEP)
         assert code == 0, log
         assert f"{count - (nights[night - 2][1] if night > 1 else 0)} embedded, 0 failed" in log
-        before = committed(out)
-        code, log = run_job(manifest, out, tiny_model, "--id-column", "id", "--keep-columns", KEEP)
+        before = snapshot(out)
+        code, log = run_job(manifest, out, model, "--id-column", "id", "--keep-columns", KEEP)
         assert code == 0 and "0 embedded" in log, log
-        assert committed(out) == before, f"night {night}: the rerun wrote something"
+        assert snapshot(out) == before, f"night {night}: the rerun wrote something"
 
         parts = sorted((out / "embeddings").glob("*.parquet"))
         assert len(parts) == night
@@ -97,11 +97,11 @@ def _old_layout(real: Path, old: Path) -> None:
     (old / "_SUCCESS-00000-of-00001").write_text("")
 
 
-def test_an_output_of_the_old_layout_is_refused_then_migrated_and_resumes_with_both_string_types(clips, tiny_model, tmp_path):
+def test_an_output_of_the_old_layout_is_refused_then_migrated_and_resumes_with_both_string_types(clips, model, tmp_path):
     rows = _rows(clips, 3)
     rows_missing = {k: v + ([str(tmp_path / "gone.flac")] if k == "path" else ["lost"] if k == "id" else v[:1]) for k, v in rows.items()}
     real = tmp_path / "real"
-    code, log = run_job(write_with_pyarrow(tmp_path / "m1.parquet", rows_missing), real, tiny_model,
+    code, log = run_job(write_with_pyarrow(tmp_path / "m1.parquet", rows_missing), real, model,
                         "--id-column", "id", "--keep-columns", KEEP, "--max-failure-rate", "1")
     assert code == 0 and "3 embedded, 1 failed" in log, log
     out = tmp_path / "old"
@@ -110,19 +110,19 @@ def test_an_output_of_the_old_layout_is_refused_then_migrated_and_resumes_with_b
     night2 = _rows(clips, 5)
     night2 = {k: v + ([str(tmp_path / "gone.flac")] if k == "path" else ["lost"] if k == "id" else v[:1]) for k, v in night2.items()}
     manifest = write_with_polars(tmp_path / "m2.parquet", night2)
-    code, log = run_job(manifest, out, tiny_model, "--id-column", "id", "--keep-columns", KEEP)
+    code, log = run_job(manifest, out, model, "--id-column", "id", "--keep-columns", KEEP)
     assert code == 2 and "python -m extractor.tools.migrate" in log, log
     assert not (out / "embeddings").exists()
 
     result = CliRunner().invoke(migrate, [str(out)])
     assert result.exit_code == 0, result.output
-    code, log = run_job(manifest, out, tiny_model, "--id-column", "id", "--keep-columns", KEEP)
+    code, log = run_job(manifest, out, model, "--id-column", "id", "--keep-columns", KEEP)
     assert code == 0 and "2 embedded, 0 failed, 4 skipped" in log, log  # the failed row is not retried
     id_types = sorted(str(pq.read_schema(p).field("id").type) for p in (out / "embeddings").glob("*.parquet"))
     assert id_types == ["large_string", "string"]
-    before = committed(out)
-    code, log = run_job(manifest, out, tiny_model, "--id-column", "id", "--keep-columns", KEEP)
-    assert code == 0 and committed(out) == before, log
+    before = snapshot(out)
+    code, log = run_job(manifest, out, model, "--id-column", "id", "--keep-columns", KEEP)
+    assert code == 0 and snapshot(out) == before, log
 
     table = embeddings(out)
     assert table.column("id").to_pylist() == sorted(night2["id"][:5])  # exactly once, the lost row not among them
