@@ -23,6 +23,7 @@ import queue
 import threading
 import time
 from collections import deque
+from contextlib import closing
 
 import numpy as np
 import polars as pl
@@ -90,10 +91,9 @@ class Producer(threading.Thread):
         starts = self.pending["start_s"].to_list() if "start_s" in self.pending.columns else [None] * n
         ends = self.pending["end_s"].to_list() if "end_s" in self.pending.columns else [None] * n
         if self.audio is not None:
-            blobs = self.audio.blobs(self.pending[ROW].to_list())
-            for i, data in zip(range(n), blobs):
-                yield FileJob(paths[i], (i,), ((starts[i], ends[i]),), data)
-            blobs.close()
+            with closing(self.audio.blobs(self.pending[ROW].to_list())) as blobs:  # closes the manifest on every path
+                for i, data in zip(range(n), blobs, strict=True):
+                    yield FileJob(paths[i], (i,), ((starts[i], ends[i]),), data)
             return
         i = 0
         while i < n:

@@ -120,3 +120,21 @@ def test_plain_binary_audio_reads_bytes_and_nulls(tmp_path):
     assert list(m.audio.blobs([0, 2])) == [b"a", b"ccc"]
     with pytest.raises(ManifestError, match="lacks the --audio-column 'audio'"):
         read_manifest(ManifestSpec(str(path), audio_column="audio", id_column="uid"))
+
+
+def test_parquet_written_by_hf_datasets_with_and_without_embedded_bytes(clips, model, tmp_path):
+    datasets = pytest.importorskip("datasets")
+    from datasets.table import embed_table_storage
+
+    ds = datasets.Dataset.from_dict({"audio": [str(p) for p in clips[:2]], "text": ["one", "two"]}).cast_column("audio", datasets.Audio())
+    ds.to_parquet(tmp_path / "by_path.parquet")  # datasets keeps the paths, bytes null: read from the paths
+    ds.with_format("arrow").map(embed_table_storage, batched=True).to_parquet(tmp_path / "embedded.parquet")  # push_to_hub's form
+    got = {}
+    for name in ("by_path", "embedded"):
+        out = tmp_path / name
+        code, log = run_job(tmp_path / f"{name}.parquet", out, model, "--audio-column", "audio", "--keep-columns", "text")
+        assert code == 0 and "2 embedded, 0 failed" in log, (name, log)
+        got[name] = embeddings(out).sort_by("text")
+    assert got["embedded"].column("id").to_pylist() == [clips[0].name, clips[1].name]  # datasets keeps the file's name
+    assert got["by_path"].column("id").to_pylist() == [str(clips[0]), str(clips[1])]
+    assert got["embedded"].column("embedding").equals(got["by_path"].column("embedding"))
