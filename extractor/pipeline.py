@@ -23,6 +23,7 @@ import queue
 import threading
 import time
 from collections import deque
+from contextlib import closing
 
 import numpy as np
 import polars as pl
@@ -34,6 +35,8 @@ from .batching.device import Budget, DeviceLoop, Staging, _Stopped, default_max_
 from .batching.packing import Batch, plan_batches, window_flops, window_shapes
 from .batching.pooling import RowPooling
 from .constants import HOP_LENGTH, SAMPLE_RATE
+from .manifest.embedded import EmbeddedAudio
+from .manifest.read import ROW
 from .model.config import EncoderConfig
 from .model.load import LoadedModel
 from .options import JobOptions, default_decode_workers
@@ -60,7 +63,7 @@ class Producer(threading.Thread):
     """
 
     def __init__(self, pending: pl.DataFrame, opts: JobOptions, cfg: EncoderConfig, budget: Budget, max_windows: int,
-                 staging: Staging, stop: threading.Event, audio: list[bytes | None] | None = None):
+                 staging: Staging, stop: threading.Event, audio: EmbeddedAudio | None = None):
         super().__init__(name="producer", daemon=True)
         self.pending, self.opts, self.cfg, self.budget, self.max_windows = pending, opts, cfg, budget, max_windows
         self.staging, self.stop = staging, stop
@@ -80,19 +83,26 @@ class Producer(threading.Thread):
 
     # -- requests ---------------------------------------------------------------------------
     def _files(self):
-        """FileJobs in manifest order; consecutive rows of one file share one (read once)."""
+        """FileJobs in manifest order; consecutive rows of one file share one (read once).
+
+        Audio stored in the manifest is read here, lazily, as requests are made: the job holds
+        one row group of it plus the requests in flight (manifest.embedded), never the column."""
         paths = self.pending["path"].to_list()
         n = len(paths)
         starts = self.pending["start_s"].to_list() if "start_s" in self.pending.columns else [None] * n
         ends = self.pending["end_s"].to_list() if "end_s" in self.pending.columns else [None] * n
+        if self.audio is not None:
+            with closing(self.audio.blobs(self.pending[ROW].to_list())) as blobs:  # closes the manifest on every path
+                for i, data in zip(range(n), blobs, strict=True):
+                    yield FileJob(paths[i], (i,), ((starts[i], ends[i]),), data)
+            return
         i = 0
         while i < n:
             j = i + 1
-            if self.audio is None:
-                while j < n and paths[j] == paths[i] and j - i < MAX_SEGMENTS_PER_FILE:
-                    j += 1
+            while j < n and paths[j] == paths[i] and j - i < MAX_SEGMENTS_PER_FILE:
+                j += 1
             items = tuple(range(i, j))
-            yield FileJob(paths[i], items, tuple((starts[k], ends[k]) for k in items), None if self.audio is None else self.audio[i])
+            yield FileJob(paths[i], items, tuple((starts[k], ends[k]) for k in items))
             i = j
 
     def _requests(self):
@@ -219,7 +229,7 @@ class Pipeline:
     """Decoding starts at construction; run() drives the device; leaving the `with` stops it all."""
 
     def __init__(self, pending: pl.DataFrame, opts: JobOptions, cfg: EncoderConfig, device: torch.device,
-                 stop: threading.Event, audio: list[bytes | None] | None = None):
+                 stop: threading.Event, audio: EmbeddedAudio | None = None):
         self.pending, self.opts, self.cfg, self.device = pending, opts, cfg, device
         self.stop = stop
         self._halt = threading.Event()  # stops the producer: set on the way out, or with `stop`

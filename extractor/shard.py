@@ -254,7 +254,7 @@ def embed_locked(plan: ShardPlan, lock, *, part: tuple[int, int] = (0, 1), first
         import torch
 
         torch.cuda.set_device(device)  # else cuda:0 gets a context and the default streams
-    with Pipeline(pending, opts, plan.cfg, device, stop) as pipe:
+    with Pipeline(pending, opts, plan.cfg, device, stop, plan.manifest.audio) as pipe:
         if model is None:
             t = time.monotonic()
             model = load_model(Path(opts.model), Path(opts.adapter) if opts.adapter else None, device, resolve_dtype(opts.dtype, device))

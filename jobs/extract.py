@@ -18,7 +18,7 @@ import click
 
 from extractor import __version__
 from extractor.errors import EXIT_CONFIG, EXIT_FAILURE_RATE, EXIT_OK, EXIT_UNEXPECTED, Interrupted, exit_code_of
-from extractor.manifest.spec import ManifestSpec
+from extractor.manifest.spec import MANIFEST_FORMATS, ManifestSpec
 from extractor.options import (DEFAULT_DECODE_TIMEOUT_S, DEFAULT_MAX_DURATION_S, DEFAULT_MAX_FAILURE_RATE, DEFAULT_PART_ROWS,
                                JobOptions, Shard)
 from jobs.logs import configure
@@ -46,7 +46,15 @@ def _json_object(ctx, param, value: str | None) -> dict | None:
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
 @click.version_option(__version__, "--version", package_name="qwen2-audio-embeddings")
-@click.option("--manifest", required=True, help="Manifest, one row per audio: Parquet of paths.")
+@click.option("--manifest", required=True,
+              help="Manifest, one row per audio: Parquet, CSV, JSONL (.gz) or lhotse cuts, local or fsspec URL; the format from "
+                   "the extension (see --manifest-format).")
+@click.option("--manifest-format", type=click.Choice(MANIFEST_FORMATS),
+              help="Read the manifest as this format whatever its name; default: .parquet, .csv(.gz), .jsonl(.gz), "
+                   "*cuts*.jsonl(.gz) for lhotse, else Parquet. CSV columns are read as strings.")
+@click.option("--audio-column",
+              help="Audio stored in a Parquet manifest: a binary column, or a struct of bytes and path (Hugging Face Audio); "
+                   "replaces --path-column. The id defaults to the struct's path.")
 @click.option("--output", required=True, help="Output directory (created if missing); readers read OUTPUT/embeddings.")
 @click.option("--storage-options", callback=_json_object,
               help='JSON object of fsspec options for s3://, gs://, ... paths, e.g. \'{"client_kwargs": {"endpoint_url": "http://minio:9000"}}\'; '
@@ -103,7 +111,8 @@ def extract(**kw) -> None:
     opts = JobOptions(
         manifest=ManifestSpec(
             path=kw["manifest"], path_column=kw["path_column"], id_column=kw["id_column"], keep_columns=_columns(kw["keep_columns"]),
-            start_column=kw["start_column"], end_column=kw["end_column"],
+            start_column=kw["start_column"], end_column=kw["end_column"], format=kw["manifest_format"],
+            audio_column=kw["audio_column"],
         ),
         output=kw["output"], model=kw["model"], adapter=kw["adapter"], device=kw["device"], dtype=kw["dtype"],
         padding_mask=not kw["no_padding_mask"], pooling=kw["pooling"], output_dtype=kw["output_dtype"],

@@ -1,5 +1,25 @@
 """The manifest: what to embed. Read and validated whole before anything is written.
 
-    spec.py  the command line's description of it (which columns mean what)
-    read.py  reading (Parquet, CSV, JSONL, lhotse cuts), validation, canonical types, sharding
+    spec.py      the command line's description of it (format, which columns mean what)
+    formats.py   Parquet, CSV, JSONL files as Arrow tables; the format from the file's name
+    lhotse.py    lhotse cut manifests as rows, without lhotse
+    embedded.py  audio stored in a Parquet manifest, read lazily, row group by row group
+    types.py     one canonical Arrow type per logical type, for every part
+    read.py      validation, the rows of a run, sharding, fingerprints
 """
+
+from __future__ import annotations
+
+from .errors import ManifestError
+from .spec import MANIFEST_FORMATS, ManifestSpec
+
+__all__ = ["MANIFEST_FORMATS", "Manifest", "ManifestError", "ManifestSpec", "read_manifest"]
+
+
+def __getattr__(name: str):
+    # read.py imports polars; `extract-embeddings --help` imports this package for ManifestSpec only.
+    if name in ("Manifest", "read_manifest"):
+        from . import read
+
+        return getattr(read, name)
+    raise AttributeError(name)

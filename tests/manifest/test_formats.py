@@ -1,0 +1,156 @@
+"""Parquet, CSV, JSONL and JSONL.gz manifests, local or fsspec URLs: the format from the name or the
+flag, the same refusals for each, and types that do not depend on the night's values."""
+
+from __future__ import annotations
+
+import gzip
+import json
+import uuid
+from pathlib import Path
+
+import fsspec
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from extractor.manifest import ManifestError, ManifestSpec, read_manifest
+from extractor.manifest.formats import manifest_format
+
+from .runs import run_job
+
+
+@pytest.mark.parametrize("name,expected", [
+    ("m.parquet", "parquet"), ("m.pq", "parquet"), ("M.PARQUET", "parquet"), ("manifest", "parquet"),
+    ("s3://bucket/key?versionId=3", "parquet"), ("m.csv", "csv"), ("m.csv.gz", "csv"), ("m.jsonl", "jsonl"),
+    ("m.jsonl.gz", "jsonl"), ("m.ndjson", "jsonl"), ("gs://b/discuts.jsonl.gz", "jsonl"), ("cuts.jsonl.gz", "lhotse"),
+    ("librispeech_cuts_dev-clean.jsonl.gz", "lhotse"), ("s3://b/train/cuts.000001.jsonl", "lhotse"),
+])
+def test_format_from_the_name(name, expected):
+    assert manifest_format(ManifestSpec(name)) == expected
+
+
+def test_the_flag_overrides_the_name():
+    assert manifest_format(ManifestSpec("cuts.jsonl.gz", format="jsonl")) == "jsonl"
+    assert manifest_format(ManifestSpec("rows.txt", format="csv")) == "csv"
+    with pytest.raises(ManifestError, match="--manifest-format 'tsv'"):
+        manifest_format(ManifestSpec("m.tsv", format="tsv"))
+
+
+def write(path: Path, rows: list[dict]) -> Path:
+    """`rows` in the format of `path`'s name (None: an empty field, or a JSON null)."""
+    name = path.name
+    if name.endswith(".parquet"):
+        pq.write_table(pa.Table.from_pylist(rows), path)
+        return path
+    if ".csv" in name:
+        cols = list(dict.fromkeys(k for r in rows for k in r))
+        text = ",".join(cols) + "\n" + "".join(",".join("" if r.get(c) is None else str(r[c]) for c in cols) + "\n" for r in rows)
+    else:
+        text = "".join(json.dumps(r) + "\n" for r in rows)
+    data = text.encode()
+    path.write_bytes(gzip.compress(data) if name.endswith(".gz") else data)
+    return path
+
+
+FORMATS = ["m.parquet", "m.csv", "m.jsonl", "m.jsonl.gz"]
+PROBLEMS = {
+    # name: (rows, spec fields, what the message says)
+    "missing_column": ([{"file": "/a.wav"}], {}, "lacks column(s) ['path']"),
+    "missing_keep_column": ([{"path": "/a.wav"}], {"keep_columns": ("speaker",)}, "lacks column(s) ['speaker']"),
+    "null_path": ([{"path": "/a.wav"}, {"path": None}], {}, "1 row(s) with a null or empty 'path', at rows 1"),
+    "duplicate_paths": ([{"path": "/a.wav"}, {"path": "/a.wav"}], {}, "1 duplicate id(s) in 'path'"),
+    "duplicate_ids": ([{"id": "u1", "path": "/a.wav"}, {"id": "u1", "path": "/b.wav"}], {"id_column": "id"}, "duplicate id(s) in 'id'"),
+    "null_id": ([{"id": "u1", "path": "/a.wav"}, {"id": None, "path": "/b.wav"}], {"id_column": "id"}, "1 row(s) with a null id"),
+    "text_start": ([{"path": "/a.wav", "start": "soon"}], {"start_column": "start"}, "'start'"),
+}
+
+
+@pytest.mark.parametrize("problem", sorted(PROBLEMS))
+@pytest.mark.parametrize("name", FORMATS)
+def test_every_format_is_refused_for_the_same_problems(name, problem, tmp_path):
+    rows, fields, message = PROBLEMS[problem]
+    manifest = write(tmp_path / name, rows)
+    with pytest.raises(ManifestError) as e:
+        read_manifest(ManifestSpec(str(manifest), **fields))
+    assert message in str(e.value) and str(manifest) in str(e.value)
+
+
+@pytest.mark.parametrize("name", ["m.csv", "m.jsonl.gz", "m.parquet"])
+def test_a_refused_manifest_exits_2_with_nothing_written(name, model, tmp_path):
+    manifest = write(tmp_path / name, [{"id": "u1", "path": "/a.wav"}, {"id": "u1", "path": "/b.wav"}])
+    out = tmp_path / "out"
+    code, log = run_job(manifest, out, model, "--id-column", "id")
+    assert code == 2 and "duplicate id" in log, log
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("name,content,says", [
+    ("m.csv", b"", "lacks column(s) ['path']; it has []"),
+    ("m.csv", b'path\n"a.wav\n', "as CSV: invalid csv file"),
+    ("m.jsonl", b"{not json\n", "as JSONL: JSON parse error"),
+    ("m.parquet", b"path\na.wav\n", "as Parquet: Parquet magic bytes not found"),
+    ("manifest.txt", b"path\na.wav\n", "read as Parquet for want of a known extension: give --manifest-format csv"),
+])
+def test_a_file_that_is_not_its_format_exits_2_naming_it(name, content, says, model, tmp_path):
+    manifest = tmp_path / name
+    manifest.write_bytes(content)
+    code, log = run_job(manifest, tmp_path / "out", model)
+    assert code == 2 and says in log and str(manifest) in log, log
+    assert "infer_schema_length" not in log  # polars' advice does not apply: nothing is inferred
+
+
+def test_csv_columns_are_strings_so_ids_never_change_type_or_value(tmp_path):
+    # Night 1: every id looks like a number; night 2 one does not. Inferred types would give
+    # int64 ids (and `007` → 7) then strings; read as text, both nights agree and `007` stays.
+    night1 = write(tmp_path / "n1.csv", [{"id": "007", "path": "/a.wav", "start": "0.5", "n": "3"},
+                                          {"id": "7", "path": "/b.wav", "start": " 1 ", "n": "4"}])
+    night2 = write(tmp_path / "n2.csv", [{"id": "007", "path": "/a.wav", "start": "0.5", "n": "3"},
+                                          {"id": "x8", "path": "/c.wav", "start": "2", "n": "x"}])
+    spec = dict(id_column="id", start_column="start", keep_columns=("n",))
+    m1, m2 = (read_manifest(ManifestSpec(str(p), **spec)) for p in (night1, night2))
+    assert m1.arrow_types == m2.arrow_types == {"id": pa.large_string(), "path": pa.large_string(), "n": pa.large_string()}
+    assert m1.rows["id"].to_list() == ["007", "7"] and m2.rows["id"].to_list() == ["007", "x8"]
+    assert m1.rows["start_s"].to_list() == [0.5, 1.0]  # the segment bounds are the one thing parsed
+    with pytest.raises(ManifestError, match=r"'start' holds 'soon', 'later' at rows 1, 2, expected seconds"):
+        read_manifest(ManifestSpec(str(write(tmp_path / "bad.csv", [{"path": "/a", "start": "1"}, {"path": "/b", "start": "soon"},
+                                                                      {"path": "/c", "start": "later"}])), start_column="start"))
+
+
+def test_jsonl_keeps_json_types_and_refuses_a_column_that_changes_type(tmp_path):
+    m = read_manifest(ManifestSpec(str(write(tmp_path / "m.jsonl", [{"id": 1, "path": "/a.wav", "day": "2024-01-01"},
+                                                                    {"id": 2, "path": "/b.wav", "day": "2024-01-02"}])),
+                                   id_column="id", keep_columns=("day",)))
+    assert m.id_type == pa.int64() and m.arrow_types["day"] == pa.large_string()  # not a guessed timestamp
+    assert m.rows["day"].to_list() == ["2024-01-01", "2024-01-02"]
+    dated = read_manifest(ManifestSpec(str(write(tmp_path / "d.jsonl", [{"id": "2024-01-01", "path": "/a.wav"}])), id_column="id"))
+    assert dated.id_type == pa.large_string() and dated.rows["id"].to_list() == ["2024-01-01"]
+    with pytest.raises(ManifestError, match="as JSONL.*changed from number to string"):
+        read_manifest(ManifestSpec(str(write(tmp_path / "x.jsonl", [{"id": 1, "path": "/a.wav"}, {"id": "b", "path": "/b.wav"}])),
+                                   id_column="id"))
+
+
+def test_gzip_is_read_by_its_content_and_lhotse_cuts_read_as_jsonl_get_a_hint(tmp_path):
+    plain_name = tmp_path / "m.jsonl"
+    plain_name.write_bytes(gzip.compress(b'{"path": "/a.wav"}\n'))
+    assert read_manifest(ManifestSpec(str(plain_name))).rows["path"].to_list() == ["/a.wav"]
+    cut = {"id": "c", "start": 0, "duration": 1, "recording": {"id": "r", "sources": [{"type": "file", "channels": [0], "source": "/a.wav"}]}}
+    with pytest.raises(ManifestError, match="--manifest-format lhotse"):
+        read_manifest(ManifestSpec(str(write(tmp_path / "rows.jsonl", [cut]))))
+
+
+@pytest.mark.parametrize("name", ["m.parquet", "m.csv", "m.jsonl.gz", "cuts.jsonl.gz"])
+def test_fsspec_urls(name, tmp_path):
+    if name.startswith("cuts"):
+        rows = [{"id": "c1", "start": 0.5, "duration": 1.0, "channel": 0, "type": "MonoCut",
+                 "recording": {"id": "r", "sources": [{"type": "file", "channels": [0], "source": "/a.wav"}],
+                               "sampling_rate": 16000, "num_samples": 32000, "duration": 2.0}}]
+    else:
+        rows = [{"id": "u1", "path": "/a.wav"}, {"id": "u2", "path": "/b.wav"}]
+    local = write(tmp_path / name, rows)
+    url = f"memory://{uuid.uuid4().hex}/{name}"
+    with fsspec.open(url, "wb") as f:
+        f.write(local.read_bytes())
+    for where in (url, f"file://{local}"):
+        m = read_manifest(ManifestSpec(where, id_column=None if name.startswith("cuts") else "id"))
+        assert m.rows["id"].to_list() == [r["id"] for r in rows], where
+        assert m.rows["path"].to_list() == (["/a.wav"] if name.startswith("cuts") else ["/a.wav", "/b.wav"])
