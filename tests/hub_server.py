@@ -62,6 +62,9 @@ class HubServer:
                 self.blobs[hashlib.sha256(data).hexdigest()] = (repo_id, name)
         return repo.commit
 
+    def commit(self, repo_id: str) -> str:
+        return self.repos[repo_id].commit
+
     @property
     def port(self) -> int:
         return self._server.server_address[1]

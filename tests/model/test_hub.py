@@ -48,12 +48,10 @@ print(json.dumps([resolve_model(sys.argv[1]), resolve_adapter(sys.argv[2]) if le
 @pytest.fixture(scope="module")
 def hub(tiny_model, tiny_adapter, checkpoint_factory, adapter_factory):
     with HubServer() as server:
-        server.commits = {
-            "org/tiny": server.add_repo("org/tiny", tiny_model),
-            "org/lora": server.add_repo("org/lora", tiny_adapter),
-            "org/single": server.add_repo("org/single", checkpoint_factory(single_file=True)),
-            "org/lora-bin": server.add_repo("org/lora-bin", adapter_factory("tf5_full", bin_format=True)),
-        }
+        server.add_repo("org/tiny", tiny_model)
+        server.add_repo("org/lora", tiny_adapter)
+        server.add_repo("org/single", checkpoint_factory(single_file=True))
+        server.add_repo("org/lora-bin", adapter_factory("tf5_full", bin_format=True))
         server.add_repo("org/flaky", tiny_model, drop=True)
         yield server
 
@@ -120,7 +118,7 @@ def test_job_by_repo_id_downloads_only_the_tower(first_run, hub, tiny_model, tin
     assert not first_run["requested"]["org/tiny"] & lm_only
     assert first_run["requested"]["org/lora"] == {"adapter_config.json", "adapter_model.safetensors"}  # not its README.md
 
-    expected = {"model": "org/tiny", "model_revision": hub.commits["org/tiny"], "adapter": "org/lora", "adapter_revision": hub.commits["org/lora"]}
+    expected = {"model": "org/tiny", "model_revision": hub.commit("org/tiny"), "adapter": "org/lora", "adapter_revision": hub.commit("org/lora")}
     run = json.loads((first_run["out"] / "_run.json").read_text())
     assert run["sources"] == expected
     parts = sorted((first_run["out"] / "embeddings").glob("part-*.parquet"))
@@ -148,16 +146,18 @@ def test_rerun_asks_the_hub_once_per_repo_and_imports_no_torch(first_run, hub, c
 
 def test_offline_and_hub_down_resolve_from_the_cache(first_run, hub, corpus):
     tmp = first_run["tmp"]
-    snapshots = [str(tmp / "hf_cache" / f"models--org--{name}" / "snapshots" / hub.commits[f"org/{name}"]) for name in ("tiny", "lora")]
+    snapshots = [str(tmp / "hf_cache" / f"models--org--{name}" / "snapshots" / hub.commit(f"org/{name}")) for name in ("tiny", "lora")]
     down = dead_endpoint()
+    pinned = [f"org/tiny@{hub.commit('org/tiny')}", f"org/lora@{hub.commit('org/lora')}"]
     hub.requests.clear()
-    for offline in (True, False):  # HF_HUB_OFFLINE=1, and a Hub that refuses connections
-        result = resolve(hub_env(tmp, down, offline=offline), "org/tiny", "org/lora")
+    # HF_HUB_OFFLINE=1, a Hub that refuses connections, and revisions given as commits.
+    for offline, specs in ((True, ["org/tiny", "org/lora"]), (False, ["org/tiny", "org/lora"]), (True, pinned)):
+        result = resolve(hub_env(tmp, down, offline=offline), *specs)
         assert result.returncode == 0, result.stderr[-3000:]
         assert json.loads(result.stdout) == snapshots
     assert (Path(snapshots[0]) / INDEX).is_file() and (Path(snapshots[1]) / "adapter_model.safetensors").is_file()
     rerun = run_job(hub_env(tmp, down, offline=True), corpus, first_run["out"], "--model", "org/tiny", "--adapter", "org/lora")
-    assert rerun.returncode == 0 and "nothing to do" in rerun.stderr, rerun.stderr[-3000:]
+    assert rerun.returncode == 0 and "0 embedded, 0 failed, 3 skipped of 3 rows" in rerun.stderr, rerun.stderr[-3000:]
     assert hub.requests == []
 
 
