@@ -106,7 +106,8 @@ READERS = {
     "pandas read_parquet(dir)": lambda d: pa.Table.from_pandas(pd.read_parquet(d), preserve_index=False),
     "duckdb 'dir/*.parquet'": lambda d: duckdb.sql(f"SELECT * FROM '{d}/*.parquet'").to_arrow_table(),
     "duckdb read_parquet('dir/**/*.parquet')": lambda d: duckdb.sql(f"SELECT * FROM read_parquet('{d}/**/*.parquet')").to_arrow_table(),
-    # cache_dir: the test's own; the README's call leaves it out (HF_DATASETS_CACHE is read at import).
+    # cache_dir: the test's own (HF_DATASETS_CACHE is read when datasets is imported, before any fixture);
+    # the README's call leaves it out. A local folder is read without asking the Hub anything.
     "datasets load_dataset('parquet', data_dir=dir)":
         lambda d: datasets.load_dataset("parquet", data_dir=str(d), cache_dir=_datasets_cache(d))["train"].data.table,
     "datasets load_dataset(dir)": lambda d: datasets.load_dataset(str(d), cache_dir=_datasets_cache(d))["train"].data.table,
@@ -127,13 +128,6 @@ def assert_same_rows(got: pa.Table, want: pa.Table, reader: str) -> None:
             assert np.array_equal(got_m, np.array(want.column(name).to_pylist(), dtype=np.float32)), reader
         else:
             assert got.column(name).to_pylist() == want.column(name).to_pylist(), f"{reader}: {name}"
-
-
-@pytest.fixture(autouse=True)
-def offline_datasets(monkeypatch, tmp_path):
-    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.setenv("HF_DATASETS_CACHE", str(tmp_path / "hf_datasets"))
 
 
 @pytest.mark.parametrize("reader", READERS)
