@@ -2,9 +2,11 @@
 
     read  →  lock  →  plan from what is committed  →  embed  →  commit  →  mark
 
-`prepare` reads and refuses: the model's and adapter's JSON, the manifest, the output's layout
-and recipe, all before anything is written (exit 2). When the shard's marker names this manifest
-and these inputs and `_SUCCESS` stands, there is nothing to do: no lock, no torch, about a second.
+`prepare` reads and refuses: a `--model`/`--adapter` given as a Hub repo id is first resolved to a
+local snapshot (model/hub.py: only the tower's files are downloaded), then the model's and
+adapter's JSON, the manifest, the output's layout and recipe, all before anything is written
+(exit 2). When the shard's marker names this manifest and these inputs and `_SUCCESS` stands,
+there is nothing to do: no lock, no torch, about a second.
 
 `run_shard` takes the shard's lock (exit 75 if a live run holds it), and only then plans: the
 pending rows are the shard's rows minus the ids in committed parts (and failure records), read
@@ -26,7 +28,7 @@ import os
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import polars as pl
@@ -38,6 +40,7 @@ from .manifest.read import Manifest, read_manifest, shard_of
 from .manifest.read import fingerprint as rows_fingerprint
 from .model.config import (EncoderConfig, adapter_weights_file, cached_fingerprint, read_adapter_config, read_config,
                            stat_signature, tower_files)
+from .model.hub import readable_source, resolve_adapter, resolve_model
 from .options import JobOptions, Shard
 from .output.layout import OutputDir, RunInfo
 from .recipe import Recipe
@@ -145,6 +148,8 @@ def prepare(opts: JobOptions, shard: Shard | None = None) -> ShardPlan:
     t0 = launch_clock()
     shard = shard or opts.shard
     _check_flags(opts)
+    # Repo ids become snapshot directories before anything reads them; the plan carries the paths.
+    opts = replace(opts, model=resolve_model(opts.model), adapter=resolve_adapter(opts.adapter) if opts.adapter else None)
     cfg = read_config(Path(opts.model))
     if opts.adapter:
         read_adapter_config(Path(opts.adapter))
@@ -216,8 +221,11 @@ def build_recipe(model, opts: JobOptions) -> Recipe:
 
 
 def sources(opts: JobOptions) -> dict:
-    """Readable names of the model and adapter (not compared on resume: the same weights may move)."""
-    return {"model": str(opts.model), "adapter": None if opts.adapter is None else str(opts.adapter)}
+    """Readable names of the model and adapter: repo id and commit for a Hub snapshot, else the
+    path (not compared on resume: the same weights may move)."""
+    model, model_revision = readable_source(opts.model)
+    adapter, adapter_revision = readable_source(opts.adapter)
+    return {"model": model, "model_revision": model_revision, "adapter": adapter, "adapter_revision": adapter_revision}
 
 
 def embed_locked(plan: ShardPlan, lock, *, part: tuple[int, int] = (0, 1), first_seq: int | None = None, seq_step: int = 1,

@@ -211,7 +211,9 @@ class OutputDir:
             other = marker if i == shard.index else self.marker(Shard(i, shard.count))
             if other is None or other.get("whole_manifest") != whole or other.get("inputs") != marker["inputs"]:
                 return False
-        if (self.success() or {}).get("whole_manifest") != whole:
+        done = self.success() or {}
+        # Inputs too: a _SUCCESS left with another run's inputs would make every rerun miss the no-op.
+        if done.get("whole_manifest") != whole or done.get("inputs") != marker["inputs"]:
             lock.check()
             self.storage.write(SUCCESS_FILE, json.dumps({"whole_manifest": whole, "inputs": marker["inputs"], "num_shards": shard.count,
                                                          "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z")}, sort_keys=True).encode())
