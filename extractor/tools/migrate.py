@@ -4,8 +4,11 @@
     now:  DIR/embeddings/part-*.parquet, DIR/failures/part-*.parquet, DIR/_run.json (recipe and
           shard layout), DIR/_SUCCESS and DIR/_shards/ (markers that name a manifest)
 
-Every step is a rename within the directory, so parts are never rewritten, and a migration that
-is interrupted is finished by running it again (the job refuses the output until it is). The
+Every step is a rename within the directory, except for parts whose columns are not of today's
+canonical types (0.1 kept the manifest's own: `string` beside `large_string`, `int32` beside
+`int64`): those are rewritten, cast, through a temporary file and a rename, so that every reader
+sees one schema. A migration that is interrupted is finished by running it again (the job refuses
+the output until it is). The
 shard layout is the `--num-shards` of the old markers' names, or the one given. Local
 directories only; a run must not be writing to the output meanwhile (its locks are checked).
 """
@@ -21,6 +24,10 @@ from pathlib import Path
 
 import click
 
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from ..manifest.types import canonical_type
 from ..output.layout import EMBEDDINGS_DIR, FAILURES_DIR, LAYOUT_VERSION, PART_RE, RUN_FILE
 from ..output.storage import write_atomic
 
@@ -74,9 +81,24 @@ def migrate(root: Path, num_shards: int | None = None) -> dict:
         os.rmdir(old_failures)
     for p in [*root.glob("_SUCCESS-*-of-*"), root / "_SUCCESS", *root.glob("_lock-*")]:
         p.unlink(missing_ok=True)  # old markers name no manifest; old locks are not held (checked)
+    rewritten = sum(_canonicalise(p) for folder in (EMBEDDINGS_DIR, FAILURES_DIR) for p in sorted((root / folder).glob("part-*.parquet")))
     run.update(num_shards=num_shards, layout_version=LAYOUT_VERSION)
     write_atomic(run_file, json.dumps(run, indent=2, sort_keys=True).encode())  # last: the job accepts it from here on
-    return {"parts": moved, "failure_files": failures, "num_shards": num_shards}
+    return {"parts": moved, "failure_files": failures, "num_shards": num_shards, "rewritten": rewritten}
+
+
+def _canonicalise(path: Path) -> bool:
+    """Rewrite a part whose id or kept columns are not of the canonical types; True if it was."""
+    schema = pq.read_schema(path)
+    wanted = pa.schema([f.with_type(canonical_type(f.type)) if f.name not in ("embedding", "frames") else f for f in schema],
+                       metadata=schema.metadata)
+    if wanted.equals(schema, check_metadata=False):
+        return False
+    table = pq.read_table(path).cast(wanted)
+    tmp = path.with_name(f".{path.name}.migrate.tmp")
+    pq.write_table(table, tmp, compression="zstd")
+    os.replace(tmp, path)  # a reader sees the old part or the new one, whole
+    return True
 
 
 @click.command()
@@ -90,7 +112,7 @@ def main(directory: str, num_shards: int | None) -> None:
         click.echo(f"migrate: {e}", err=True)
         sys.exit(2)
     click.echo(f"moved {done['parts']} part(s) into {EMBEDDINGS_DIR}/ and {done['failure_files']} failure file(s) into "
-               f"{FAILURES_DIR}/; layout: {done['num_shards']} shard(s)")
+               f"{FAILURES_DIR}/, {done['rewritten']} rewritten to canonical types; layout: {done['num_shards']} shard(s)")
 
 
 if __name__ == "__main__":

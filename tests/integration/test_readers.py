@@ -174,13 +174,25 @@ def test_duckdb_cosine_needs_the_cast_to_a_fixed_size_array(night1):
         assert c == pytest.approx(cos[ids.index(a), ids.index(b)], abs=1e-5)
 
 
-@pytest.mark.xfail(strict=True, raises=pl.exceptions.SchemaError,
-                   reason="an older part's int32 kept column beside today's int64: polars refuses to mix them "
-                          "(every other reader casts); such parts need rewriting to the canonical types (issue 12)")
-def test_polars_reads_an_old_int32_column_beside_int64(two_nights, tmp_path):
-    out = tmp_path / "old_int32"
-    shutil.copytree(two_nights["out"] / "embeddings", out)
-    first = sorted(out.glob("part-*.parquet"))[0]
-    table = pq.read_table(first)
-    pq.write_table(table.set_column(table.column_names.index("take"), "take", table.column("take").cast(pa.int32())), first)
-    assert pl.read_parquet(out).height == 8
+def test_an_old_output_with_int32_and_string_columns_reads_as_one_schema_once_migrated(night1, tmp_path):
+    """Version 0.1 kept the manifest's own types (here a string id and an int32 column, beside
+    today's large_string and int64): polars refuses to mix those. The migration of an old output
+    rewrites such parts to the canonical types, so every reader sees one schema."""
+    from extractor.tools.migrate import migrate
+
+    out = tmp_path / "old"
+    out.mkdir()
+    for i, part in enumerate(sorted((night1["out"] / "embeddings").glob("part-*.parquet"))):
+        table = pq.read_table(part)
+        if i == 0:  # as 0.1 wrote it from a pyarrow manifest
+            table = table.set_column(0, "id", table.column("id").cast(pa.string()))
+            table = table.set_column(table.column_names.index("take"), "take", table.column("take").cast(pa.int32()))
+        pq.write_table(table, out / part.name)  # 0.1's layout: parts at the top
+    run = json.loads((night1["out"] / "_run.json").read_text())
+    (out / "_run.json").write_text(json.dumps({"recipe": run["recipe"], "created": run["created"]}))
+    assert len({pq.read_schema(p).remove_metadata() for p in out.glob("part-*.parquet")}) == 2  # as 0.1 left it
+    done = migrate(out)
+    assert done["rewritten"] == 1
+    schemas = {pq.read_schema(p).remove_metadata() for p in (out / "embeddings").glob("part-*.parquet")}
+    assert len(schemas) == 1
+    assert pl.read_parquet(out / "embeddings").height == expected(night1["out"] / "embeddings").num_rows
