@@ -465,14 +465,18 @@ def _open(src: Source) -> _SndFileSource | _AvSource:
         length = None
         if handle.format == "MP3":
             # libsndfile stops reading an MP3 at the length it believes: mpg123's guess from the
-            # file size unless a Xing/Info header gives the count (measured: a VBR MP3 without
-            # one decodes to 28% of its length, one with a VBRI header to 56%, silently). FFmpeg
-            # reads to the end of the stream, so it takes every MP3 whose count libsndfile lacks.
+            # file size and first frame unless a Xing/Info header gives the count (measured: a
+            # VBR MP3 without one decodes to 28% of its length, one with a VBRI header to 56%,
+            # silently). FFmpeg reads to the end of the stream, so it takes those (mp3.py).
             length = mp3.declared_length(src.read_at)
+            if length is None:
+                guessed = mp3.variable_bitrate(src.read_at)
+            else:
+                guessed = length.header == "VBRI" or abs(handle.frames - length.samples) > length.samples_per_frame
             src.check()
-            if length is None or length.header == "VBRI" or abs(handle.frames - length.samples) > length.samples_per_frame:
+            if guessed:
                 handle.close()
-                return _open_av(src, "libsndfile only estimates this MP3's length")
+                return _open_av(src, "libsndfile can only guess this MP3's length")
         source = _SndFileSource(src, handle, length)
     except BaseException:
         handle.close()

@@ -14,10 +14,13 @@ frame that decoders skip:
 
 `declared_length` reads that header; decode.py compares it with what was decoded and fails the
 file as truncated when the decode comes up more than one frame short (see `Mp3Length.is_short`
-for the tolerance). libsndfile decodes an MP3 with a Xing/Info header; one without, or with
-VBRI, goes to FFmpeg, because libsndfile stops reading at its own guess of the length (mpg123
-does not read VBRI, and without a header it guesses from the file size and the first frame's
-bitrate: 28% of a VBR file, measured).
+for the tolerance). libsndfile stops reading at its own idea of the length: the Xing/Info
+count when there is one, else a guess from the file size and the first frame's bitrate (mpg123
+does not read VBRI). The guess holds for constant bitrate; for a VBR file it was 28% of the
+length (measured). So decode.py leaves to FFmpeg, which reads to the end of the stream, the MP3s
+with a VBRI header and those without a header whose bitrate varies (`variable_bitrate`). Not the
+constant-bitrate ones: FFmpeg fails on trailing junk (Lyrics3 tags, garbage after the last frame),
+which libsndfile reads past.
 
 What cannot be known without such a header (a constant-bitrate MP3 from an old encoder, a
 stream capture, a file whose first frame was cut off): the intended length. A file cut at a frame
@@ -35,7 +38,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Callable
 
-__all__ = ["Mp3Length", "declared_length"]
+__all__ = ["Mp3Length", "declared_length", "variable_bitrate"]
 
 ReadAt = Callable[[int, int], bytes]  # (offset, size) -> up to `size` bytes of the file at `offset`
 
@@ -107,6 +110,29 @@ def declared_length(read_at: ReadAt) -> Mp3Length | None:
 
     `read_at(offset, size)` reads the file; a short or failed read makes this return None.
     """
+    found = _first_frame(read_at)
+    if found is None:
+        return None
+    window, i, frame = found
+    return _info_header(window[i : i + MAX_FRAME_BYTES], frame)
+
+
+def variable_bitrate(read_at: ReadAt) -> bool:
+    """Whether the frames in the first SYNC_SEARCH_BYTES differ in bitrate: a VBR stream, whose
+    length cannot be guessed from the file size when it has no info header."""
+    found = _first_frame(read_at)
+    if found is None:
+        return False
+    window, i, _ = found
+    bitrates = set()
+    while (frame := _parse_header(window[i : i + 4])) is not None and frame.length is not None:
+        bitrates.add(window[i + 2] >> 4)
+        i += frame.length
+    return len(bitrates) > 1
+
+
+def _first_frame(read_at: ReadAt) -> tuple[bytes, int, _Frame] | None:
+    """(the bytes after any ID3v2 tag, the offset in them of the first frame, that frame)."""
     start = _skip_id3v2(read_at)
     if start is None:
         return None
@@ -117,13 +143,12 @@ def declared_length(read_at: ReadAt) -> Mp3Length | None:
         frame = _parse_header(window[i : i + 4])
         if frame is None:
             continue
-        info = _info_header(window[i : i + MAX_FRAME_BYTES], frame)
-        if info is not None:
-            return info
-        # A real first frame is followed by another: then this MP3 simply has no info header.
-        # A false sync (0xFF in junk) is not, and the search goes on.
+        # A real first frame holds an info header or is followed by another frame; a false sync
+        # (0xFF in junk) is neither, and the search goes on.
+        if _info_header(window[i : i + MAX_FRAME_BYTES], frame) is not None:
+            return window, i, frame
         if frame.length is not None and _parse_header(window[i + frame.length : i + frame.length + 4]) is not None:
-            return None
+            return window, i, frame
     return None
 
 

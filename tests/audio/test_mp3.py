@@ -117,7 +117,7 @@ def test_without_an_info_header_a_cut_cannot_be_known(clean, tmp_path):
     _, data = clean
     starts = frame_starts(data)
     bare = data[starts[1] :]  # no Xing frame
-    assert mp3.declared_length(read_at(bare)) is None
+    assert mp3.declared_length(read_at(bare)) is None and mp3.variable_bitrate(read_at(bare))
     full, cut = tmp_path / "bare.mp3", tmp_path / "bare_cut.mp3"
     full.write_bytes(bare)
     cut.write_bytes(bare[: starts[len(starts) // 3] - starts[1]])
@@ -125,6 +125,22 @@ def test_without_an_info_header_a_cut_cannot_be_known(clean, tmp_path):
     assert failed is None and abs(duration - SECONDS) < 0.05
     failed, duration = decode_record(cut)
     assert failed is None and duration < SECONDS / 2  # embedded as a shorter file
+
+
+def test_without_an_info_header_a_trailing_tag_still_decodes_at_constant_bitrate(tmp_path):
+    # A constant-bitrate MP3 without a header stays with libsndfile, whose guess of its length is
+    # right and which reads past a Lyrics3 tag after the last frame (FFmpeg fails on it).
+    x = speechlike(SECONDS, sr=44100, seed=4)
+    cbr = tmp_path / "cbr.mp3"
+    sf.write(str(cbr), x, 44100, bitrate_mode="CONSTANT", compression_level=0.5)
+    data = cbr.read_bytes()
+    assert mp3.declared_length(read_at(data)).header == "Info" and not mp3.variable_bitrate(read_at(data))
+    bare = data[frame_starts(data)[1] :] + b"LYRICSBEGININD00002" + b"x" * 300 + b"000350LYRICS200"
+    path = tmp_path / "cbr_bare_lyrics.mp3"
+    path.write_bytes(bare)
+    assert mp3.declared_length(read_at(bare)) is None and not mp3.variable_bitrate(read_at(bare))
+    failed, duration = decode_record(path)
+    assert failed is None and abs(duration - SECONDS) < 0.05
 
 
 # --- other containers: what FFmpeg reports mid-stream ------------------------------------------
