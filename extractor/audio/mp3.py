@@ -1,8 +1,8 @@
 """How long an MP3 says it is: the Xing/Info or VBRI header of its first frame (issue 12).
 
 An MP3 is a bare sequence of frames with no container and no length field. A decoder that meets
-the end of the data, or junk it cannot resync past, simply stops: a file cut off by a broken
-download decodes "successfully" into a shorter signal. libsndfile (mpg123) gives no sign of it.
+the end of the data simply stops (and junk it may skip, stop at, or fail on): a file cut off by a
+broken download decodes "successfully" into a shorter signal. libsndfile (mpg123) gives no sign.
 Most MP3s written since ~2000 carry an info header in their first frame, which is itself a silent
 frame that decoders skip:
 
@@ -24,13 +24,12 @@ which libsndfile reads past.
 
 What cannot be known without such a header (a constant-bitrate MP3 from an old encoder, a
 stream capture, a file whose first frame was cut off): the intended length. A file cut at a frame
-boundary, or after junk that the decoder skips, looks exactly like a shorter file (FFmpeg
-reports some cuts inside a frame, not all). Also undetectable with a
-header: audio *after* the declared frames (two MP3s concatenated; mpg123 stops at the declared
-count), a loss of less than one frame (26 ms at 44.1 kHz), junk that still parses as frames
-(decoded as noise of the right length), and any MP3 streamed from a server without byte ranges
-once it is too long to spool (sources.SPOOL_MAX_BYTES): its first frame is gone by the time
-FFmpeg has opened it.
+boundary, or after junk that the decoder skips, looks exactly like a shorter file (FFmpeg reports
+some cuts inside a frame, not all). Also undetectable with a header: audio *after* the declared
+frames (two MP3s concatenated; mpg123 stops at the declared count), a loss of less than one frame
+(26 ms at 44.1 kHz), junk that still parses as frames (decoded as noise of the right length), and
+any MP3 streamed from a server without byte ranges once it is too long to spool
+(sources.SPOOL_MAX_BYTES): its first frame is gone by the time FFmpeg has opened it.
 """
 
 from __future__ import annotations
@@ -100,7 +99,7 @@ class _Frame:
     version: str
     sample_rate: int
     samples_per_frame: int
-    side_info: int  # bytes of side information after the header (and its CRC)
+    side_info: int  # bytes of side information after the 4-byte header (and its CRC, if any)
     length: int | None  # bytes, None for free format
     crc: bool
 
