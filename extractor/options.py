@@ -17,6 +17,9 @@ DEFAULT_COMMIT_SECONDS = 60.0  # ... or once its oldest row has waited this long
 DEFAULT_MAX_FAILURE_RATE = 0.01  # of the rows a run attempts
 DEFAULT_MAX_DURATION_S = 2 * 3600.0  # longer audio is a failure record; decoding stops there
 DEFAULT_DECODE_TIMEOUT_S = 120.0  # per file; the worker is killed and replaced
+# Seconds a remote read may wait for a connection or for the next byte before its file fails as
+# "timed out"; well under the decode timeout, so a stalled server is named as such.
+DEFAULT_READ_TIMEOUT_S = 30.0
 MAX_DECODE_WORKERS = 16  # per device: more do not feed one GPU faster, they only cost memory
 
 
@@ -63,6 +66,7 @@ class JobOptions:
     retry_failed: bool = False
     decode_workers: int | None = None  # None: default_decode_workers()
     decode_timeout_s: float = DEFAULT_DECODE_TIMEOUT_S
+    read_timeout_s: float = DEFAULT_READ_TIMEOUT_S
     max_duration_s: float = DEFAULT_MAX_DURATION_S
     token_budget: int | None = None  # None: the device's default (batching.packing)
     shard: Shard = field(default_factory=Shard)

@@ -120,7 +120,7 @@ class Producer(threading.Thread):
     def _request(self, files: list[FileJob]) -> tuple[int, DecodeRequest]:
         key = next(self._keys)
         self._outstanding[key] = (files, {i for f in files for i in f.items})
-        return key, DecodeRequest(tuple(files), self.opts.max_duration_s, self.opts.storage_options)
+        return key, DecodeRequest(tuple(files), self.opts.max_duration_s, self.opts.storage_options, self.opts.read_timeout_s)
 
     # -- the thread -------------------------------------------------------------------------
     def run(self) -> None:

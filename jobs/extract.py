@@ -20,7 +20,7 @@ from extractor import __version__
 from extractor.errors import EXIT_CONFIG, EXIT_FAILURE_RATE, EXIT_OK, EXIT_UNEXPECTED, Interrupted, exit_code_of
 from extractor.manifest.spec import MANIFEST_FORMATS, ManifestSpec
 from extractor.options import (DEFAULT_DECODE_TIMEOUT_S, DEFAULT_MAX_DURATION_S, DEFAULT_MAX_FAILURE_RATE, DEFAULT_PART_ROWS,
-                               JobOptions, Shard)
+                               DEFAULT_READ_TIMEOUT_S, JobOptions, Shard)
 from jobs.logs import configure
 
 logger = logging.getLogger("extract-embeddings")
@@ -84,6 +84,8 @@ def _json_object(ctx, param, value: str | None) -> dict | None:
 @click.option("--decode-workers", type=click.IntRange(min=0), help="Decoder processes; default: cores - 1 (max 16); 0 decodes in-process.")
 @click.option("--decode-timeout-s", type=click.FloatRange(min=0, min_open=True), default=DEFAULT_DECODE_TIMEOUT_S, show_default=True,
               help="A decode that makes no progress for this long is killed; its file gets a failure record.")
+@click.option("--read-timeout-s", type=click.FloatRange(min=0, min_open=True), default=DEFAULT_READ_TIMEOUT_S, show_default=True,
+              help="A remote read (http, s3, ...) that waits this long for a byte fails as timed out.")
 @click.option("--token-budget", type=click.IntRange(min=1500), help="Encoder tokens per batch (default: 32768 on GPU).")
 @click.option("--shard-index", type=click.IntRange(min=0), default=0, show_default=True)
 @click.option("--num-shards", type=click.IntRange(min=1), default=1, show_default=True)
@@ -117,7 +119,8 @@ def extract(**kw) -> None:
         output=kw["output"], model=kw["model"], adapter=kw["adapter"], device=kw["device"], dtype=kw["dtype"],
         padding_mask=not kw["no_padding_mask"], pooling=kw["pooling"], output_dtype=kw["output_dtype"],
         part_rows=kw["part_rows"], max_failure_rate=kw["max_failure_rate"], retry_failed=kw["retry_failed"],
-        decode_workers=kw["decode_workers"], decode_timeout_s=kw["decode_timeout_s"], max_duration_s=kw["max_duration_s"],
+        decode_workers=kw["decode_workers"], decode_timeout_s=kw["decode_timeout_s"], read_timeout_s=kw["read_timeout_s"],
+        max_duration_s=kw["max_duration_s"],
         token_budget=kw["token_budget"], shard=Shard(kw["shard_index"], kw["num_shards"]), decode_fn=kw["decode_fn"],
         storage_options=kw["storage_options"],
     )

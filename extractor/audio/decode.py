@@ -33,7 +33,8 @@ import soundfile as sf
 import soxr
 
 from ..constants import N_SAMPLES, SAMPLE_RATE, encoder_tokens, mel_frames, output_frames
-from ..options import DEFAULT_MAX_DURATION_S
+from ..options import DEFAULT_MAX_DURATION_S, DEFAULT_READ_TIMEOUT_S
+from . import mp3
 from .errors import AudioError, DecodeError, SegmentError, TooLongError, TooShort
 from .sources import Source, open_source
 
@@ -91,6 +92,7 @@ class DecodeRequest:
     files: tuple[FileJob, ...]
     max_duration_s: float = DEFAULT_MAX_DURATION_S
     storage_options: Mapping | None = None  # fsspec options for a "://" path
+    read_timeout_s: float = DEFAULT_READ_TIMEOUT_S  # a remote read that stalls this long fails
 
 
 @dataclass
@@ -125,7 +127,7 @@ def decode_request(request: DecodeRequest) -> Iterator[WindowBlock]:
     the pool streams to the job as they fill."""
     out = _Blocks()
     for job in request.files:
-        for _ in _decode_job(job, out, request.max_duration_s, request.storage_options):
+        for _ in _decode_job(job, out, request.max_duration_s, request.storage_options, request.read_timeout_s):
             yield from out.ready()  # a long file streams: its first windows go while it decodes
         yield from out.ready()
     if not out.empty:
@@ -207,7 +209,8 @@ class _Collect:
         self.results[item] = error
 
 
-def _decode_job(job: FileJob, sink, max_duration_s: float, storage_options: Mapping | None) -> Iterator[None]:
+def _decode_job(job: FileJob, sink, max_duration_s: float, storage_options: Mapping | None,
+                read_timeout_s: float = DEFAULT_READ_TIMEOUT_S) -> Iterator[None]:
     """Decode one file's rows into `sink` (window / row_done / row_failed); never raises AudioError.
 
     A generator that yields after each decoded block, so the caller can pass on what is cut."""
@@ -223,7 +226,10 @@ def _decode_job(job: FileJob, sink, max_duration_s: float, storage_options: Mapp
     if not spans:
         return
     try:
-        source = open_source(job.name, data=job.data, max_duration_s=max_duration_s, storage_options=storage_options)
+        # How far into the file the rows reach bounds the bytes it may take (sources.byte_cap).
+        extent = max(sp.b if sp.b is not None else sp.a + (max_samples if max_samples is not None else math.inf) for sp in spans)
+        source = open_source(job.name, data=job.data, max_duration_s=max_duration_s, extent_s=extent / SAMPLE_RATE,
+                             storage_options=storage_options, read_timeout_s=read_timeout_s)
         yield from _decode_spans(source, spans, sink, max_samples, max_duration_s)
     except AudioError as e:
         for sp in spans:
@@ -450,13 +456,32 @@ def _out_of_memory(e: Exception) -> bool:
 def _open(src: Source) -> _SndFileSource | _AvSource:
     """Open a source with libsndfile, or with FFmpeg what libsndfile cannot read."""
     path = src.name
+    if not src.seekable:
+        return _open_av(src, "libsndfile must seek and this source reads forward only (a server without byte ranges)")
     try:
         handle = sf.SoundFile(src.fileobj())
     except Exception as e:
+        src.check()  # a read that failed (cap, timeout) is the reason, not the format
         logger.debug("libsndfile cannot open %s (%s); trying PyAV", path, e)
         return _open_av(src, f"not a format libsndfile reads ({e})")
     try:
-        source = _SndFileSource(path, handle)
+        src.check()
+        length = None
+        if handle.format == "MP3":
+            # libsndfile stops reading an MP3 at the length it believes: mpg123's guess from the
+            # file size and first frame unless a Xing/Info header gives the count (measured: a
+            # VBR MP3 without one decodes to 28% of its length, one with a VBRI header to 56%,
+            # silently). FFmpeg reads to the end of the stream, so it takes those (mp3.py).
+            length = mp3.declared_length(src.read_at)
+            if length is None:
+                guessed = mp3.variable_bitrate(src.read_at)
+            else:
+                guessed = length.header == "VBRI" or abs(handle.frames - length.samples) > length.samples_per_frame
+            src.check()
+            if guessed:
+                handle.close()
+                return _open_av(src, "libsndfile can only guess this MP3's length")
+        source = _SndFileSource(src, handle, length)
     except BaseException:
         handle.close()
         raise
@@ -471,12 +496,13 @@ def _open(src: Source) -> _SndFileSource | _AvSource:
 def _open_av(src: Source, why_not_libsndfile: str) -> _AvSource:
     path = src.name
     try:
-        return _AvSource(path, src.fileobj())
+        return _AvSource(src)
     except AudioError:
         raise
     except Exception as e:
         if _out_of_memory(e):
             raise
+        src.check()
         raise DecodeError(
             f"cannot decode {path}: {why_not_libsndfile} and FFmpeg cannot open it ({type(e).__name__}: {e})"
         ) from e
@@ -508,8 +534,10 @@ class _SndFileSource:
 
     seekable = True
 
-    def __init__(self, path: str, handle: sf.SoundFile):
+    def __init__(self, src: Source, handle: sf.SoundFile, mp3_length: mp3.Mp3Length | None = None):
+        path = src.name
         self._f = handle
+        self._src = src
         self.rate = int(handle.samplerate)
         self.channels = int(handle.channels)
         _check_format(path, self.rate, self.channels)
@@ -521,11 +549,12 @@ class _SndFileSource:
                 f"cannot decode {path}: truncated file (header declares {m.group(1)} bytes of "
                 f"audio data, the file holds {m.group(2)})"
             )
-        # mpg123 only estimates an MP3's length when it has no Xing/Info header, so a short read
-        # proves nothing there; elsewhere the count is exact.
         self.frames = int(handle.frames)
-        self._claimed_frames = None if handle.format == "MP3" else self.frames
         self._path = path
+        # For an MP3, libsndfile's count is the Xing/Info header's, which a stream cut short
+        # does not change: the header is checked on its own (mp3.py). Elsewhere it is exact.
+        self._claimed_frames = None if handle.format == "MP3" else self.frames
+        self._mp3 = mp3_length if mp3_length is not None and mp3_length.sample_rate == self.rate else None
 
     def blocks(self, start: int) -> Iterator[np.ndarray]:
         f = self._f
@@ -533,19 +562,38 @@ class _SndFileSource:
             return  # seeking past the end fails in libsndfile; there is nothing there anyway
         f.seek(start)
         n = _block_frames(self.rate, self.channels)
+        # The position is counted here: soundfile's tell() is a seek, which libFLAC answers by
+        # resyncing the decoder and a remote source by a new request.
+        at = start
         while True:
-            # soundfile allocates min(n, frames left per header): bounded by the block, never the header.
-            data = f.read(n, dtype="float32", always_2d=True)
+            try:
+                # soundfile allocates min(n, frames left per header): bounded by the block, never the header.
+                data = f.read(n, dtype="float32", always_2d=True)
+            except sf.LibsndfileError as e:
+                self._src.check()  # the source failed (cap, timeout), not the decoder
+                raise DecodeError(f"cannot decode {self._path}: {self._broken_at(at)} (libsndfile: {e})") from e
+            self._src.check()  # a failed read looks like the end of the file to libsndfile
             if len(data) == 0:
                 return
-            yield _downmix(data, self._path, f.tell() - len(data), self.rate)
+            yield _downmix(data, self._path, at, self.rate)
+            at += len(data)
+
+    def _broken_at(self, frame: int) -> str:
+        where = f"{frame / self.rate:.3f} s"
+        if self._mp3 is not None:
+            declared = f"{self._mp3.seconds:.3f} s its {self._mp3.header} header declares"
+            return f"corrupt or truncated MP3: decoding fails at {where} of the {declared}"
+        return f"decoding fails at {where}"
 
     def check_complete(self, frames_read: int) -> None:
+        self._src.check()
         if self._claimed_frames is not None and frames_read < self._claimed_frames:
             raise DecodeError(
                 f"cannot decode {self._path}: truncated file (header declares "
                 f"{self._claimed_frames} frames, only {frames_read} could be read)"
             )
+        if self._mp3 is not None and self._mp3.is_short(frames_read):
+            raise DecodeError(f"cannot decode {self._path}: {self._mp3.shortfall(frames_read)}")
 
     def close(self) -> None:
         self._f.close()
@@ -557,33 +605,76 @@ class _AvSource:
     FFmpeg's seeking in audio is keyframe-based and imprecise per container, so segments decode
     from the start and drop what comes before them: exact, bounded in memory, slower for late
     segments of long files.
+
+    FFmpeg conceals many broken streams: it logs an error (a Matroska element that overruns its
+    parent, an Ogg page whose CRC fails, ...), skips, and decodes on, so a damaged file would give
+    a shorter or garbled signal with no exception. Every error FFmpeg logs while this file's
+    packets are read and decoded fails the file instead (DecodeError naming where and what).
+    Errors logged while FFmpeg probes the format at open are not counted: probing tries parsers
+    that fail on valid files. What FFmpeg does not notice (a stream cut at a packet boundary in a
+    container that declares no length) cannot be told from a shorter file.
     """
 
     seekable = False
 
-    def __init__(self, path: str, fileobj):
+    def __init__(self, src: Source):
         import av  # lazily: loading FFmpeg costs time and memory, and most corpora are wav/flac
 
+        path = src.name
         self._path = path
+        self._src = src
+        self._av = av
+        _capture_ffmpeg_errors(av)
         # protocol_whitelist: a playlist-like file (hls, concat) must not make FFmpeg fetch URLs.
-        self._container = av.open(fileobj, options={"protocol_whitelist": "file"}, metadata_errors="ignore")
+        with av.logging.Capture():  # probing logs errors on valid files too: not counted, not printed
+            try:
+                self._container = av.open(src.fileobj(), options={"protocol_whitelist": "file"}, metadata_errors="ignore")
+            except Exception:
+                src.check()
+                raise
         try:
+            src.check()
             audio = self._container.streams.audio
             if not audio:
                 raise DecodeError(f"cannot decode {path}: no audio stream in {self._container.format.name} container")
             self._stream = audio[0]
             self._frames = self._container.decode(self._stream)
+            self.rate = 0  # until the first frame says
+            self._pos = 0
             # The stream header's rate and layout may be missing or wrong; the first frame is not.
-            self._first = next(self._frames, None)
+            self._first = self._next()
             if self._first is None:
                 raise DecodeError(f"cannot decode {path}: no audio samples")
             self.rate = int(self._first.sample_rate)
             self.channels = int(self._first.layout.nb_channels)
             _check_format(path, self.rate, self.channels)
+            # An MP3 that libsndfile left to FFmpeg (see _open) still has its header checked.
+            self._mp3 = None
+            if self._container.format.name == "mp3" and src.seekable:
+                length = mp3.declared_length(src.read_at)
+                src.check()
+                self._mp3 = length if length is not None and length.sample_rate == self.rate else None
         except BaseException:
             self._container.close()
             raise
         self._used = False
+
+    def _next(self):
+        """The next decoded frame, or None at the end; DecodeError if FFmpeg logs an error."""
+        with self._av.logging.Capture() as logs:
+            try:
+                frame = next(self._frames, None)
+            except Exception:
+                self._src.check()  # a failed read (cap, timeout) is the cause
+                raise
+        self._src.check()
+        errors = [(name, message.strip()) for level, name, message in logs if level <= self._av.logging.ERROR]
+        if errors:
+            where = f"{self._pos / self.rate:.3f} s" if self.rate else "the start"
+            name, message = errors[0]
+            more = f" (and {len(errors) - 1} more errors)" if len(errors) > 1 else ""
+            raise DecodeError(f"cannot decode {self._path}: FFmpeg reports a broken stream at {where}: [{name}] {message}{more}")
+        return frame
 
     def blocks(self, start: int) -> Iterator[np.ndarray]:
         if self._used or start:
@@ -595,8 +686,7 @@ class _AvSource:
         # Codec frames are ~1000 samples; batching them into blocks keeps per-block overhead low.
         target = _block_frames(self.rate, self.channels)
         batch: list[np.ndarray] = []
-        count, pos = 0, 0
-        frames = self._frames
+        count = 0
         frame = self._first
         while frame is not None:
             if frame.sample_rate != self.rate:
@@ -604,14 +694,14 @@ class _AvSource:
                     f"cannot decode {self._path}: sample rate changes mid-stream "
                     f"({self.rate} -> {frame.sample_rate} Hz)"
                 )
-            mono = self._to_mono(frame, pos)
-            pos += len(mono)
+            mono = self._to_mono(frame, self._pos)
+            self._pos += len(mono)
             batch.append(mono)
             count += len(mono)
             if count >= target:
                 yield np.concatenate(batch)
                 batch, count = [], 0
-            frame = next(frames, None)
+            frame = self._next()
         if batch:
             yield np.concatenate(batch)
 
@@ -633,10 +723,24 @@ class _AvSource:
         return _downmix(data, self._path, pos, self.rate)
 
     def check_complete(self, frames_read: int) -> None:
-        pass  # container durations are estimates for many formats; no reliable truncation test
+        # Container durations are estimates for many formats; FFmpeg's own errors (see _next) are
+        # the truncation test here, and an MP3's header.
+        self._src.check()
+        if self._mp3 is not None and self._mp3.is_short(frames_read):
+            raise DecodeError(f"cannot decode {self._path}: {self._mp3.shortfall(frames_read)}")
 
     def close(self) -> None:
         self._container.close()
+
+
+def _capture_ffmpeg_errors(av) -> None:
+    """Let FFmpeg's error logs reach PyAV, which drops every log unless told otherwise, so that
+    _AvSource can capture them. Left alone if the application configured PyAV's logging."""
+    if av.logging.get_level() is None:
+        av.logging.set_level(av.logging.ERROR)
+        # By default a log equal to the previous one is dropped: the same error in two files in
+        # a row must fail both.
+        av.logging.set_skip_repeated(False)
 
 
 def _downmix(data: np.ndarray, path: str, pos: int, rate: int) -> np.ndarray:
