@@ -94,12 +94,12 @@ def run(manifest: Path, output: Path, model: Path, adapter: Path, **kw):
 
 
 def rows_by_id(output: Path, columns=None) -> dict[str, dict]:
-    table = ds.dataset(output, format="parquet").to_table(columns=columns)
+    table = ds.dataset(output / "embeddings", format="parquet").to_table(columns=columns)
     return {r["id"]: r for r in table.to_pylist()}
 
 
 def failures_by_id(output: Path) -> dict[str, str]:
-    files = sorted((output / "_failures").glob("part-*.parquet"))
+    files = sorted((output / "failures").glob("part-*.parquet"))
     if not files:
         return {}
     table = pa.concat_tables(pq.read_table(f) for f in files)
@@ -273,7 +273,7 @@ def frames_f16_out(tmp_path_factory, frames_manifest, tiny_model, tiny_adapter):
 
 
 def test_frames_schema_and_rate(frames_out):
-    schema = pq.read_schema(next(frames_out.glob("part-*.parquet")))
+    schema = pq.read_schema(next(frames_out.glob("embeddings/part-*.parquet")))
     assert schema.field("frames").type == pa.list_(pa.list_(pa.float32(), 64))
     assert schema.field("embedding").type == pa.list_(pa.float32(), 64)
     rows = rows_by_id(frames_out, columns=["id", "frame_rate_hz", "lang"])
@@ -316,7 +316,7 @@ def test_mean_of_frames_is_the_embedding(frames_out, segments_out):
 
 
 def test_float16_output_round_trips(frames_out, frames_f16_out):
-    schema = pq.read_schema(next(frames_f16_out.glob("part-*.parquet")))
+    schema = pq.read_schema(next(frames_f16_out.glob("embeddings/part-*.parquet")))
     assert schema.field("embedding").type == pa.list_(pa.float16(), 64)
     assert schema.field("frames").type == pa.list_(pa.list_(pa.float16(), 64))
 
@@ -338,7 +338,7 @@ def test_float16_output_round_trips(frames_out, frames_f16_out):
 def test_float16_is_in_the_recipe_and_resume_with_float32_is_refused(frames_f16_out, frames_manifest, tiny_model, tiny_adapter, caplog):
     recipe = json.loads((frames_f16_out / "_run.json").read_text())["recipe"]
     assert recipe["output_dtype"] == "float16"
-    meta = pq.read_schema(next(frames_f16_out.glob("part-*.parquet"))).metadata
+    meta = pq.read_schema(next(frames_f16_out.glob("embeddings/part-*.parquet"))).metadata
     assert json.loads(meta[METADATA_KEY])["output_dtype"] == "float16"
 
     from jobs.extract import extract

@@ -30,7 +30,7 @@ from extractor.options import JobOptions
 from extractor.shard import run_shard
 from jobs.inspect_embeddings import inspect_embeddings
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 SR = 16_000
 DURATIONS = [0.5, 0.9, 1.4, 2.0, 2.6, 3.1, 3.9, 4.4, 5.2, 6.0, 7.3, 31.0]  # the last takes two windows
 SPEAKERS = ["ann", "bob", "cy", "ann", "bob", "cy", "ann", "bob", "cy", "ann", "dee", "ann"]
@@ -185,7 +185,7 @@ def test_float16_frames_output_reads_without_frames(frames_f16_out, mean_out, mo
 def test_nan_and_zero_vectors_are_counted_with_ids(frames_f16_out, tmp_path):
     out = tmp_path / "out"
     shutil.copytree(frames_f16_out, out)
-    part = next(out.glob("part-*.parquet"))
+    part = next(out.glob("embeddings/part-*.parquet"))
     table = pq.read_table(part)
     emb = np.asarray(table["embedding"].combine_chunks().flatten().to_numpy(zero_copy_only=False)).reshape(table.num_rows, -1).copy()
     ids = table["id"].to_pylist()
@@ -206,7 +206,7 @@ def test_nan_and_zero_vectors_are_counted_with_ids(frames_f16_out, tmp_path):
 def test_no_failures(mean_out, tmp_path):
     out = tmp_path / "out"
     shutil.copytree(mean_out, out)
-    shutil.rmtree(out / "_failures")
+    shutil.rmtree(out / "failures")
     s = summarize(out)
     assert (s["rows"], s["failed"], s["failures_by_type"]) == (len(DURATIONS), 0, [])
     assert line(render(s), "failures").split() == ["failures", "none"]
@@ -290,7 +290,7 @@ def test_bad_colour_column_exits_2_before_printing(mean_out, tmp_path):
 def test_damaged_part_exits_2_naming_it(mean_out, tmp_path):
     out = tmp_path / "out"
     shutil.copytree(mean_out, out)
-    part = next(out.glob("part-*.parquet"))
+    part = next(out.glob("embeddings/part-*.parquet"))
     part.write_bytes(part.read_bytes()[:200])  # a truncated copy: no footer
     result = CliRunner().invoke(inspect_embeddings, [str(out)])
     assert result.exit_code == 2, result.output
