@@ -92,3 +92,13 @@ def decode_reporting_peak_rss(request: DecodeRequest):
     before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     yield from decode_request(request)
     yield {"rss_peak_before": before, "rss_peak_after": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}
+
+
+def record_modules(point: str, **info) -> None:
+    """At the end of a run (its markers written), list the modules the job process has imported."""
+    if point == "marked":
+        import json
+        import sys
+
+        with open(os.path.join(os.environ[HOOK_DIR], "modules.json"), "w") as f:
+            json.dump(sorted(sys.modules), f)

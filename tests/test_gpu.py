@@ -11,10 +11,12 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
+import json
+import subprocess
+
 from builders import speak, speechlike, write_audio
 from canonical import canonical_embedding, cosine, load_canonical
-from extractor.batching import make_batch, plan_batches, split_windows
-from extractor.embed import run_batch
+from embedding import ours
 from extractor.manifest.spec import ManifestSpec
 from extractor.model.load import load_model
 from extractor.options import JobOptions
@@ -43,15 +45,8 @@ def speech(tmp_path):
 
 
 def embed_packed(model, waves):
-    windows = [w for i, x in enumerate(waves) for w in split_windows(i, x, padding_mask=True)]
-    sums = np.zeros((len(waves), model.cfg.d_model))
-    counts = np.zeros(len(waves))
-    for group in plan_batches(windows, token_budget=32_768, max_windows=4096):
-        out = run_batch(model, make_batch(group))
-        for j, w in enumerate(group):
-            sums[w.item] += out.sums[j]
-            counts[w.item] += w.out
-    return sums / counts[:, None]
+    """Every clip packed into one or two batches, as the job packs them on a GPU."""
+    return [emb for emb, _ in ours(model, waves, token_budget=32_768, max_windows=4096)]
 
 
 @pytest.fixture(scope="module")
@@ -79,23 +74,37 @@ def test_out_of_memory_retry_loses_no_row(tiny_model, tiny_adapter, tmp_path, mo
         rows.append({"id": i, "path": str(p)})
     pq.write_table(pa.Table.from_pylist(rows), tmp_path / "m.parquet")
 
-    import extractor.runner as runner
+    import extractor.batching.device as device
 
-    real = runner.encode_batch
+    real = device.forward
     calls = {"oom": 0}
 
-    def flaky(model, batch, dev, **kw):
-        if len(batch.windows) > 2:  # anything bigger than two windows "does not fit"
+    def flaky(model, batch, *args):
+        if batch.size > 2:  # anything bigger than two windows "does not fit"
             calls["oom"] += 1
             raise torch.cuda.OutOfMemoryError("simulated: CUDA out of memory")
-        return real(model, batch, dev, **kw)
+        return real(model, batch, *args)
 
-    monkeypatch.setattr(runner, "encode_batch", flaky)
+    monkeypatch.setattr(device, "forward", flaky)
     opts = JobOptions(manifest=ManifestSpec(str(tmp_path / "m.parquet"), id_column="id"), output=str(tmp_path / "out"),
                       model=str(tiny_model), adapter=str(tiny_adapter), device="cuda", decode_workers=1, progress=False)
     summary = run_shard(opts)
-    assert calls["oom"] > 0 and summary.oom_retries > 0
+    assert calls["oom"] > 0 and summary.stats.oom_retries > 0
     assert summary.embedded == 12 and summary.failed == 0 and summary.complete
-    out = pq.read_table(sorted((tmp_path / "out").glob("part-*.parquet"))).to_pydict()
+    out = pq.read_table(sorted((tmp_path / "out" / "embeddings").glob("part-*.parquet"))).to_pydict()
     assert sorted(out["id"]) == list(range(12))
     assert all(np.isfinite(np.asarray(e)).all() for e in out["embedding"])
+
+
+def test_gpu_job_with_a_plain_adapter_never_imports_peft_or_transformers(tiny_model, tiny_adapter, tmp_path):
+    from jobrun import REPO, job_cmd, job_env, write_manifest
+
+    paths = [write_audio(tmp_path / f"c{i}.wav", speechlike(0.5 + i, SR, seed=i), SR) for i in range(3)]
+    manifest = write_manifest(tmp_path / "m.parquet", [{"path": str(p)} for p in paths])
+    env = job_env(EXTRACTOR_TEST_HOOK="tests.hooks:record_modules", HOOK_DIR=str(tmp_path))
+    run = subprocess.run(job_cmd(manifest, tmp_path / "out", tiny_model, "--adapter", str(tiny_adapter), "--device", "cuda"),
+                         env=env, capture_output=True, text=True, cwd=REPO)
+    assert run.returncode == 0, run.stderr
+    modules = set(json.loads((tmp_path / "modules.json").read_text()))
+    assert "torch" in modules and "extractor.model.lora" in modules
+    assert not {m.split(".")[0] for m in modules} & {"peft", "transformers"}

@@ -90,7 +90,7 @@ def dry_run(opts: JobOptions, engine: str = "local", devices: str | None = None,
     holder = _lock_held(plan)
     report.update(
         would_run=holder is None, pending_rows=len(pending), already_embedded=n_done, failed_earlier=n_failed,
-        retry_failed=opts.retry_failed, pending_audio_hours=None if hours is None else round(hours, 4),
+        retry_failed=opts.retry_failed, pending_audio_hours=None if hours is None else round(hours, 6),
         audio_hours_estimated=estimated, busy=holder, exit_code=EXIT_BUSY if holder else EXIT_OK,
     )
     print(json.dumps(report, indent=2), file=stream)
