@@ -38,17 +38,22 @@ class RowPooling:
                  emit_failures: Callable[[np.ndarray, list[str]], None]):
         self.d_model, self.keep_frames = d_model, keep_frames
         self.emit_rows, self.emit_failures = emit_rows, emit_failures
-        self._rows: dict[int, _Row] = {}
+        self._rows: dict[int, _Row] = {}  # rows with windows back, or several windows
+        self._single: dict[int, float] = {}  # rows of one window, none back yet: their duration
         self._failed: set[int] = set()
 
     def __len__(self) -> int:
         """Rows with windows or a total but not finished yet."""
-        return len(self._rows)
+        return len(self._rows) + len(self._single)
 
     def done(self, entries: list[tuple[int, int, float]]) -> None:
         """(item, windows, duration_s) of rows whose decode finished."""
         finished = []
         for item, total, duration in entries:
+            st = self._rows.get(item)
+            if st is None and total == 1:
+                self._single[item] = duration  # the common case: finished in add(), vectorised
+                continue
             st = self._rows.setdefault(item, _Row())
             st.total, st.duration_s = total, duration
             if st.windows == total:
@@ -58,16 +63,31 @@ class RowPooling:
     def fail(self, items: np.ndarray, errors: list[str]) -> None:
         for item in items:
             self._rows.pop(int(item), None)
+            self._single.pop(int(item), None)
             self._failed.add(int(item))
         self.emit_failures(np.asarray(items, dtype=np.int64), errors)
 
     def add(self, batch: Batch, sums: np.ndarray, frames: np.ndarray | None, frame_window: np.ndarray | None) -> None:
         """sums: (B, D) float32 sum of each window's valid output frames; frames: (N, D) or None."""
+        items = batch.items.tolist()
+        rest = range(len(items))
+        single = self._single
+        if not self.keep_frames and single:
+            # Rows of one window (short clips, ~1000 a batch): finished here in one vectorised step.
+            one = np.fromiter((i in single for i in items), dtype=bool, count=len(items))
+            if one.any():
+                idx = np.flatnonzero(one)
+                done = [items[j] for j in idx]
+                emb = (sums[idx].astype(np.float64) / batch.outs[idx, None]).astype(np.float32)
+                self.emit_rows(Rows(np.array(done, dtype=np.int64), emb, np.array([single.pop(i) for i in done])))
+                rest = np.flatnonzero(~one).tolist()
         finished = []
         if self.keep_frames:
             bounds = np.zeros(batch.size + 1, dtype=np.int64)
             np.cumsum(batch.outs, out=bounds[1:])
-        for j, (item, index) in enumerate(zip(batch.items.tolist(), batch.index.tolist())):
+        index = batch.index.tolist()
+        for j in rest:
+            item = items[j]
             if item in self._failed:
                 continue
             st = self._rows.get(item)
@@ -77,7 +97,7 @@ class RowPooling:
             st.frames += int(batch.outs[j])
             st.windows += 1
             if self.keep_frames:
-                st.frame_parts[index] = frames[bounds[j] : bounds[j + 1]]
+                st.frame_parts[index[j]] = frames[bounds[j] : bounds[j + 1]]
             if st.windows == st.total:
                 finished.append(item)
         self._finish(finished)
