@@ -51,7 +51,7 @@ class RowPooling:
         finished = []
         for item, total, duration in entries:
             st = self._rows.get(item)
-            if st is None and total == 1:
+            if st is None and total == 1 and not self.keep_frames:
                 self._single[item] = duration  # the common case: finished in add(), vectorised
                 continue
             st = self._rows.setdefault(item, _Row())
@@ -72,7 +72,7 @@ class RowPooling:
         items = batch.items.tolist()
         rest = range(len(items))
         single = self._single
-        if not self.keep_frames and single:
+        if single:
             # Rows of one window (short clips, ~1000 a batch): finished here in one vectorised step.
             one = np.fromiter((i in single for i in items), dtype=bool, count=len(items))
             if one.any():
