@@ -23,26 +23,28 @@ import queue
 import threading
 import time
 from collections import deque
+from typing import TYPE_CHECKING
 from contextlib import closing
 
 import numpy as np
 import polars as pl
-import torch
 
 from .audio.decode import DecodeRequest, FileJob, WindowBlock
 from .audio.pool import END, DecodePool, WorkerFailure
-from .batching.device import Budget, DeviceLoop, Staging, _Stopped, default_max_windows, default_token_budget, stage
 from .batching.packing import Batch, plan_batches, window_flops, window_shapes
+from .batching.staging import GPU_TOKEN_BUDGET, Budget, Staging, Stopped, default_max_windows, default_token_budget, stage
 from .batching.pooling import RowPooling
 from .constants import HOP_LENGTH, SAMPLE_RATE
 from .manifest.embedded import EmbeddedAudio
 from .manifest.read import ROW
 from .model.config import EncoderConfig
-from .model.load import LoadedModel
 from .options import JobOptions, default_decode_workers
 from .output.writer import PartWriter, Rows
 from .progress import Progress
 from .summary import DeviceStats
+
+if TYPE_CHECKING:
+    from .model.load import LoadedModel
 
 logger = logging.getLogger(__name__)
 
@@ -62,11 +64,15 @@ class Producer(threading.Thread):
     ("failed", items, errors): the device loop hands them to the pooling stage in order.
     """
 
-    def __init__(self, pending: pl.DataFrame, opts: JobOptions, cfg: EncoderConfig, budget: Budget, max_windows: int,
-                 staging: Staging, stop: threading.Event, audio: EmbeddedAudio | None = None):
+    def __init__(self, pending: pl.DataFrame, opts: JobOptions, cfg: EncoderConfig, stop: threading.Event,
+                 audio: EmbeddedAudio | None = None):
         super().__init__(name="producer", daemon=True)
-        self.pending, self.opts, self.cfg, self.budget, self.max_windows = pending, opts, cfg, budget, max_windows
-        self.staging, self.stop = staging, stop
+        self.pending, self.opts, self.cfg, self.stop = pending, opts, cfg, stop
+        # Known once the device is (attach): decoding starts before torch is even imported.
+        self.budget: Budget | None = None
+        self.staging: Staging | None = None
+        self.max_windows = 1
+        self.attached = threading.Event()
         self.audio = audio
         self.batches: queue.Queue = queue.Queue(maxsize=QUEUE_BATCHES)
         self.error: BaseException | None = None
@@ -137,7 +143,7 @@ class Producer(threading.Thread):
                     retry, self._retry = self._retry, []
                     requests = iter(retry) if retry else None
             self._emit(final=True)
-        except _Stopped:
+        except Stopped:
             pass
         except BaseException as e:
             self.error = e
@@ -145,7 +151,7 @@ class Producer(threading.Thread):
         finally:
             try:
                 self._put(None)
-            except _Stopped:
+            except Stopped:
                 pass  # nobody reads any more: the run is over
 
     def _receive(self, key: int, message) -> None:
@@ -178,14 +184,24 @@ class Producer(threading.Thread):
             self._pool.append((block.items, block.index, block.lengths, np.split(block.samples, bounds)))
             tokens, _ = window_shapes(block.lengths, padding_mask=self.opts.padding_mask)
             self._pool_tokens += int(tokens.sum())
+        if not self.attached.is_set():
+            if self._pool_tokens < POOL_BATCHES * GPU_TOKEN_BUDGET:
+                return  # keep decoding while the job imports torch and loads its model
+            self._wait_attached()  # enough waiting: hold the decoders until there is a device
         # The first pool is one batch, so the device starts as early as possible.
         if self._pool_tokens >= (1 if self._first else POOL_BATCHES) * self.budget.tokens:
             self._emit()
+
+    def _wait_attached(self) -> None:
+        while not self.attached.wait(0.2):
+            if self.stop.is_set():
+                raise Stopped
 
     def _fail(self, items: list[int], errors: list[str]) -> None:
         self._put(("failed", np.asarray(items, dtype=np.int64), errors))
 
     def _emit(self, final: bool = False) -> None:
+        self._wait_attached()
         if self._done:
             self._put(("done", self._done))
             self._done = []
@@ -215,7 +231,7 @@ class Producer(threading.Thread):
                 return
             except queue.Full:
                 if self.stop.is_set():
-                    raise _Stopped from None
+                    raise Stopped from None
 
 
 def _resolve(spec: str | None):
@@ -226,17 +242,26 @@ def _resolve(spec: str | None):
 
 
 class Pipeline:
-    """Decoding starts at construction; run() drives the device; leaving the `with` stops it all."""
+    """Decoding starts at construction; attach(device) once the device is known; run() drives it;
+    leaving the `with` stops it all."""
 
-    def __init__(self, pending: pl.DataFrame, opts: JobOptions, cfg: EncoderConfig, device: torch.device,
-                 stop: threading.Event, audio: EmbeddedAudio | None = None):
-        self.pending, self.opts, self.cfg, self.device = pending, opts, cfg, device
+    def __init__(self, pending: pl.DataFrame, opts: JobOptions, cfg: EncoderConfig, stop: threading.Event,
+                 audio: EmbeddedAudio | None = None):
+        self.pending, self.opts, self.cfg = pending, opts, cfg
         self.stop = stop
         self._halt = threading.Event()  # stops the producer: set on the way out, or with `stop`
-        self.budget = Budget(opts.token_budget or default_token_budget(device))
-        self.staging = Staging(device, STAGING_SLOTS)
-        self.producer = Producer(pending, opts, cfg, self.budget, default_max_windows(device), self.staging, self._halt, audio)
+        self.producer = Producer(pending, opts, cfg, self._halt, audio)
         self.producer.start()
+        self.budget: Budget | None = None
+        self.staging: Staging | None = None
+
+    def attach(self, device) -> None:
+        """The device is known (a torch.device): the producer may pack and stage batches for it."""
+        self.budget = Budget(self.opts.token_budget or default_token_budget(device))
+        self.staging = Staging(device, STAGING_SLOTS)
+        p = self.producer
+        p.budget, p.staging, p.max_windows = self.budget, self.staging, default_max_windows(device)
+        p.attached.set()
 
     def __enter__(self) -> Pipeline:
         return self
@@ -253,8 +278,12 @@ class Pipeline:
         if self.producer.is_alive():
             logger.warning("the producer did not stop within %.0f s (a decoder stuck in-process?); leaving it", PRODUCER_JOIN_S)
 
-    def run(self, model: LoadedModel, writer: PartWriter, progress: Progress, stats: DeviceStats, t0: float) -> None:
+    def run(self, model: "LoadedModel", writer: PartWriter, progress: Progress, stats: DeviceStats, t0: float) -> None:
         """Embed every pending row into `writer`, or stop early when `stop` is set."""
+        import torch
+
+        from .batching.device import DeviceLoop
+
         def emit_rows(rows: Rows) -> None:
             writer.put_rows(rows)
             progress.update(len(rows.items), 0, float(rows.durations.sum()))

@@ -251,22 +251,28 @@ def embed_locked(plan: ShardPlan, lock, *, part: tuple[int, int] = (0, 1), first
             ready()
         return summary
     logger.info("%d rows to embed (%d already embedded, %d failed earlier) → %s", len(pending), n_done, n_failed, out.root)
+    logger.debug("planned %.2f s after launch", process_age_s())
 
-    from .model.load import load_model, resolve_device, resolve_dtype  # torch: only when there is work
     from .output.writer import PartWriter
     from .pipeline import Pipeline
     from .progress import Progress
 
-    device = resolve_device(opts.device)
-    if device.type == "cuda" and device.index is not None:
-        import torch
+    # Decoding starts now, while torch is imported and the model loads; nothing is written until
+    # the model is loaded and the recipe checked.
+    with Pipeline(pending, opts, plan.cfg, stop, plan.manifest.audio) as pipe:
+        from .model.load import load_model, resolve_device, resolve_dtype  # torch: only when there is work
 
-        torch.cuda.set_device(device)  # else cuda:0 gets a context and the default streams
-    with Pipeline(pending, opts, plan.cfg, device, stop, plan.manifest.audio) as pipe:
+        logger.debug("torch imported %.2f s after launch", process_age_s())
+        device = resolve_device(opts.device)
+        if device.type == "cuda" and device.index is not None:
+            import torch
+
+            torch.cuda.set_device(device)  # else cuda:0 gets a context and the default streams
+        pipe.attach(device)
         if model is None:
             t = time.monotonic()
             model = load_model(Path(opts.model), Path(opts.adapter) if opts.adapter else None, device, resolve_dtype(opts.dtype, device))
-            logger.info("model loaded in %.1f s", time.monotonic() - t)
+            logger.info("model loaded in %.1f s (%.2f s after launch)", time.monotonic() - t, process_age_s())
         if stop.is_set():
             summary.interrupted = _signal_name(stop)
             return summary
@@ -349,6 +355,7 @@ def run_shard(opts: JobOptions, shard: Shard | None = None, *, model=None, stop:
     """
     plan = prepare(opts, shard)
     shard = plan.shard
+    logger.debug("configuration, manifest and output checked %.2f s after launch", process_age_s())
     hooks.point("prepared", shard=shard.index)
     if stop is not None and stop.is_set():
         summary = plan.summary()
