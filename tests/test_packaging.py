@@ -17,6 +17,7 @@ import shutil
 import subprocess
 import sys
 import tomllib
+import zipfile
 from pathlib import Path
 
 import pytest
@@ -260,3 +261,22 @@ def test_plot_without_the_plot_extra_says_how_to_get_it(tmp_path):
     assert PLOT_EXTRA in p.stderr and "pip install 'qwen2-audio-embeddings[plot]'" in p.stderr
     assert p.stdout == ""  # refused before printing anything
     assert not (tmp_path / "p.png").exists()
+
+
+def test_the_wheel_holds_every_module(tmp_path):
+    # A package list of the two top-level names once built a wheel without extractor/audio, model, ...:
+    # `pip install .` then failed at the first import. Build the wheel as pip does, from a copy of what
+    # the Dockerfile copies (a build/ left in the tree would hide a missing package), and look inside.
+    src = tmp_path / "src"
+    src.mkdir()
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy(REPO / name, src / name)
+    for name in ("extractor", "jobs"):
+        shutil.copytree(REPO / name, src / name, ignore=shutil.ignore_patterns("__pycache__"))
+    p = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "-q", "-w", str(tmp_path / "dist"), str(src)],
+                       capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stdout + p.stderr
+    (wheel,) = (tmp_path / "dist").glob("qwen2_audio_embeddings-*.whl")
+    inside = set(zipfile.ZipFile(wheel).namelist())
+    modules = {str(f.relative_to(src)) for root in ("extractor", "jobs") for f in (src / root).rglob("*.py")}
+    assert sorted(modules - inside) == []

@@ -16,9 +16,9 @@ import textwrap
 import time
 from pathlib import Path
 
+import pyarrow as pa
 import pyarrow.dataset as ds
 import pyarrow.parquet as pq
-import pyarrow as pa
 import pytest
 
 from extractor.errors import EXIT_BUSY, EXIT_CONFIG, EXIT_FAILURE_RATE, EXIT_OK, EXIT_SIGINT, EXIT_SIGTERM, EXIT_UNEXPECTED
