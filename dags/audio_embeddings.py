@@ -36,7 +36,7 @@ from airflow.sdk.exceptions import AirflowException, AirflowFailException
 
 from extractor.integrations.airflow import SUMMARY_KEY, ShardRequest, check_complete, run_shard, totals
 
-logger = logging.getLogger(__name__)
+logger = logging.getLogger("audio_embeddings")  # the module is loaded under a generated name
 
 RETRIES = int(os.environ.get("AUDIO_EMBEDDINGS_RETRIES", "3"))
 # An object store's lock left by a killed run is taken over after 10 min without a heartbeat
