@@ -21,7 +21,7 @@ EXIT_OK, EXIT_UNEXPECTED, EXIT_USAGE = 0, 1, 2
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
 @click.argument("directory", type=click.Path())
-@click.option("--plot", "plot_path", type=click.Path(dir_okay=False), help="Also draw a PNG here: durations, failures by type, PCA.")
+@click.option("--plot", "plot_path", type=click.Path(dir_okay=False), help="Also draw a PNG here: durations, failures by type, PCA (needs the [plot] extra).")
 @click.option("--color-by", help="Column of the output (a kept manifest column, or duration_s) colouring the PCA.")
 @click.option("--sample", type=click.IntRange(min=2), default=2000, show_default=True, help="Embeddings drawn at random for the PCA.")
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON instead of text.")

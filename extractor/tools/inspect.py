@@ -36,6 +36,7 @@ PLOT_SEED = 0  # the PCA sample is the same on every call
 FIGURE_SIZE_IN = (16.0, 4.8)
 FIGURE_DPI = 100  # 1600 x 480 pixels
 WINDOW_SECONDS = 30  # drawn on the duration histogram: audio past it takes another encoder window
+PLOT_EXTRA = "pip install 'qwen2-audio-embeddings[plot]'"  # --plot's matplotlib is an extra (issue 12)
 
 
 class InspectError(Exception):
@@ -418,8 +419,20 @@ def _empty_panel(ax, title: str, message: str) -> None:
     ax.set_yticks([])
 
 
+def _matplotlib_canvas():
+    """matplotlib's (Figure, FigureCanvasAgg, MaxNLocator), or InspectError saying how to install it."""
+    try:
+        from matplotlib.backends.backend_agg import FigureCanvasAgg
+        from matplotlib.figure import Figure
+        from matplotlib.ticker import MaxNLocator
+    except ImportError as e:
+        raise InspectError(f"--plot needs matplotlib ({e}): {PLOT_EXTRA}") from e
+    return Figure, FigureCanvasAgg, MaxNLocator
+
+
 def check_plot_request(directory: str | Path, png_path: str | Path, color_by: str | None) -> _Layout:
     """Raise InspectError if `plot` cannot do this (so a CLI can refuse before printing anything)."""
+    _matplotlib_canvas()
     lay = _layout(directory)
     png_path = Path(png_path)
     if not png_path.parent.is_dir():
@@ -442,10 +455,7 @@ def plot(directory: str | Path, png_path: str | Path, color_by: str | None = Non
     values get a legend of the TOP_CATEGORIES most frequent, numeric ones a colorbar.
     Uses matplotlib's Agg canvas directly (no pyplot), so no display and no global backend switch.
     """
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-    from matplotlib.ticker import MaxNLocator
-
+    Figure, FigureCanvasAgg, MaxNLocator = _matplotlib_canvas()
     lay = check_plot_request(directory, png_path, color_by)
     png_path = Path(png_path)
     durations = []
