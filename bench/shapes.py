@@ -608,11 +608,12 @@ def main(argv=None) -> int:
     nightly = not multi and NIGHTLY in args.only
     need_base = multi or nightly or not args.skip_naive
     specs = {n: corpus_of(n, args) for n in SHAPES if n in names or (n == BASE_SHAPE and need_base)}
-    if nightly:
-        base, new = nightly_rows(args)
+    if need_base and BASE_SHAPE not in names:
+        # Only the naive baseline's and the nightly's rows of it (the first rows of the full corpus:
+        # same seed, same clips).
         b = specs[BASE_SHAPE]
-        if b.clips < base + new:  # --only without flac16k, or a small --scale: enough rows for the nightly
-            specs[BASE_SHAPE] = CorpusSpec(base + new, b.seed, b.min_s, b.max_s, b.sample_rate, b.channels, b.container)
+        rows = max([args.naive_clips if not args.skip_naive else 1, sum(nightly_rows(args)) if nightly else 1])
+        specs[BASE_SHAPE] = CorpusSpec(rows, b.seed, b.min_s, b.max_s, b.sample_rate, b.channels, b.container)
     if args.rebuild:
         for sub in (f"model-{mode}", f"adapter-{mode}", *(corpus_dir(n, s) for n, s in specs.items())):
             shutil.rmtree(work / sub, ignore_errors=True)
@@ -726,6 +727,8 @@ def main(argv=None) -> int:
 
 
 def corpus_dir(name: str, spec: CorpusSpec) -> str:
+    if name == BASE_SHAPE:
+        return f"corpus-n{spec.clips}-s{spec.seed}"  # run.py's name for the same corpus: one call can run both
     return f"corpus-{name}-n{spec.clips}-s{spec.seed}"
 
 
