@@ -40,7 +40,6 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
@@ -273,17 +272,25 @@ class Runner:
         except subprocess.TimeoutExpired:
             stopped = True
             log(f"{tag}: past the deadline; SIGTERM (the job commits what it has and writes its summary)")
-            os.killpg(proc.pid, signal.SIGTERM)
+            _signal_group(proc.pid, signal.SIGTERM)
             try:
                 proc.wait(timeout=STOP_GRACE_S)
             except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
+                _signal_group(proc.pid, signal.SIGKILL)
                 proc.wait()
         wall = time.monotonic() - t
         memory.stop()
         summary = json.loads(summary_path.read_text()) if summary_path.exists() else {}
         log(f"{tag}: exit {proc.returncode} after {wall:.1f} s; {summary_line(summary)}")
         return JobRun(proc.returncode, wall, summary, memory.figures(), stopped)
+
+
+def _signal_group(pgid: int, signum: int) -> None:
+    """Signal the job's session (started with start_new_session: its group is its pid)."""
+    try:
+        os.killpg(pgid, signum)
+    except ProcessLookupError:
+        pass  # it ended meanwhile
 
 
 def summary_line(s: dict) -> str:
