@@ -3,6 +3,7 @@ Hugging Face + PEFT recipe and against what the GPU allows.
 
     python bench/run.py --out bench/results           # on a GPU machine (bench/device.sh wraps it)
     python bench/run.py --out /tmp/bench-tiny --tiny  # CPU smoke run: tiny model, 200 clips
+    python bench/run.py --shapes [...]                # issue 10's corpus shapes: see bench/shapes.py
 
 Phases, each timed and logged as it ends:
   1. checkpoint  random-weight Qwen2-Audio in the hub layout (full-size tower, tiny LM) + LoRA r=16
@@ -35,6 +36,8 @@ import numpy as np
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
 sys.path.insert(0, str(HERE))
+if str(REPO) not in sys.path:
+    sys.path.insert(1, str(REPO))  # the checks read the output with the job's own layout names
 
 SR = 16_000
 HOP = 160
@@ -62,6 +65,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--min-s", type=float, default=2.0)
     p.add_argument("--max-s", type=float, default=20.0)
     p.add_argument("--rebuild", action="store_true", help="rebuild the cached checkpoint and corpus")
+    p.add_argument("--results-md", default=str(RESULTS_MD), help="the row is added to this file's table (default: bench/RESULTS.md)")
     args = p.parse_args(argv)
     args.clips = args.clips or (200 if args.tiny else 20_000)
     args.naive_clips = min(args.naive_clips or (32 if args.tiny else 256), args.clips)
@@ -156,10 +160,12 @@ def check_output(out_dir: Path, manifest: str, summary: dict, naive: dict | None
     import pyarrow as pa
     import pyarrow.parquet as pq
 
+    from extractor.output.layout import EMBEDDINGS_DIR, FAILURES_DIR, SUCCESS_FILE
+
     ids = pq.read_table(manifest, columns=["id"]).column("id").to_pylist()
-    parts = sorted(out_dir.glob("part-*.parquet"))
+    parts = sorted((out_dir / EMBEDDINGS_DIR).glob("part-*.parquet"))
     table = pa.concat_tables([pq.read_table(p, columns=["id", "embedding"]) for p in parts]) if parts else None
-    failures = sum(pq.read_metadata(p).num_rows for p in (out_dir / "_failures").glob("part-*.parquet"))
+    failures = sum(pq.read_metadata(p).num_rows for p in (out_dir / FAILURES_DIR).glob("part-*.parquet"))
     rows = table.num_rows if table is not None else 0
     out_ids = table.column("id").to_pylist() if table is not None else []
     emb = table.column("embedding").combine_chunks().flatten().to_numpy(zero_copy_only=False).reshape(rows, -1) if rows else np.zeros((0, 0))
@@ -171,7 +177,7 @@ def check_output(out_dir: Path, manifest: str, summary: dict, naive: dict | None
         "summary_failed": summary.get("failed"),
         "no_failures": failures == 0 and summary.get("failed") == 0,
         "embeddings_finite": bool(np.isfinite(emb).all()) and rows > 0,
-        "success_marker": (out_dir / "_SUCCESS").exists(),
+        "success_marker": (out_dir / SUCCESS_FILE).exists(),
     }
     if naive is not None and rows:
         row_of = {k: i for i, k in enumerate(out_ids)}
@@ -250,6 +256,22 @@ def results_row(r: dict) -> str:
     return "| " + " | ".join(cells) + " |"
 
 
+def add_row(path: Path, row: str) -> None:
+    """Add `row` at the end of the issue-3 table (later sections of the file, issue 10's, stay below it)."""
+    if not path.exists():
+        path.write_text(RESULTS_HEADER)
+    lines = path.read_text().splitlines()
+    header = next((i for i, line in enumerate(lines) if line.startswith("| date (UTC) | commit | mode |")), None)
+    if header is None:
+        lines += ["", *RESULTS_HEADER.strip().splitlines()[-2:]]
+        header = len(lines) - 2
+    end = header + 1
+    while end + 1 < len(lines) and lines[end + 1].startswith("|"):
+        end += 1
+    lines.insert(end + 1, row)
+    path.write_text("\n".join(lines) + "\n")
+
+
 def print_table(r: dict) -> None:
     rows = [
         ("device", r["device"]),
@@ -277,6 +299,13 @@ def print_table(r: dict) -> None:
 
 
 def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if "--shapes" in argv:
+        # shapes.py imports this module as `run`: let it find this one, clock (T0) included.
+        sys.modules.setdefault("run", sys.modules[__name__])
+        import shapes
+
+        return shapes.main(argv)
     args = parse_args(argv)
     import synth_corpus
     import synth_model
@@ -407,12 +436,9 @@ def main(argv=None) -> int:
         r["total_wall_s"] = time.perf_counter() - T0
         (out / "latest.json").write_text(json.dumps(r, indent=2, default=str) + "\n")
 
-    if not RESULTS_MD.exists():
-        RESULTS_MD.write_text(RESULTS_HEADER)
     row = results_row(r)
-    with RESULTS_MD.open("a") as f:
-        f.write(row + "\n")
-    log(f"wrote {out / 'latest.json'} and appended to {RESULTS_MD}:\n{row}")
+    add_row(Path(args.results_md), row)
+    log(f"wrote {out / 'latest.json'} and added a row to {args.results_md}:\n{row}")
     print_table(r)
     return 0 if r["checks"]["ok"] else 1
 

@@ -76,8 +76,6 @@ def _write_stamp(path: Path, params: dict) -> None:
 
 def build_checkpoint(path: Path, audio: dict, *, seed: int = 0, max_shard_bytes: int = 1 << 30, device: str = "cpu") -> dict:
     """Write the checkpoint to `path` (reused when an identical one is there); return its stats."""
-    from transformers import Qwen2AudioForConditionalGeneration
-
     path = Path(path)
     # The device is part of the recipe: CPU and CUDA generators draw different numbers.
     params = {"audio": audio, "text": TINY_TEXT, "seed": seed, "max_shard_bytes": max_shard_bytes, "device": torch.device(device).type, "version": VERSION}
@@ -86,6 +84,7 @@ def build_checkpoint(path: Path, audio: dict, *, seed: int = 0, max_shard_bytes:
     path.mkdir(parents=True, exist_ok=True)
     for old in path.glob("*.safetensors"):
         old.unlink()
+    from transformers import Qwen2AudioForConditionalGeneration  # seconds: only when building
 
     config = make_config(audio)
     with torch.device("meta"):

@@ -1,0 +1,451 @@
+"""Issue 10's CPU budget: CPU cost per audio-second, per stage of the job's host side, per corpus shape.
+
+    python bench/cpu_breakdown.py                    # 20 min of audio per shape, ~1 min
+    python bench/cpu_breakdown.py --audio-s 1800 --json bench/results/cpu_breakdown.json
+
+Measured on one core (the process is pinned to one CPU, torch to one thread), as CPU time
+(thread or process CPU clocks, not wall time), so a busy machine inflates the figures less. For
+each shape (bench/shapes.py) a few files of its corpus are generated first, with its own
+generator and seed, then:
+
+  decode worker    container decode (libsndfile), downmix (with its finite/peak checks), soxr HQ
+                   resampling to 16 kHz: the same calls, block by block, as extractor.audio.decode;
+                   then `decode_request` whole in this process, whose excess over those three is
+                   the cutting into windows and the WindowBlock messages;
+  hand-off         the decoded WindowBlocks through the pool's own wire functions over a pipe, the
+                   sending and the receiving side each on a thread (their CPU clocks); and, as a
+                   cross-check, the same requests through `DecodePool` with one worker process:
+                   its CPU over the in-process decode, and this process's CPU (receiving,
+                   unpickling and the pool's loop);
+  main process     the received blocks through the job's per-window and per-row code: into the
+                   window pool (as pipeline.Producer._receive does), packed into batches
+                   (batching.packing, as Producer._emit), staged (batching.device.stage: index
+                   arrays and the copy into a slot), pooled into rows (batching.pooling.RowPooling,
+                   sums of the full model's width), and written (a Parquet part as the writer
+                   builds it, zstd).
+
+The table gives ms of CPU per audio-second, its multiple of realtime, and the cores needed to
+feed --target audio-s/s (issue 10: 6,800 on one H100). Decode workers parallelise over cores; the
+main process's stages share one interpreter (the GIL), so their sum must stay well under one core.
+
+Only the standard library and numpy at module level: DecodePool's fork server imports this file.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import math
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+HERE = Path(__file__).resolve().parent
+REPO = HERE.parent
+for _p in (str(HERE), str(REPO)):
+    if _p not in sys.path:
+        sys.path.insert(0, _p)
+
+TARGET_AUDIO_S_PER_S = 6_800.0  # issue 10: what 16 cores must feed one H100 at MFU 0.6
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+
+WORKER_STAGES = ("decode", "downmix", "resample", "cut")
+MAIN_STAGES = ("receive", "pool_windows", "pack", "stage", "rows", "write")
+LABELS = {
+    "decode": "container decode (libsndfile)",
+    "downmix": "downmix + finite/peak checks",
+    "resample": "resample to 16 kHz (soxr HQ)",
+    "cut": "windows + messages (rest of decode_request)",
+    "worker_inprocess": "= decode_request, in-process",
+    "send": "hand-off, worker side (pickle, pipe)",
+    "worker": "= decode worker per audio-s",
+    "receive": "hand-off, main side (receive, unpickle)",
+    "pool_worker_excess": "DecodePool(1): worker CPU - in-process",
+    "pool_main": "DecodePool(1): main process CPU",
+    "pool_windows": "windows into the pool (split, shapes)",
+    "pack": "packing batches (sort, plan, Batch)",
+    "stage": "staging (indices, copy into slot)",
+    "rows": "pooling rows (RowPooling add/done)",
+    "write": "writing Parquet (zstd)",
+    "main": "= main process per audio-s",
+}
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--audio-s", type=float, default=1200.0, help="audio per shape (at least one file; a podcast file is 10-14 min)")
+    p.add_argument("--only", help="comma-separated shape names (default: all four)")
+    p.add_argument("--work-dir", default="/tmp/qwen2-audio-bench/cpu-breakdown")
+    p.add_argument("--cpu", type=int, help="the CPU to pin to (default: the first this process may use)")
+    p.add_argument("--repeats", type=int, default=2, help="each measurement this many times; the least CPU counts")
+    p.add_argument("--target", type=float, default=TARGET_AUDIO_S_PER_S, help="audio-s/s the cores must feed")
+    p.add_argument("--json", help="also write the figures here")
+    return p.parse_args(argv)
+
+
+# ---------------------------------------------------------------------------------------------
+# Measurements
+# ---------------------------------------------------------------------------------------------
+
+
+def stages_of_decode(paths: list[str]) -> dict[str, float]:
+    """CPU seconds of decode / downmix / resample, block by block as extractor.audio.decode does."""
+    import soundfile as sf
+    import soxr
+
+    from extractor.audio.decode import BLOCK_SECONDS, RESAMPLE_QUALITY, _downmix  # the job's own downmix
+    from extractor.constants import SAMPLE_RATE
+
+    cpu = dict.fromkeys(("decode", "downmix", "resample"), 0.0)
+    clock = time.thread_time
+    for path in paths:
+        t = clock()
+        f = sf.SoundFile(path)
+        rate, channels = f.samplerate, f.channels
+        resampler = None if rate == SAMPLE_RATE else soxr.ResampleStream(rate, SAMPLE_RATE, 1, dtype="float32", quality=RESAMPLE_QUALITY)
+        cpu["decode"] += clock() - t
+        block = int(rate * BLOCK_SECONDS)
+        pos = 0
+        while True:
+            t0 = clock()
+            data = f.read(block, dtype="float32", always_2d=True)
+            t1 = clock()
+            cpu["decode"] += t1 - t0
+            if len(data) == 0:
+                break
+            mono = _downmix(data, path, pos, rate)
+            t2 = clock()
+            cpu["downmix"] += t2 - t1
+            pos += len(data)
+            if resampler is not None:
+                resampler.resample_chunk(mono)
+                cpu["resample"] += clock() - t2
+        if resampler is not None:
+            t = clock()
+            resampler.resample_chunk(np.zeros(0, np.float32), last=True)
+            cpu["resample"] += clock() - t
+        f.close()
+    return cpu
+
+
+def requests_of(paths: list[str], durations: list[float]):
+    """Decode requests grouped as pipeline.Producer groups them: REQUEST_AUDIO_S of audio each."""
+    from extractor.audio.decode import DecodeRequest, FileJob
+    from extractor.pipeline import MAX_FILES_PER_REQUEST, REQUEST_AUDIO_S
+
+    mean = sum(durations) / len(durations)
+    per = int(min(MAX_FILES_PER_REQUEST, max(1, REQUEST_AUDIO_S // max(mean, 1e-3))))
+    requests = []
+    for i in range(0, len(paths), per):
+        files = tuple(FileJob(p, (k,), ((None, None),)) for k, p in zip(range(i, i + per), paths[i:i + per]))
+        requests.append(DecodeRequest(files))
+    return requests
+
+
+def decode_in_process(requests) -> tuple[float, list]:
+    from extractor.audio.decode import decode_request
+
+    t = time.thread_time()
+    blocks = [b for r in requests for b in decode_request(r)]
+    return time.thread_time() - t, blocks
+
+
+def _tree_cpu_s(exclude: int) -> float:
+    """CPU seconds of this process's descendants (the pool's fork server and worker): schedstat's
+    nanoseconds where the kernel has them, else stat's clock ticks (10 ms)."""
+    from shapes import process_tree
+
+    total = 0.0
+    for pid in process_tree(os.getpid()):
+        if pid == exclude:
+            continue
+        try:
+            with open(f"/proc/{pid}/schedstat") as f:
+                total += int(f.read().split()[0]) / 1e9
+            continue
+        except (OSError, ValueError, IndexError):
+            pass
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+            total += (int(fields[11]) + int(fields[12])) / CLK_TCK  # utime, stime
+        except (OSError, ValueError, IndexError):
+            pass
+    return total
+
+
+def decode_through_pool(requests) -> tuple[float, float, int]:
+    """(CPU s of the worker side, CPU s of this process, messages) with one DecodePool worker."""
+    from extractor.audio.pool import END, DecodePool, WorkerFailure
+
+    with DecodePool(1) as pool:
+        for _ in pool.stream([(0, requests[0])]):  # the worker started and warm: not measured
+            pass
+        me = os.getpid()
+        child0, t0 = _tree_cpu_s(me), time.process_time()
+        messages = 0
+        for _, message in pool.stream(enumerate(requests)):
+            if isinstance(message, WorkerFailure):
+                raise RuntimeError(f"decode failed in the pool: {message.error}")
+            messages += message is not END
+        parent, child = time.process_time() - t0, _tree_cpu_s(me) - child0
+    return child, parent, messages
+
+
+def handoff_direct(blocks: list) -> tuple[float, float]:
+    """(CPU s sending, CPU s receiving) the blocks over a pipe with the pool's own wire functions,
+    each side on its own thread of this process: the hand-off's cost without the noise of
+    comparing two processes' decode times. Time blocked on the pipe is not CPU and not counted."""
+    import multiprocessing as mp
+    import threading
+
+    from extractor.audio.pool import _recv_result, _send_result  # the wire format DecodePool uses
+
+    sender, receiver = mp.Pipe(duplex=True)
+    received: list[float] = []
+
+    def read() -> None:
+        t = time.thread_time()
+        for _ in blocks:
+            _recv_result(receiver)
+        received.append(time.thread_time() - t)
+
+    reader = threading.Thread(target=read, name="receiver")
+    reader.start()
+    t = time.thread_time()
+    for block in blocks:
+        _send_result(sender, block)
+    send = time.thread_time() - t
+    reader.join()
+    sender.close()
+    receiver.close()
+    return send, received[0]
+
+
+def main_process_stages(blocks: list, d_model: int, layers: int, staging) -> tuple[dict[str, float], int, int]:
+    """CPU seconds of the main process's per-window and per-row work on received blocks, through
+    the job's functions in the order pipeline.Producer and the device loop call them."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    import threading
+
+    from extractor.batching.device import GPU_MAX_WINDOWS, GPU_TOKEN_BUDGET, stage
+    from extractor.batching.packing import Batch, plan_batches, window_flops, window_shapes
+    from extractor.batching.pooling import RowPooling
+    from extractor.constants import HOP_LENGTH, SAMPLE_RATE
+    from extractor.output.layout import ROW_GROUP_BYTES
+    from extractor.pipeline import POOL_BATCHES
+
+    cpu = dict.fromkeys(MAIN_STAGES[1:], 0.0)
+    clock = time.thread_time
+    finished: list = []
+    pooling = RowPooling(d_model, False, finished.append, lambda items, errors: None)
+    never = threading.Event()
+    pool: list[tuple] = []
+    pool_tokens, windows, batches = 0, 0, 0
+    budget = GPU_TOKEN_BUDGET  # the GPU's batches, as the job packs them on the device
+
+    def emit() -> None:
+        nonlocal pool, pool_tokens, batches
+        t = clock()
+        items = np.concatenate([p[0] for p in pool])
+        index = np.concatenate([p[1] for p in pool])
+        lengths = np.concatenate([p[2] for p in pool])
+        samples = [s for p in pool for s in p[3]]
+        pool, pool_tokens = [], 0
+        tokens, outs = window_shapes(lengths, padding_mask=True)
+        n_mel = -(-lengths // HOP_LENGTH)
+        flops = window_flops(np.minimum(tokens, (n_mel - 1) // 2 + 1), n_mel, d_model, layers, 128)
+        made = []
+        for sel in plan_batches(tokens, (items, index), token_budget=budget, max_windows=GPU_MAX_WINDOWS):
+            made.append(Batch(items[sel], index[sel], tokens[sel], outs[sel], [samples[k] for k in sel],
+                              audio_samples=int(lengths[sel].sum()), flops=float(flops[sel].sum())))
+        cpu["pack"] += clock() - t
+        for batch in made:
+            t = clock()
+            stage(batch, staging, never)
+            staging.release(batch.meta["slot"], None)
+            t1 = clock()
+            cpu["stage"] += t1 - t
+            pooling.add(batch, np.zeros((batch.size, d_model), np.float32), None, None)
+            cpu["rows"] += clock() - t1
+            batches += 1
+
+    for block in blocks:
+        t = clock()
+        if len(block.items):
+            bounds = np.cumsum(block.lengths)[:-1]
+            pool.append((block.items, block.index, block.lengths, np.split(block.samples, bounds)))
+            tokens, _ = window_shapes(block.lengths, padding_mask=True)
+            pool_tokens += int(tokens.sum())
+            windows += len(block.items)
+        cpu["pool_windows"] += clock() - t
+        if pool_tokens >= POOL_BATCHES * budget:
+            emit()
+        t = clock()
+        pooling.done(block.done)  # the device loop hands "done" entries to the pooling stage
+        cpu["rows"] += clock() - t
+    if pool:
+        emit()
+    if len(pooling):
+        raise RuntimeError(f"{len(pooling)} rows were not finished: the mirror of the pipeline is out of date")
+
+    # The writer's part, as PartWriter._rows_table and OutputDir.commit_table build and write it.
+    # A real model's embeddings are not zeros, which zstd would make light work of.
+    items = np.concatenate([r.items for r in finished])
+    emb = np.concatenate([r.embeddings for r in finished]) + np.random.default_rng(0).standard_normal((len(items), d_model), dtype=np.float32)
+    t = clock()
+    table = pa.table({
+        "id": pa.array([f"c{i:06d}" for i in items]),
+        "embedding": pa.FixedSizeListArray.from_arrays(pa.array(emb.reshape(-1), type=pa.float32()), d_model),
+        "duration_s": pa.array(np.concatenate([r.durations for r in finished]), type=pa.float64()),
+    })
+    pq.write_table(table, io.BytesIO(), row_group_size=max(1, ROW_GROUP_BYTES // max(1, table.nbytes // max(1, table.num_rows))),
+                   compression="zstd")
+    cpu["write"] += clock() - t
+    return cpu, windows, batches
+
+
+def measure_shape(corpus: dict, repeats: int, d_model: int, layers: int) -> dict:
+    import pyarrow.parquet as pq
+    import torch
+
+    from extractor.batching.device import Staging
+
+    manifest = pq.read_table(corpus["manifest"])
+    paths = manifest.column("path").to_pylist()
+    from synth_corpus import plan
+
+    durations = (plan(corpus["clips"], corpus["seed"], corpus["min_s"], corpus["max_s"], corpus["sample_rate"]) / corpus["sample_rate"]).tolist()
+    audio_s = sum(durations)
+    requests = requests_of(paths, durations)
+
+    # Each measurement `repeats` times; the run with the least CPU counts (others were disturbed).
+    stages = min((stages_of_decode(paths) for _ in range(repeats)), key=lambda r: sum(r.values()))
+    inprocess, blocks = min((decode_in_process(requests) for _ in range(repeats)), key=lambda r: r[0])
+    worker, parent, messages = min((decode_through_pool(requests) for _ in range(repeats)), key=lambda r: r[0] + r[1])
+    send, receive = min((handoff_direct(blocks) for _ in range(repeats)), key=lambda r: r[0] + r[1])
+    # One staging slot, released at once and reused, as the job's slots are once the pipeline is
+    # full: a fresh slot per batch would count first-touch page faults the job pays only once.
+    staging = Staging(torch.device("cpu"), 1)
+    main_process_stages(blocks, d_model, layers, staging)  # warm-up: the slot grows to its size
+    main, windows, batches = min((main_process_stages(blocks, d_model, layers, staging) for _ in range(repeats)), key=lambda r: sum(r[0].values()))
+
+    cpu = {**stages, "cut": inprocess - sum(stages.values()), "worker_inprocess": inprocess, "send": send,
+           "worker": inprocess + send, "receive": receive, **main,
+           # The same hand-off through DecodePool with one worker process: a cross-check (its worker
+           # side is the difference of two processes' decode times, so it carries their noise).
+           "pool_worker_excess": worker - inprocess, "pool_main": parent}
+    cpu["main"] = receive + sum(main.values())
+    return {
+        "files": len(paths), "audio_s": audio_s, "windows": windows, "messages": messages, "batches": batches,
+        "format": f"{corpus['container']} {corpus['sample_rate'] / 1000:g} kHz {'stereo' if corpus['channels'] == 2 else 'mono'}",
+        "cpu_s": cpu,
+        "ms_per_audio_s": {k: 1e3 * v / audio_s for k, v in cpu.items()},
+    }
+
+
+# ---------------------------------------------------------------------------------------------
+# Report
+# ---------------------------------------------------------------------------------------------
+
+
+def cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown CPU"
+
+
+def table(results: dict, target: float, where: str) -> str:
+    names = list(results)
+    rows: list[list[str]] = [["", *names], ["", *(results[n]["format"] for n in names)]]
+
+    def ms_row(key: str, realtime: bool = False) -> list[str]:
+        cells = []
+        for n in names:
+            ms = results[n]["ms_per_audio_s"][key]
+            cells.append(f"{ms:.3f}" + (f" ({1e3 / ms:,.0f}x)" if realtime and ms > 0 else ""))
+        return [LABELS[key], *cells]
+
+    rows.append(["decode worker"])
+    rows += [ms_row(k) for k in (*WORKER_STAGES, "worker_inprocess", "send")]
+    rows.append(ms_row("worker", realtime=True))
+    rows.append(["main process (one interpreter)"])
+    rows += [ms_row(k) for k in MAIN_STAGES]
+    rows.append(ms_row("main", realtime=True))
+    rows.append(["hand-off cross-check"])
+    rows += [ms_row(k) for k in ("pool_worker_excess", "pool_main")]
+    workers = [results[n]["ms_per_audio_s"]["worker"] * target / 1e3 for n in names]
+    main = [results[n]["ms_per_audio_s"]["main"] * target / 1e3 for n in names]
+    rows.append([f"at {target:,.0f} audio-s/s"])
+    rows.append(["decode worker cores", *(f"{w:.1f}" for w in workers)])
+    rows.append(["main process, share of one core", *(f"{m:.0%}" for m in main)])
+    rows.append(["cores in all", *(f"{w + m:.1f}" for w, m in zip(workers, main))])
+    rows.append(["files / windows / batches", *(f"{results[n]['files']} / {results[n]['windows']} / {results[n]['batches']}" for n in names)])
+    rows.append(["audio measured, s", *(f"{results[n]['audio_s']:,.0f}" for n in names)])
+    widths = [max(len(r[i]) for r in rows if len(r) > i) for i in range(len(names) + 1)]
+    lines = [f"CPU per audio-second on one core of {where}: ms of CPU per second of audio (x realtime)"]
+    for r in rows:
+        if len(r) == 1:
+            lines.append(r[0])
+        else:
+            lines.append(f"  {r[0]:<{widths[0]}}" + "".join(f"  {c:>{w}}" for c, w in zip(r[1:], widths[1:])))
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    import shapes
+    import synth_corpus
+    from synth_model import FULL_AUDIO  # the full-size tower's width: the pooled sums and the Parquet rows
+
+    names = [s.strip() for s in (args.only or ",".join(shapes.SHAPES)).split(",") if s.strip()]
+    unknown = [n for n in names if n not in shapes.SHAPES]
+    if unknown:
+        raise SystemExit(f"--only: unknown {unknown}; expected names from {list(shapes.SHAPES)}")
+    specs = {}
+    for n in names:
+        s = shapes.SHAPES[n].corpus
+        clips = max(1, math.ceil(args.audio_s / ((s.min_s + s.max_s) / 2)))
+        specs[n] = synth_corpus.CorpusSpec(clips, s.seed, s.min_s, s.max_s, s.sample_rate, s.channels, s.container)
+    work = Path(args.work_dir)
+    t = time.perf_counter()
+    corpora = dict(zip(specs, synth_corpus.build_corpora([(work / f"{n}-n{s.clips}", s) for n, s in specs.items()])))
+    print(f"corpora ready in {time.perf_counter() - t:.1f} s: " + ", ".join(f"{n} {c['clips']} files" for n, c in corpora.items()), flush=True)
+
+    # One core, one thread: what the job's per-core budget is made of.
+    allowed = sorted(os.sched_getaffinity(0))
+    cpu = args.cpu if args.cpu is not None else allowed[0]
+    os.sched_setaffinity(0, {cpu})
+    import torch
+
+    torch.set_num_threads(1)
+
+    results = {}
+    for n in names:
+        t = time.perf_counter()
+        results[n] = measure_shape(corpora[n], args.repeats, FULL_AUDIO["d_model"], FULL_AUDIO["encoder_layers"])
+        print(f"{n}: {results[n]['audio_s']:.0f} audio-s measured in {time.perf_counter() - t:.1f} s", flush=True)
+    os.sched_setaffinity(0, allowed)
+
+    where = f"{cpu_model()} (CPU {cpu} of {os.cpu_count()})"
+    text = table(results, args.target, where)
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps({"cpu": where, "target_audio_s_per_s": args.target, "shapes": results}, indent=2) + "\n")
+    print("\n" + text, flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

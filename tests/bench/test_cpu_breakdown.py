@@ -1,0 +1,48 @@
+"""bench/cpu_breakdown.py on a few small files: every stage is measured, the job's per-window code
+(as the pipeline calls it) finishes every row, and the table names every stage per shape."""
+
+from __future__ import annotations
+
+import pytest
+
+import cpu_breakdown as cb
+import synth_corpus
+from synth_model import FULL_AUDIO
+
+
+@pytest.fixture(scope="module")
+def measured(tmp_path_factory):
+    root = tmp_path_factory.mktemp("cpu")
+    specs = {"flac16k_2_20s": synth_corpus.CorpusSpec(4, 0, 2.0, 20.0),
+             "mp3_48k_2_10s": synth_corpus.CorpusSpec(2, 1, 2.0, 10.0, 48_000, 1, "mp3"),
+             "flac44k_stereo": synth_corpus.CorpusSpec(1, 2, 40.0, 50.0, 44_100, 2, "flac")}
+    corpora = synth_corpus.build_corpora([(root / n, s) for n, s in specs.items()], workers=1)
+    return {n: cb.measure_shape(c, 1, FULL_AUDIO["d_model"], FULL_AUDIO["encoder_layers"]) for n, c in zip(specs, corpora)}
+
+
+def test_every_stage_is_measured(measured):
+    for name, r in measured.items():
+        cpu = r["cpu_s"]
+        assert set(cb.LABELS) <= set(cpu), name
+        assert cpu["decode"] > 0 and cpu["worker_inprocess"] > 0 and cpu["send"] > 0 and cpu["receive"] > 0, name
+        assert cpu["worker"] == pytest.approx(cpu["worker_inprocess"] + cpu["send"])
+        assert cpu["main"] == pytest.approx(sum(cpu[k] for k in cb.MAIN_STAGES))
+        assert r["ms_per_audio_s"]["worker"] == pytest.approx(1e3 * cpu["worker"] / r["audio_s"])
+    assert measured["flac16k_2_20s"]["cpu_s"]["resample"] == 0.0  # 16 kHz is not resampled
+    assert measured["mp3_48k_2_10s"]["cpu_s"]["resample"] > 0
+    assert measured["flac44k_stereo"]["cpu_s"]["downmix"] > 0
+
+
+def test_windows_and_messages_match_the_files(measured):
+    assert measured["flac16k_2_20s"]["windows"] == 4  # clips of 2-20 s: one window each
+    assert measured["flac44k_stereo"]["windows"] == 2  # 40-50 s: two windows
+    assert all(r["messages"] >= 1 and r["batches"] >= 1 for r in measured.values())
+
+
+def test_the_table_names_each_stage_and_the_cores_needed(measured):
+    text = cb.table(measured, 6800.0, "a test CPU")
+    for label in cb.LABELS.values():
+        assert label in text
+    cores = next(line for line in text.splitlines() if line.strip().startswith("decode worker cores"))
+    expected = [f"{r['ms_per_audio_s']['worker'] * 6.8:.1f}" for r in measured.values()]
+    assert cores.split()[-3:] == expected
