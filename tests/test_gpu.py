@@ -67,6 +67,25 @@ def test_gpu_embeddings_match_canonical(wide, tmp_path, dtype, threshold):
         assert c >= threshold, f"{d} s in {dtype}: cosine {c:.6f}"
 
 
+def test_gpu_full_windows_take_dense_attention_and_match_canonical(wide):
+    """A batch of full 30 s windows only goes through one dense cuDNN attention call (encoder.attend)."""
+    ckpt, adapter, ref = wide
+    waves = [speechlike(d, SR, seed=20 + i) for i, d in enumerate((30.0, 60.0, 90.0))]  # 6 full windows
+    model = load_model(ckpt, adapter, torch.device("cuda"), torch.bfloat16)
+    import extractor.model.encoder as encoder
+
+    dense = []
+    real = encoder.F.scaled_dot_product_attention
+    encoder.F.scaled_dot_product_attention = lambda *a, **k: dense.append(a[0].shape) or real(*a, **k)
+    try:
+        ours_ = embed_packed(model, waves)
+    finally:
+        encoder.F.scaled_dot_product_attention = real
+    assert dense and dense[0][0] == 6  # (B, H, S, hd): the six windows at once
+    for x, e in zip(waves, ours_):
+        assert cosine(e, canonical_embedding(ref, x)) >= 0.999
+
+
 def test_out_of_memory_retry_loses_no_row(tiny_model, tiny_adapter, tmp_path, monkeypatch):
     rows = []
     for i in range(12):

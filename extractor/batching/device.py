@@ -43,7 +43,10 @@ def forward(model: LoadedModel, batch: Batch, waves: torch.Tensor, ix: dict[str,
     and index arrays already there."""
     mel = model.logmel(waves, ix["keep_frames"]).to(model.dtype)  # (B, n_mels, F)
     tokens = model.encoder.embed_tokens(mel, ix["token_index"], ix["position_index"])  # (T, D)
-    seqs = PackedSeqs(ix["cu_seqlens"].to(torch.int32), batch.tokens.tolist(), batch.max_tokens)
+    lengths = batch.tokens.tolist()
+    # Only full 30 s windows (podcasts' middles, --no-padding-mask): one dense attention call.
+    dense = waves.is_cuda and batch.size > 1 and min(lengths) == MAX_TOKENS
+    seqs = PackedSeqs(ix["cu_seqlens"].to(torch.int32), lengths, batch.max_tokens, dense)
     frames = model.encoder(tokens, seqs, ix["pool_index"]).float()  # (N, D)
     sums = torch.zeros(batch.size, frames.shape[1], device=frames.device, dtype=torch.float32)
     sums.index_add_(0, ix["frame_window"], frames)  # (B, D)
@@ -68,18 +71,34 @@ class DeviceLoop:
         self.on_batch, self.keep_frames = on_batch, keep_frames
         self.cuda = model.device.type == "cuda"
         self._stream = torch.cuda.current_stream(model.device) if self.cuda else None
+        # Host → device copies on their own stream, so the next batch's ~40 MB of waveforms cross
+        # PCIe while the current one computes, instead of stalling the compute stream (~2 ms a batch).
+        self._copies = torch.cuda.Stream(model.device) if self.cuda else None
 
     @torch.inference_mode()
     def _launch(self, batch: Batch):
         dev = self.model.device
         slot = batch.meta["slot"]
         B, S = batch.meta["waves_shape"]
-        waves = slot.waves[: B * S].view(B, S).to(dev, non_blocking=self.cuda)
-        flat = slot.index[: batch.meta["n_index"]].to(dev, non_blocking=self.cuda)
+        if self.cuda:
+            with torch.cuda.stream(self._copies):
+                waves = slot.waves[: B * S].view(B, S).to(dev, non_blocking=True)
+                flat = slot.index[: batch.meta["n_index"]].to(dev, non_blocking=True)
+                copied = torch.cuda.Event()
+                copied.record(self._copies)
+            self._stream.wait_event(copied)
+            # Made on the copy stream, used on the compute stream: the allocator must know.
+            waves.record_stream(self._stream)
+            flat.record_stream(self._stream)
+        else:
+            waves = slot.waves[: B * S].view(B, S)
+            flat = slot.index[: batch.meta["n_index"]]
         ix = {k: flat[a : a + n] for k, (a, n) in batch.meta["offsets"].items()}
         sums, frames = forward(self.model, batch, waves, ix)
+        # Launched: the producer may refill the slot once its copy is done (an out-of-memory error
+        # above leaves it held, for _halves to read back).
+        self.staging.release(slot, copied if self.cuda else None)
         if not self.cuda:
-            self.staging.release(slot, None)
             return batch, sums, frames if self.keep_frames else None, None
         host_sums = torch.empty(sums.shape, dtype=sums.dtype, pin_memory=True)
         host_sums.copy_(sums, non_blocking=True)
@@ -89,7 +108,6 @@ class DeviceLoop:
             host_frames.copy_(frames, non_blocking=True)
         done = torch.cuda.Event()
         done.record(self._stream)
-        self.staging.release(slot, done)  # reusable once this batch's copies (in stream order) are done
         return batch, host_sums, host_frames, done
 
     def _finish(self, inflight) -> None:

@@ -20,12 +20,14 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from ..constants import CONV_STRIDE, POOL_STRIDE
 from .config import EncoderConfig
 
-# torch.nn.attention.varlen.varlen_attn(..., scale=) exists from this torch on; the GPU path calls
-# it, so pyproject.toml's torch range and the Dockerfile's torch start here (tests/test_packaging.py).
+# The GPU path calls aten._flash_attention_forward with cumulative sequence lengths and `scale`, the
+# op under torch.nn.attention.varlen.varlen_attn, which exists from this torch on: pyproject.toml's
+# torch range and the Dockerfile's torch start here (tests/test_packaging.py).
 VARLEN_ATTN_SINCE = (2, 11)
 
 
@@ -34,26 +36,36 @@ class PackedSeqs:
     """Where each window's tokens sit in the packed (T, D) sequence (all on the model's device).
 
     `cu_seqlens` is [0, len0, len0+len1, ...] (int32, as varlen attention wants); `lengths` and
-    `max_len` are host-side copies, so reading them costs no device sync.
+    `max_len` are host-side copies, so reading them costs no device sync. `dense`: every window
+    has the same length and the caller wants them attended as one dense batch (see attend).
     """
 
     cu_seqlens: torch.Tensor
     lengths: list[int]
     max_len: int
+    dense: bool = False
 
 
 def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, seqs: PackedSeqs) -> torch.Tensor:
     """Block-diagonal attention over packed windows: (T, H, hd) → (T, H, hd). q carries 1/sqrt(hd).
 
-    On CUDA in bf16/fp16: one variable-length FlashAttention call, no padding FLOPs. Elsewhere
-    (CPU, or float32, which FlashAttention does not take) one dense SDPA call per window: exact,
+    On CUDA in bf16/fp16: a batch of full 30 s windows only (podcasts, --no-padding-mask) is one
+    dense cuDNN attention call, 1.4× FlashAttention-2 on an H100 at 1500 tokens (bench/
+    attention_probe.py); anything else is one variable-length FlashAttention call, no padding
+    FLOPs. Elsewhere (CPU, or float32, which neither takes) one dense SDPA call per window: exact,
     and those paths are about correctness, not speed.
     """
     if q.is_cuda and q.dtype in (torch.bfloat16, torch.float16):
-        from torch.nn.attention.varlen import varlen_attn
-
+        if seqs.dense:
+            B, S, (T, H, hd) = len(seqs.lengths), seqs.max_len, q.shape
+            qd, kd, vd = (t.view(B, S, H, hd).transpose(1, 2) for t in (q, k, v))  # (B, H, S, hd) views
+            with sdpa_kernel(SDPBackend.CUDNN_ATTENTION):
+                return F.scaled_dot_product_attention(qd, kd, vd, scale=1.0).transpose(1, 2).reshape(T, H, hd)
         cu = seqs.cu_seqlens
-        return varlen_attn(q, k, v, cu, cu, seqs.max_len, seqs.max_len, scale=1.0)
+        # The aten op itself, not torch.nn.attention.varlen.varlen_attn: that wrapper is a custom
+        # op whose first call took 6.7 s on an H100 (the op's own: 6 ms), all of it start-up.
+        out, *_ = torch.ops.aten._flash_attention_forward(q, k, v, cu, cu, seqs.max_len, seqs.max_len, 0.0, False, False, scale=1.0)
+        return out
     out = torch.empty_like(q)
     start = 0
     for n in seqs.lengths:
