@@ -124,17 +124,19 @@ class DecodePool:
 
     # --- public API ---------------------------------------------------------------------------
 
-    def stream(self, items: Iterable[tuple[Hashable, Any]]) -> Iterator[tuple[Hashable, Any]]:
+    def stream(self, items: Iterable[tuple[Hashable, Any]], *, poll_s: float | None = None) -> Iterator[tuple[Hashable, Any]]:
         """Yield `(key, message)` for every `(key, request)` of `items` (see the class doc).
 
         At most max_inflight requests are outstanding; `items` is pulled lazily. Stopping the
         iteration early kills the workers still busy with requests of it (they are replaced).
+        With poll_s, `(None, None)` comes whenever that long passes without a message, so the
+        caller can do other work while the workers decode.
         """
         if self._closed:
             raise ValueError("DecodePool is closed")
         if self._num_workers == 0:
             return self._stream_inline(items)
-        return self._stream_workers(items)
+        return self._stream_workers(items, poll_s)
 
     def imap(self, items: Iterable[tuple[Hashable, Any]]) -> Iterator[tuple[Hashable, Any]]:
         """Yield `(key, result)` once per request, in completion order: decode_fn's return value
@@ -184,7 +186,7 @@ class DecodePool:
 
     # --- worker processes ---------------------------------------------------------------------
 
-    def _stream_workers(self, items):
+    def _stream_workers(self, items, poll_s: float | None = None):
         if self._running:
             raise RuntimeError("DecodePool.stream is already running; one iteration at a time")
         self._running = True
@@ -214,7 +216,9 @@ class DecodePool:
                 elif exhausted and not pending and not any(w.job for w in self._workers):
                     return
                 else:
-                    results.extend(self._poll())
+                    results.extend(self._poll(poll_s))
+                    if not results and poll_s is not None:
+                        yield None, None
         finally:
             self._running = False
             if not self._closed:
@@ -252,10 +256,12 @@ class DecodePool:
             w.job = _Job(key, _label(key, request), time.monotonic() + self._timeout_s)
         return done
 
-    def _poll(self) -> list[tuple[Hashable, Any]]:
+    def _poll(self, poll_s: float | None = None) -> list[tuple[Hashable, Any]]:
         """Wait for results, deaths, readiness or the next deadline; handle whatever happened."""
         deadlines = [w.deadline for w in self._workers if w.deadline is not None]
         timeout = max(0.0, min(deadlines) - time.monotonic()) if deadlines else None
+        if poll_s is not None:
+            timeout = poll_s if timeout is None else min(timeout, poll_s)
         conns = {w.conn: w for w in self._workers}
         sentinels = {w.process.sentinel: w for w in self._workers}
         ready = set(wait(list(conns) + list(sentinels), timeout))

@@ -88,9 +88,9 @@ def load_model(model_dir: Path, adapter_dir: Path | None, device: torch.device, 
     encoder = encoder.to(device=device)
     check_finite(dict(encoder.state_dict()), f"{model_dir} (audio_tower)")
     logger.debug("model: moved to %s in %.2f s", device, time.monotonic() - t)
-    if hashing is not None:
+    if hashing is not None and device.type == "cpu":
+        # On the CPU the device copy is the checkpoint's own tensors, which the merge changes in place.
         model_fp = future.result()
-        remember_fingerprint(files, model_fp)
     adapter = None
     if adapter_dir is not None:
         t = time.monotonic()
@@ -106,6 +106,9 @@ def load_model(model_dir: Path, adapter_dir: Path | None, device: torch.device, 
         what = f"the adapter {adapter_dir} merged into {model_dir}" if adapter is not None else str(model_dir)
         error = AdapterError if adapter is not None else CheckpointError
         raise error(f"{what} gives NaN or Inf on a test signal (1 s of a tone in noise): its weights are broken or absurd")
+    if hashing is not None:
+        model_fp = future.result()  # hashed while the weights moved, merged and warmed up on the GPU
+        remember_fingerprint(files, model_fp)
     logger.info(
         "model: %d layers × d_model %d on %s in %s (tower %s…%s)",
         cfg.encoder_layers, cfg.d_model, device, str(dtype).removeprefix("torch."),
