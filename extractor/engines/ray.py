@@ -50,6 +50,7 @@ from .local import graceful_signals
 
 try:
     import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 except ImportError:  # the optional extra: pip install '.[ray]'
     ray = None
 
@@ -77,33 +78,30 @@ def connect() -> bool:
 
 
 def task_resources(opts: JobOptions) -> tuple[dict, JobOptions]:
-    """What each shard task reserves, and its options (decode workers that fit its node's CPUs).
+    """What each shard task reserves, and its options (its decode workers).
 
-    Ray gives a task as many CPUs as it reserves (OMP_NUM_THREADS too), so the decode workers are
-    counted in the reservation: one CPU drives the device (or runs the encoder on CPU), one per
-    decode worker. A reservation no alive node can hold would wait forever, so it is refused.
+    Ray gives a task as many CPUs as it reserves (OMP_NUM_THREADS too): one drives the device (or
+    runs the encoder on CPU), one each decode worker, within the task's share of a node (a GPU
+    node's CPUs are shared evenly among its GPUs), so that no GPU waits for CPUs another GPU's task
+    holds, and no reservation waits forever for a node it cannot fit. The decode workers stay
+    isolated processes (at least one, as in the local engine) even where the share is one CPU.
+    The device is passed on as given: "auto" resolves in the task, which sees only its own GPU.
     """
     nodes = [n["Resources"] for n in ray.nodes() if n.get("Alive")]
-    gpus = sum(n.get("GPU", 0) for n in nodes)
-    use_gpu = opts.device.startswith("cuda") or (opts.device == "auto" and gpus > 0)
+    use_gpu = opts.device == "cuda" or (opts.device == "auto" and any(n.get("GPU", 0) >= 1 for n in nodes))
     if use_gpu:
         gpu_nodes = [n for n in nodes if n.get("GPU", 0) >= 1]
         if not gpu_nodes:
             raise ConfigError("--device cuda: the Ray cluster has no GPU node")
-        # A GPU node's CPUs are shared evenly among its GPUs' tasks.
-        per_task = min(int(n.get("CPU", 0) // n["GPU"]) for n in gpu_nodes)
-        room = max(int(n.get("CPU", 0)) for n in gpu_nodes)
-        default = max(0, min(MAX_DECODE_WORKERS, per_task - 1))
-        resources, device = {"num_gpus": 1}, "cuda"
+        share = min(int(n.get("CPU", 0) // n["GPU"]) for n in gpu_nodes)
+        default = max(1, min(MAX_DECODE_WORKERS, share - 1))
     else:
-        room = max((int(n.get("CPU", 0)) for n in nodes), default=0)
-        default = max(0, min(CPU_DECODE_WORKERS, room - 1))
-        resources, device = {"num_gpus": 0}, "cpu"
+        share = max((int(n.get("CPU", 0)) for n in nodes), default=0)
+        if share < 1:
+            raise ConfigError("--engine ray: the Ray cluster has no CPU for a task")
+        default = CPU_DECODE_WORKERS
     workers = opts.decode_workers if opts.decode_workers is not None else default
-    if 1 + workers > room:
-        raise ConfigError(f"--decode-workers {workers}: a {device} task reserves {1 + workers} CPUs (one per decode worker, one for "
-                          f"the {'device' if use_gpu else 'encoder'}), and no {device} node of the Ray cluster has more than {room}")
-    return {**resources, "num_cpus": 1 + workers}, replace(opts, device=device, decode_workers=workers)
+    return {"num_gpus": 1 if use_gpu else 0, "num_cpus": max(1, min(1 + workers, share))}, replace(opts, decode_workers=workers)
 
 
 def portable(opts: JobOptions, plan: ShardPlan) -> JobOptions:
@@ -193,6 +191,7 @@ class _Relay(logging.Handler):
         self.saved_level = package.level
         package.setLevel(self.level)
         package.addHandler(self)
+        self.flush()  # at once: a task that starts after the driver was stopped learns it before it reads anything
         self.thread.start()
         return self
 
@@ -211,6 +210,8 @@ def shard_task(opts: JobOptions, shard: Shard, hub, log_level: int) -> Summary:
     stop = StopSignal()
     where = f"shard {shard.index} of {shard.count} ({ray.util.get_node_ip_address()}, pid {os.getpid()})"
     with _Relay(hub, stop, where, log_level) as relay:
+        if stop.is_set():  # stopped while this task was queued: not even the manifest is read
+            return Summary(output=opts.output, shard=str(shard), interrupted=signal.Signals(stop.signum).name)
         return run_shard(replace(opts, shard=shard, progress=False), shard, stop=stop, on_progress=relay.on_progress)
 
 
@@ -218,7 +219,7 @@ def _nothing_to_do(plan: ShardPlan) -> Summary | None:
     """The whole output is done for this manifest and these inputs: a rerun needs no cluster.
     `_SUCCESS` names them only while every shard's marker does (a run with work deletes it first)."""
     done = plan.out.success() or {}
-    if plan.opts.retry_failed or done.get("whole_manifest") != plan.marker["whole_manifest"] or done.get("inputs") != plan.marker["inputs"]:
+    if plan.opts.retry_failed or not _success_stands(plan) or done.get("inputs") != plan.marker["inputs"]:
         return None
     everything = replace(plan, rows=plan.manifest.rows)
     summary = Summary(output=str(plan.out.root), shard=f"all {plan.shard.count}", rows_total=len(everything.rows),
@@ -234,6 +235,9 @@ def run_ray(opts: JobOptions) -> Summary:
         raise ConfigError("--engine ray needs Ray: pip install 'qwen2-audio-embeddings[ray]'")
     if opts.device not in ("auto", "cpu", "cuda"):
         raise ConfigError(f"--engine ray: --device must be auto, cpu or cuda, not {opts.device!r}; Ray gives each task its own GPU")
+    if opts.shard.index:
+        raise ConfigError(f"--engine ray runs every shard of --num-shards {opts.shard.count}; --shard-index {opts.shard.index} "
+                          "is for running one shard with the local engine")
     from ..progress import Progress
 
     n = opts.shard.count
@@ -250,15 +254,21 @@ def run_ray(opts: JobOptions) -> Summary:
         resources, task_opts = task_resources(opts)
         task_opts = portable(task_opts, plan)
         logger.info("ray: %d shard task(s), each with %s, on %d node(s)", n, resources, sum(1 for x in ray.nodes() if x.get("Alive")))
-        # The hub takes no CPU, so it never waits for, nor holds back, a shard task.
-        hub = ray.remote(num_cpus=0)(_Hub).remote()
+        # The hub takes no CPU, so it never waits for, nor holds back, a shard task; it lives on the
+        # driver's node, so that a node that dies takes no more than its own tasks with it.
+        here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=True)
+        hub = ray.remote(num_cpus=0, scheduling_strategy=here)(_Hub).remote()
         # SPREAD: a shard's decoding wants its node's CPUs and network as much as its GPU.
         remote = ray.remote(max_retries=0, scheduling_strategy="SPREAD", **resources)(shard_task)
         level = logging.getLogger(PACKAGE_LOGGER).getEffectiveLevel()
         with graceful_signals(stop), Progress(len(plan.manifest.rows), enabled=opts.progress) as progress:
-            refs = {remote.remote(task_opts, Shard(i, n), hub, level): i for i in range(n)}
-            waiting, told = list(refs), False
+            refs: dict = {}
+            waiting, told = [], False
             try:
+                for i in range(n):
+                    ref = remote.remote(task_opts, Shard(i, n), hub, level)
+                    refs[ref] = i
+                    waiting.append(ref)
                 while waiting:
                     done, waiting = ray.wait(waiting, num_returns=1, timeout=RELAY_EVERY_S)
                     _show(ray.get(hub.take.remote()), progress)
@@ -303,5 +313,5 @@ def _show(items: list, progress) -> None:
 
 
 def _success_stands(plan: ShardPlan) -> bool:
-    done = plan.out.success() or {}
-    return done.get("whole_manifest") == plan.marker["whole_manifest"] and done.get("inputs") == plan.marker["inputs"]
+    """`_SUCCESS` names this manifest: every row of it is in a part or a failure record."""
+    return (plan.out.success() or {}).get("whole_manifest") == plan.marker["whole_manifest"]

@@ -15,6 +15,7 @@ import io
 import json
 import logging
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -258,6 +259,39 @@ def test_a_worker_killed_mid_shard_then_a_rerun_is_exactly_once(ray_cluster, s3,
     assert_exactly_once_and_equal(read_output(s3.fs, "killed"), reference, corpus.ids)
     left = keys(s3.fs, "killed")
     assert "_SUCCESS" in left and not [k for k in left if k.endswith(".lock")]
+
+
+def test_sigterm_on_the_driver_stops_every_task_gracefully(ray_cluster, s3, corpus, reference, hub_caches, tmp_path):
+    """The driver's first SIGTERM reaches every task, which stops as the local engine does: what it
+    has embedded is committed, its lock is let go, no marker. The driver exits 143 with one line.
+    (A rerun resumes as after any stop; the test above reruns after a worse one.)"""
+    out, hooks = f"s3://{BUCKET}/stopped", tmp_path / "hooks"
+    hooks.mkdir()
+    log = tmp_path / "driver.log"
+    with open(log, "w") as stderr:
+        driver = subprocess.Popen(ray_cmd(corpus.manifest, out), env=driver_env(ray_cluster, s3, hub_caches, hooks, "tests.hooks:stop_after_first_commit"),
+                                  cwd=REPO, stdout=subprocess.DEVNULL, stderr=stderr, text=True)
+        try:
+            wait_for(lambda: len(list(hooks.glob("committed-*"))) == 2, RUN_TIMEOUT_S, driver)
+            driver.send_signal(signal.SIGTERM)
+            # Each task hears of it from the driver (within a second), while it waits in the hook.
+            wait_for(lambda: log.read_text().count("the driver got SIGTERM: stopping") == 2, RUN_TIMEOUT_S, driver)
+            for p in hooks.glob("committed-*"):
+                (hooks / f"release-{p.name.split('-')[1]}").touch()
+            code = driver.wait(RUN_TIMEOUT_S)
+        finally:
+            if driver.poll() is None:
+                driver.kill()
+    stderr = log.read_text()
+    assert code == 128 + signal.SIGTERM, stderr
+    assert stderr.count("interrupted by SIGTERM: kept") == 1, stderr
+    assert len(re.findall(r"shard \d of 2 \(.*\): interrupted: ", stderr)) == 2  # each shard's own summary, relayed
+    left = keys(s3.fs, "stopped")
+    assert not [k for k in left if k.endswith((".lock", ".done")) or k == "_SUCCESS"], left
+    got = read_output(s3.fs, "stopped")
+    assert got.rows.height >= 2 and got.rows["id"].n_unique() == got.rows.height
+    want = reference.rows.filter(pl.col("id").is_in(got.rows["id"].implode()))
+    assert np.array_equal(np.stack(got.rows["embedding"].to_numpy()), np.stack(want["embedding"].to_numpy()))
 
 
 def test_a_bad_configuration_is_refused_on_the_driver_before_any_task(ray_cluster, s3, corpus, reference, hub_caches, tmp_path):
