@@ -175,14 +175,14 @@ def prepare(opts: JobOptions, shard: Shard | None = None) -> ShardPlan:
 
 
 def is_noop(plan: ShardPlan) -> bool:
-    """The shard's marker names this manifest and these inputs, and _SUCCESS stands for them."""
+    """The shard's marker names this manifest and these inputs, and _SUCCESS stands for the manifest
+    (other shards' inputs may differ: they may have run on other hosts, with their own copies)."""
     if plan.opts.retry_failed:
         return False
     mine = plan.out.marker(plan.shard) or {}
     done = plan.out.success() or {}
     keys = ("manifest", "whole_manifest", "inputs")
-    return all(mine.get(k) == plan.marker[k] for k in keys) and done.get("whole_manifest") == plan.marker["whole_manifest"] \
-        and done.get("inputs") == plan.marker["inputs"]
+    return all(mine.get(k) == plan.marker[k] for k in keys) and done.get("whole_manifest") == plan.marker["whole_manifest"]
 
 
 def pending_rows(plan: ShardPlan, rows: pl.DataFrame) -> tuple[pl.DataFrame, int, int]:

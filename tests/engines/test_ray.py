@@ -313,3 +313,27 @@ def test_a_bad_configuration_is_refused_on_the_driver_before_any_task(ray_cluste
     for run in (dup, other):
         assert "Connecting to existing Ray cluster" not in run.stderr
     assert not list(hooks.iterdir())
+
+
+def test_shards_run_with_copies_of_the_model_complete_the_output(tiny_model, tmp_path):
+    """Shards on other hosts read their own copy of one checkpoint (a Ray node's disk, a pod's
+    volume): the copies' files differ in stat, not in content, and `_SUCCESS` is still written.
+    (The local engine, one shard per copy: the two Ray nodes above share one file system.)"""
+    copy = tmp_path / "copy"
+    shutil.copytree(tiny_model, copy)
+    _, paths, _ = make_corpus(tmp_path / "audio", n=4, seed=3)
+    manifest = tmp_path / "manifest.parquet"
+    pq.write_table(pa.Table.from_pylist([{"id": f"r{i:02d}", "path": str(p)} for i, p in enumerate(paths)]), manifest)
+    out = tmp_path / "out"
+    for index, model in ((0, tiny_model), (1, copy)):
+        code, log = run_cli(["--manifest", str(manifest), "--output", str(out), "--model", str(model), "--id-column", "id",
+                             "--decode-workers", "0", "--num-shards", "2", "--shard-index", str(index)])
+        assert code == 0, log
+    assert (out / "_SUCCESS").exists()
+    # Each shard's rerun on its own host is a no-op; none rewrites anything.
+    before = {p: p.stat().st_mtime_ns for p in out.rglob("*") if p.is_file()}
+    for index, model in ((0, tiny_model), (1, copy)):
+        code, log = run_cli(["--manifest", str(manifest), "--output", str(out), "--model", str(model), "--id-column", "id",
+                             "--decode-workers", "0", "--num-shards", "2", "--shard-index", str(index)])
+        assert code == 0 and "nothing to do" in log, log
+    assert {p: p.stat().st_mtime_ns for p in out.rglob("*") if p.is_file()} == before
