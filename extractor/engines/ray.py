@@ -38,6 +38,7 @@ import os
 import signal
 import threading
 import time
+from contextlib import contextmanager
 from dataclasses import replace
 
 from ..errors import ConfigError, Interrupted
@@ -46,7 +47,7 @@ from ..options import MAX_DECODE_WORKERS, JobOptions, Shard
 from ..output.storage import is_url
 from ..shard import ShardPlan, StopSignal, prepare, run_shard, standing_failures
 from ..summary import Summary, merge
-from .local import graceful_signals
+from .local import SIGNALS
 
 try:
     import ray
@@ -102,6 +103,37 @@ def task_resources(opts: JobOptions) -> tuple[dict, JobOptions]:
         default = CPU_DECODE_WORKERS
     workers = opts.decode_workers if opts.decode_workers is not None else default
     return {"num_gpus": 1 if use_gpu else 0, "num_cpus": max(1, min(1 + workers, share))}, replace(opts, decode_workers=workers)
+
+
+class _DriverStop(StopSignal):
+    """The driver's stop: `signum` set by the first signal, `again` by a second one."""
+
+    again: int | None = None
+
+
+@contextmanager
+def driver_signals(stop: _DriverStop):
+    """engines.local.graceful_signals for the driver, except that a second signal does not raise
+    from the handler: the driver waits inside Ray's calls, through which an exception raised by a
+    handler comes out as a SystemError. It sets `stop.again`, and the driver's loop raises."""
+    if threading.current_thread() is not threading.main_thread():
+        yield stop
+        return
+
+    def handler(signum, frame):
+        if stop.is_set():
+            stop.again = signum
+            return
+        logger.warning("%s: stopping every shard; what is embedded is committed, the rest is left for a rerun (again to stop at once)",
+                       signal.Signals(signum).name)
+        stop.stop(signum)
+
+    previous = {s: signal.signal(s, handler) for s in SIGNALS}
+    try:
+        yield stop
+    finally:
+        for s, h in previous.items():
+            signal.signal(s, h)
 
 
 def portable(opts: JobOptions, plan: ShardPlan) -> JobOptions:
@@ -247,7 +279,7 @@ def run_ray(opts: JobOptions) -> Summary:
         logger.info(summary.line(), extra={"event": "summary", "summary": summary.to_json()})
         return summary
     owned = connect()
-    stop = StopSignal()
+    stop = _DriverStop()
     summaries: dict[int, Summary] = {}
     errors: list[tuple[int, BaseException]] = []
     try:
@@ -261,7 +293,7 @@ def run_ray(opts: JobOptions) -> Summary:
         # SPREAD: a shard's decoding wants its node's CPUs and network as much as its GPU.
         remote = ray.remote(max_retries=0, scheduling_strategy="SPREAD", **resources)(shard_task)
         level = logging.getLogger(PACKAGE_LOGGER).getEffectiveLevel()
-        with graceful_signals(stop), Progress(len(plan.manifest.rows), enabled=opts.progress) as progress:
+        with driver_signals(stop), Progress(len(plan.manifest.rows), enabled=opts.progress) as progress:
             refs: dict = {}
             waiting, told = [], False
             try:
@@ -281,6 +313,8 @@ def run_ray(opts: JobOptions) -> Summary:
                             errors.append((i, e.cause if isinstance(e.cause, BaseException) else e))
                         except ray.exceptions.RayError as e:  # its worker or node died
                             errors.append((i, RuntimeError(f"shard {i} of {n}: {type(e).__name__}: {e}")))
+                    if stop.again:
+                        raise Interrupted(stop.again)
                     if stop.is_set() and not told:
                         hub.stop.remote(stop.signum)
                         told = True
