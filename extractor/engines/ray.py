@@ -248,8 +248,9 @@ def shard_task(opts: JobOptions, shard: Shard, hub, log_level: int) -> Summary:
 
 
 def _nothing_to_do(plan: ShardPlan) -> Summary | None:
-    """The whole output is done for this manifest and these inputs: a rerun needs no cluster.
-    `_SUCCESS` names them only while every shard's marker does (a run with work deletes it first)."""
+    """The whole output is done for this manifest, and `_SUCCESS` was written by a task that read
+    the inputs this driver reads (a Hub commit is the same on every host; a directory's stat
+    signature is one host's): a rerun needs no cluster. Else the tasks find out, each from its marker."""
     done = plan.out.success() or {}
     if plan.opts.retry_failed or not _success_stands(plan) or done.get("inputs") != plan.marker["inputs"]:
         return None
@@ -282,6 +283,7 @@ def run_ray(opts: JobOptions) -> Summary:
     stop = _DriverStop()
     summaries: dict[int, Summary] = {}
     errors: list[tuple[int, BaseException]] = []
+    hub = None
     try:
         resources, task_opts = task_resources(opts)
         task_opts = portable(task_opts, plan)
@@ -323,14 +325,16 @@ def run_ray(opts: JobOptions) -> Summary:
                     ray.cancel(ref)  # KeyboardInterrupt in the task: its writer and lock close on the way out
                 raise
     finally:
+        if hub is not None:
+            ray.kill(hub)  # a Ray the caller owns (a notebook) outlives this run: leave no actor in it
         if owned:
             ray.shutdown()
     for i, error in errors:
         logger.error("shard %d of %d failed: %s: %s", i, n, type(error).__name__, error)
-    complete = not errors and stop.signum is None and _success_stands(plan)
-    summary = merge([summaries[i] for i in sorted(summaries)], str(plan.out.root), f"all {n}", time.monotonic() - plan.t0, complete)
-    if stop.signum is not None:
+    summary = merge([summaries[i] for i in sorted(summaries)], str(plan.out.root), f"all {n}", time.monotonic() - plan.t0, False)
+    if stop.signum is not None and len(summaries) < n:  # a signal that came after every shard was done stopped nothing
         summary.interrupted = signal.Signals(stop.signum).name
+    summary.complete = not errors and summary.interrupted is None and _success_stands(plan)
     logger.info(summary.line(), extra={"event": "summary", "summary": summary.to_json()})
     if errors and summary.interrupted is None:
         logger.error("%d of %d shards failed; committed parts are intact, rerun the same command to resume", len(errors), n)

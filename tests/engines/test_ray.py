@@ -19,7 +19,7 @@ import re
 import shutil
 import signal
 import subprocess
-import time
+from contextlib import contextmanager
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -139,6 +139,19 @@ def run_driver(cmd: list[str], env: dict) -> SimpleNamespace:
     return SimpleNamespace(returncode=proc.returncode, stderr=stderr, pid=proc.pid)
 
 
+@contextmanager
+def driver_running(cmd: list[str], env: dict, log: Path):
+    """The command in the background, its stderr in `log` (read while it runs); killed if still running at the end."""
+    with open(log, "w") as stderr:
+        proc = subprocess.Popen(cmd, env=env, cwd=REPO, stdout=subprocess.DEVNULL, stderr=stderr, text=True)
+        try:
+            yield proc
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+
+
 def read_output(fs, prefix: str) -> SimpleNamespace:
     """Rows and failure records as readers see them (datasets over s3fs)."""
     fs.invalidate_cache()
@@ -183,9 +196,7 @@ def part_numbers(fs, prefix: str) -> set[tuple[int, int]]:
 def test_two_nodes_each_write_their_shard_bit_identical_to_the_local_engine(ray_cluster, s3, corpus, reference, hub_caches, tmp_path):
     out, hooks = f"s3://{BUCKET}/two-nodes", tmp_path / "hooks"
     hooks.mkdir()
-    t0 = time.monotonic()
     run = run_driver(ray_cmd(corpus.manifest, out), driver_env(ray_cluster, s3, hub_caches, hooks))
-    logging.getLogger(__name__).warning("ray run: %.1f s", time.monotonic() - t0)
     assert run.returncode == 0, run.stderr
     assert_exactly_once_and_equal(read_output(s3.fs, "two-nodes"), reference, corpus.ids)
     assert "_SUCCESS" in keys(s3.fs, "two-nodes")
@@ -205,7 +216,8 @@ def test_two_nodes_each_write_their_shard_bit_identical_to_the_local_engine(ray_
         assert f"{REPO_ID} at commit {PINNED}, in {cache}" in run.stderr, run.stderr
 
     # The tasks' log lines came to the driver's one stream, each saying where it ran.
-    assert f"shard 0 of 2 (" in run.stderr and f"pid {pid0})" in run.stderr and f"pid {pid1})" in run.stderr
+    for shard, pid in ((0, pid0), (1, pid1)):
+        assert re.search(rf"shard {shard} of 2 \([^)]*, pid {pid}\): done: ", run.stderr), run.stderr
 
     # A rerun: the driver finds the output done for this manifest and these inputs; no task starts.
     for p in hooks.iterdir():
@@ -225,22 +237,16 @@ def test_a_worker_killed_mid_shard_then_a_rerun_is_exactly_once(ray_cluster, s3,
     hooks.mkdir()
     cmd = ray_cmd(corpus.manifest, out)
     log = tmp_path / "driver.log"
-    with open(log, "w") as stderr:
-        driver = subprocess.Popen(cmd, env=driver_env(ray_cluster, s3, hub_caches, hooks, "tests.hooks:stop_after_first_commit"),
-                                  cwd=REPO, stdout=subprocess.DEVNULL, stderr=stderr, text=True)
-        try:
-            # Both tasks stop after their first commit (tests.hooks), each in its own Ray worker.
-            wait_for(lambda: len(list(hooks.glob("committed-*"))) == 2, RUN_TIMEOUT_S, driver)
-            victim, survivor = sorted(int(p.name.split("-")[1]) for p in hooks.glob("committed-*"))
-            os.kill(victim, signal.SIGKILL)
-            (hooks / f"release-{survivor}").touch()
-            code = driver.wait(RUN_TIMEOUT_S)
-        finally:
-            if driver.poll() is None:
-                driver.kill()
+    with driver_running(cmd, driver_env(ray_cluster, s3, hub_caches, hooks, "tests.hooks:stop_after_first_commit"), log) as driver:
+        # Both tasks stop after their first commit (tests.hooks), each in its own Ray worker.
+        wait_for(lambda: len(list(hooks.glob("committed-*"))) == 2, RUN_TIMEOUT_S, driver)
+        victim, survivor = sorted(int(p.name.split("-")[1]) for p in hooks.glob("committed-*"))
+        os.kill(victim, signal.SIGKILL)
+        (hooks / f"release-{survivor}").touch()
+        code = driver.wait(RUN_TIMEOUT_S)
     stderr = log.read_text()
     assert code == 1, stderr
-    assert "1 of 2 shards failed" in stderr and "rerun the same command to resume" in stderr
+    assert "WorkerCrashedError" in stderr and "1 of 2 shards failed" in stderr and "rerun the same command to resume" in stderr
 
     # What the kill left: the victim's lock (the survivor let its own go), its committed parts,
     # the survivor's whole shard; no _SUCCESS.
@@ -268,23 +274,18 @@ def test_sigterm_stops_the_tasks_gracefully_and_a_second_one_at_once(ray_cluster
     out, hooks = f"s3://{BUCKET}/stopped", tmp_path / "hooks"
     hooks.mkdir()
     log = tmp_path / "driver.log"
-    with open(log, "w") as stderr:
-        driver = subprocess.Popen(ray_cmd(corpus.manifest, out), env=driver_env(ray_cluster, s3, hub_caches, hooks, "tests.hooks:stop_after_first_commit"),
-                                  cwd=REPO, stdout=subprocess.DEVNULL, stderr=stderr, text=True)
-        try:
-            wait_for(lambda: len(list(hooks.glob("committed-*"))) == 2, RUN_TIMEOUT_S, driver)
-            first, second = sorted(int(p.name.split("-")[1]) for p in hooks.glob("committed-*"))
-            driver.send_signal(signal.SIGTERM)
-            # Each task hears of it from the driver (within a second), while it waits in the hook.
-            wait_for(lambda: log.read_text().count("the driver got SIGTERM: stopping") == 2, RUN_TIMEOUT_S, driver)
-            (hooks / f"release-{first}").touch()
-            stopped = re.compile(rf"shard (\d) of 2 \(.*, pid {first}\): interrupted: ")
-            wait_for(lambda: stopped.search(log.read_text()), RUN_TIMEOUT_S, driver)  # its own summary, relayed
-            driver.send_signal(signal.SIGTERM)  # the other task still waits in the hook
-            code = driver.wait(RUN_TIMEOUT_S)
-        finally:
-            if driver.poll() is None:
-                driver.kill()
+    env = driver_env(ray_cluster, s3, hub_caches, hooks, "tests.hooks:stop_after_first_commit")
+    with driver_running(ray_cmd(corpus.manifest, out), env, log) as driver:
+        wait_for(lambda: len(list(hooks.glob("committed-*"))) == 2, RUN_TIMEOUT_S, driver)
+        first, second = sorted(int(p.name.split("-")[1]) for p in hooks.glob("committed-*"))
+        driver.send_signal(signal.SIGTERM)
+        # Each task hears of it from the driver (within a second), while it waits in the hook.
+        wait_for(lambda: log.read_text().count("the driver got SIGTERM: stopping") == 2, RUN_TIMEOUT_S, driver)
+        (hooks / f"release-{first}").touch()
+        stopped = re.compile(rf"shard (\d) of 2 \(.*, pid {first}\): interrupted: ")
+        wait_for(lambda: stopped.search(log.read_text()), RUN_TIMEOUT_S, driver)  # its own summary, relayed
+        driver.send_signal(signal.SIGTERM)  # the other task still waits in the hook
+        code = driver.wait(RUN_TIMEOUT_S)
     stderr = log.read_text()
     assert code == 128 + signal.SIGTERM, stderr
     assert "stopped at once by a second SIGTERM" in stderr and "Traceback" not in stderr, stderr
