@@ -110,15 +110,24 @@ def _check_flags(opts: JobOptions) -> None:
         raise ConfigError("--max-duration-s and --decode-timeout-s must be positive")
 
 
+def _files_signature(folder: str, files: list[Path]) -> str:
+    """A Hub snapshot's commit (its files never change; the same on every host, each of which may
+    hold its own copy, as a Ray task's node does), else the files' stat signature."""
+    repo, commit = readable_source(folder)
+    if commit:
+        return f"{repo}@{commit}"
+    # Racy files are fine here: a marker only spares a rerun the planning, never decides what is done.
+    return stat_signature(files, racy_ok=True) or f"missing-{time.time_ns()}"
+
+
 def _inputs_fingerprint(opts: JobOptions) -> str:
     """What the recipe is computed from, as far as a run can tell without loading the model: the
-    flags and the stat signatures of the checkpoint and adapter files. A marker records it, so
+    flags and the identities of the checkpoint and adapter files (_files_signature). A marker records it, so
     a rerun with another model or adapter does not take an old marker for "nothing to do"."""
-    files = [Path(opts.model) / "config.json", *tower_files(Path(opts.model))]
+    signature = _files_signature(opts.model, [Path(opts.model) / "config.json", *tower_files(Path(opts.model))])
     if opts.adapter:
-        files += [Path(opts.adapter) / "adapter_config.json", adapter_weights_file(Path(opts.adapter))]
-    # Racy files are fine here: a marker only spares a rerun the planning, never decides what is done.
-    signature = stat_signature(files, racy_ok=True) or f"missing-{time.time_ns()}"
+        adapter = Path(opts.adapter)
+        signature += "|" + _files_signature(opts.adapter, [adapter / "adapter_config.json", adapter_weights_file(adapter)])
     flags = dict(padding_mask=opts.padding_mask, pooling=opts.pooling, output_dtype=opts.output_dtype, dtype=opts.dtype,
                  device=opts.device.split(":")[0], version=__version__)
     return hashlib.sha256(f"{signature}|{json.dumps(flags, sort_keys=True)}".encode()).hexdigest()
@@ -167,14 +176,14 @@ def prepare(opts: JobOptions, shard: Shard | None = None) -> ShardPlan:
 
 
 def is_noop(plan: ShardPlan) -> bool:
-    """The shard's marker names this manifest and these inputs, and _SUCCESS stands for them."""
+    """The shard's marker names this manifest and these inputs, and _SUCCESS stands for the manifest
+    (other shards' inputs may differ: they may have run on other hosts, with their own copies)."""
     if plan.opts.retry_failed:
         return False
     mine = plan.out.marker(plan.shard) or {}
     done = plan.out.success() or {}
     keys = ("manifest", "whole_manifest", "inputs")
-    return all(mine.get(k) == plan.marker[k] for k in keys) and done.get("whole_manifest") == plan.marker["whole_manifest"] \
-        and done.get("inputs") == plan.marker["inputs"]
+    return all(mine.get(k) == plan.marker[k] for k in keys) and done.get("whole_manifest") == plan.marker["whole_manifest"]
 
 
 def pending_rows(plan: ShardPlan, rows: pl.DataFrame) -> tuple[pl.DataFrame, int, int]:

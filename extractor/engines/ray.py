@@ -1,43 +1,65 @@
 """`--engine ray`: every shard of the layout as a Ray task, on the cluster's GPU (or CPU) nodes.
 
 What runs where:
-  driver     checks the configuration (manifest, model, adapter, output) before anything runs,
-             submits one task per shard, relays their progress to one bar, and merges their
-             summaries. It writes nothing.
-  shard task run_shard on the node Ray places it on (one GPU each): its own lock, decode workers
-             for the whole shard, parts, failure records and marker; the last shard to finish
-             writes `_SUCCESS`. Exactly the local engine's code, so the rows are the same.
+  driver     reads and checks the configuration (flags, model, adapter, manifest, output and its
+             recipe) before it even connects to Ray: a bad one is refused with exit 2 and no task
+             starts. Then it submits one task per shard of `--num-shards`, shows the tasks' progress
+             as one bar (or one log stream), passes a SIGTERM/SIGINT on to them, and merges their
+             summaries. It writes nothing: no embedding and no file.
+  shard task run_shard, the local engine's code, on the node Ray places it on (one GPU each on a
+             GPU cluster): its own lock, decode workers for the whole shard, parts, failure records
+             and marker; the shard that finds every marker in place writes `_SUCCESS`. So the rows
+             are the local engine's, bit for bit.
 
-The layout is `--num-shards` N (keep it for an output; several per GPU balance the load, since a
-GPU that finishes a shard takes the next). The manifest, audio, model and output must be
-reachable from every node: object storage (s3://, ...) or a shared file system. A task whose
-node dies leaves its committed parts and a lock that the rerun takes over (at once on the same
-host, after output.locks.LOCK_STALE_S elsewhere); tasks are not retried by Ray, so the command
-exits 1 and the scheduler's retry resumes the shard from its parts.
+The layout is `--num-shards` N (an output keeps it; several shards per GPU balance the load, since a
+GPU that finishes a shard takes the next). The manifest, audio, model and output must be reachable
+from every node: object storage (s3://, ...), a shared file system, or the Hub for the model (a repo
+id is resolved once, on the driver, and every task is given the commit it resolved to, so no node
+embeds with weights pushed to the branch in the meantime). Relative local paths are made absolute
+on the driver.
+
+Failures. Ray does not retry a shard task (max_retries=0): a task whose worker or node died leaves
+its committed parts and its lock, and a retry placed on another node would find that lock fresh
+(it is free at once only to a run on the same host, else after output.locks.LOCK_STALE_S) and fail
+with exit 75 anyway. So the other shards run to their end, the command exits 1, and the
+scheduler's retry of the whole command resumes every unfinished shard from its parts.
+
+Signals. The first SIGTERM/SIGINT stops every task the way the local engine stops (what is
+embedded is committed, the lock is let go); the driver waits for them and exits 143/130. A second
+one cancels the tasks and exits at once; a lock left on an object store by a task Ray then kills is
+taken over at once on the same host, else after LOCK_STALE_S.
 """
 
 from __future__ import annotations
 
+import copy
 import logging
 import os
+import signal
+import threading
 import time
+from contextlib import contextmanager
 from dataclasses import replace
 
-from ..errors import ConfigError
+from ..errors import ConfigError, Interrupted
+from ..model.hub import pinned_spec
 from ..options import MAX_DECODE_WORKERS, JobOptions, Shard
-from ..shard import StopSignal, prepare, run_shard
+from ..output.storage import is_url
+from ..shard import ShardPlan, StopSignal, prepare, run_shard, standing_failures
 from ..summary import Summary, merge
-from .local import graceful_signals
+from .local import SIGNALS
 
 try:
     import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 except ImportError:  # the optional extra: pip install '.[ray]'
     ray = None
 
 logger = logging.getLogger(__name__)
 
 CPU_DECODE_WORKERS = 1  # a CPU task: one isolated decoder beside the encoder's threads
-PROGRESS_EVERY_S = 1.0  # a task sends its progress to the driver at most this often
+RELAY_EVERY_S = 1.0  # a task sends its progress and log lines to the driver, and learns of a stop, this often
+PACKAGE_LOGGER = __name__.split(".")[0]  # "extractor": the records a task relays to the driver
 
 
 def connect() -> bool:
@@ -57,45 +79,187 @@ def connect() -> bool:
 
 
 def task_resources(opts: JobOptions) -> tuple[dict, JobOptions]:
-    """What each shard task reserves, and its options (decode workers that fit its CPUs)."""
-    gpus = int(ray.cluster_resources().get("GPU", 0))
-    use_gpu = opts.device.startswith("cuda") or (opts.device == "auto" and gpus > 0)
-    if use_gpu and gpus == 0:
-        raise ConfigError("--device cuda: the Ray cluster has no GPU")
+    """What each shard task reserves, and its options (its decode workers).
+
+    Ray gives a task as many CPUs as it reserves (OMP_NUM_THREADS too): one drives the device (or
+    runs the encoder on CPU), one each decode worker, within the task's share of a node (a GPU
+    node's CPUs are shared evenly among its GPUs), so that no GPU waits for CPUs another GPU's task
+    holds, and no reservation waits forever for a node it cannot fit. The decode workers stay
+    isolated processes (at least one, as in the local engine) even where the share is one CPU.
+    The device is passed on as given: "auto" resolves in the task, which sees only its own GPU.
+    """
+    nodes = [n["Resources"] for n in ray.nodes() if n.get("Alive")]
+    use_gpu = opts.device == "cuda" or (opts.device == "auto" and any(n.get("GPU", 0) >= 1 for n in nodes))
     if use_gpu:
-        # A GPU node's CPUs are shared evenly among its GPUs' tasks; one of each share drives the device.
-        per_gpu = min((int(n["Resources"].get("CPU", 0) // n["Resources"]["GPU"]) for n in ray.nodes()
-                       if n.get("Alive") and n["Resources"].get("GPU", 0) >= 1), default=1)
-        workers = opts.decode_workers if opts.decode_workers is not None else max(0, min(MAX_DECODE_WORKERS, per_gpu - 1))
-        return {"num_gpus": 1, "num_cpus": 1 + workers}, replace(opts, device="cuda", decode_workers=workers)
-    workers = opts.decode_workers if opts.decode_workers is not None else CPU_DECODE_WORKERS
-    return {"num_gpus": 0, "num_cpus": 1 + workers}, replace(opts, device="cpu", decode_workers=workers)
+        gpu_nodes = [n for n in nodes if n.get("GPU", 0) >= 1]
+        if not gpu_nodes:
+            raise ConfigError("--device cuda: the Ray cluster has no GPU node")
+        share = min(int(n.get("CPU", 0) // n["GPU"]) for n in gpu_nodes)
+        default = max(1, min(MAX_DECODE_WORKERS, share - 1))
+    else:
+        share = max((int(n.get("CPU", 0)) for n in nodes), default=0)
+        if share < 1:
+            raise ConfigError("--engine ray: the Ray cluster has no CPU for a task")
+        default = CPU_DECODE_WORKERS
+    workers = opts.decode_workers if opts.decode_workers is not None else default
+    return {"num_gpus": 1 if use_gpu else 0, "num_cpus": max(1, min(1 + workers, share))}, replace(opts, decode_workers=workers)
 
 
-class _Relay:
-    """A task's progress, sent to the driver's queue at most every PROGRESS_EVERY_S."""
+class _DriverStop(StopSignal):
+    """The driver's stop: `signum` set by the first signal, `again` by a second one."""
 
-    def __init__(self, queue):
-        self.queue, self.pending, self.last = queue, [0, 0, 0.0], time.monotonic()
+    again: int | None = None
 
-    def __call__(self, rows: int, failed: int, audio_s: float) -> None:
-        self.pending = [self.pending[0] + rows, self.pending[1] + failed, self.pending[2] + audio_s]
-        if time.monotonic() - self.last >= PROGRESS_EVERY_S:
-            self.flush()
+
+@contextmanager
+def driver_signals(stop: _DriverStop):
+    """engines.local.graceful_signals for the driver, except that a second signal does not raise
+    from the handler: the driver waits inside Ray's calls, through which an exception raised by a
+    handler comes out as a SystemError. It sets `stop.again`, and the driver's loop raises."""
+    if threading.current_thread() is not threading.main_thread():
+        yield stop
+        return
+
+    def handler(signum, frame):
+        if stop.is_set():
+            stop.again = signum
+            return
+        logger.warning("%s: stopping every shard; what is embedded is committed, the rest is left for a rerun (again to stop at once)",
+                       signal.Signals(signum).name)
+        stop.stop(signum)
+
+    previous = {s: signal.signal(s, handler) for s in SIGNALS}
+    try:
+        yield stop
+    finally:
+        for s, h in previous.items():
+            signal.signal(s, h)
+
+
+def portable(opts: JobOptions, plan: ShardPlan) -> JobOptions:
+    """The options as every node must read them: Hub repo ids pinned to the commit the driver
+    resolved (`org/name@<sha>`), local paths absolute (a task's working directory is its node's)."""
+
+    def local_path(path: str | None) -> str | None:
+        return path if path is None or is_url(path) else os.path.abspath(path)
+
+    def model_path(resolved: str | None) -> str | None:
+        pinned = pinned_spec(resolved)
+        return pinned if pinned != resolved else local_path(resolved)
+
+    return replace(opts, manifest=replace(opts.manifest, path=local_path(opts.manifest.path)), output=local_path(opts.output),
+                   model=model_path(plan.opts.model), adapter=model_path(plan.opts.adapter))
+
+
+class _Hub:
+    """The driver's end of the tasks' relays (a Ray actor): progress and log records in, the
+    driver's stop request out, in the reply to each report."""
+
+    def __init__(self):
+        self.items: list = []
+        self.signum: int | None = None
+
+    def report(self, items: list) -> int | None:
+        self.items.extend(items)
+        return self.signum
+
+    def take(self) -> list:
+        items, self.items = self.items, []
+        return items
+
+    def stop(self, signum: int) -> None:
+        self.signum = signum
+
+
+class _Relay(logging.Handler):
+    """A task's end: its progress and its package's log records, sent to the driver's hub every
+    RELAY_EVERY_S by one thread, which sets the task's StopSignal when the driver asks to stop."""
+
+    def __init__(self, hub, stop: StopSignal, where: str, level: int):
+        super().__init__(level)
+        self.hub, self.stop, self.where = hub, stop, where
+        self.items: list = []
+        self.progress = [0, 0, 0.0]
+        self.guard = threading.Lock()
+        self.closed = threading.Event()
+        self.thread = threading.Thread(target=self._run, name="ray-relay", daemon=True)
+
+    def on_progress(self, rows: int, failed: int, audio_s: float) -> None:
+        with self.guard:
+            self.progress = [self.progress[0] + rows, self.progress[1] + failed, self.progress[2] + audio_s]
+
+    def emit(self, record: logging.LogRecord) -> None:
+        # Formatted here: the arguments and the traceback may not pickle, the text does.
+        record = copy.copy(record)
+        record.msg, record.args = f"{self.where}: {record.getMessage()}", None
+        if record.exc_info:
+            record.exc_text = logging.Formatter().formatException(record.exc_info)
+            record.exc_info = None
+        if getattr(record, "event", None) == "summary":
+            record.event = "shard_summary"  # the driver's merged summary is the run's one "summary" event
+        with self.guard:
+            self.items.append(("log", record))
 
     def flush(self) -> None:
-        if self.pending[0]:
-            self.queue.put(tuple(self.pending))
-            self.pending, self.last = [0, 0, 0.0], time.monotonic()
+        with self.guard:
+            items, self.items = self.items, []
+            if self.progress[0] or self.progress[1]:
+                items.append(("progress", tuple(self.progress)))
+                self.progress = [0, 0, 0.0]
+        try:
+            signum = ray.get(self.hub.report.remote(items))
+        except ray.exceptions.RayError:
+            return  # the driver is gone; Ray ends its job's tasks
+        if signum and not self.stop.is_set():
+            logging.getLogger(__name__).warning("the driver got %s: stopping; what is embedded is committed", signal.Signals(signum).name)
+            self.stop.stop(signum)
+
+    def _run(self) -> None:
+        while not self.closed.wait(RELAY_EVERY_S):
+            self.flush()
+
+    def __enter__(self) -> _Relay:
+        package = logging.getLogger(PACKAGE_LOGGER)
+        self.saved_level = package.level
+        package.setLevel(self.level)
+        package.addHandler(self)
+        self.flush()  # at once: a task that starts after the driver was stopped learns it before it reads anything
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        # A Ray worker runs the job's tasks one after another: leave its logging as it was.
+        package = logging.getLogger(PACKAGE_LOGGER)
+        package.removeHandler(self)
+        package.setLevel(self.saved_level)
+        self.closed.set()
+        self.thread.join()
+        self.flush()  # the last records, before the task's result tells the driver it is done
 
 
-def shard_task(opts: JobOptions, shard: Shard, queue) -> Summary:
+def shard_task(opts: JobOptions, shard: Shard, hub, log_level: int) -> Summary:
     """One shard, on the node Ray chose: the local engine's run_shard."""
-    relay = _Relay(queue)
-    try:
-        return run_shard(replace(opts, shard=shard, progress=False), shard, on_progress=relay)
-    finally:
-        relay.flush()
+    stop = StopSignal()
+    where = f"shard {shard.index} of {shard.count} ({ray.util.get_node_ip_address()}, pid {os.getpid()})"
+    with _Relay(hub, stop, where, log_level) as relay:
+        if stop.is_set():  # stopped while this task was queued: not even the manifest is read
+            return Summary(output=opts.output, shard=str(shard), interrupted=signal.Signals(stop.signum).name)
+        return run_shard(replace(opts, shard=shard, progress=False), shard, stop=stop, on_progress=relay.on_progress)
+
+
+def _nothing_to_do(plan: ShardPlan) -> Summary | None:
+    """The whole output is done for this manifest, and `_SUCCESS` was written by a task that read
+    the inputs this driver reads (a Hub commit is the same on every host; a directory's stat
+    signature is one host's): a rerun needs no cluster. Else the tasks find out, each from its marker."""
+    done = plan.out.success() or {}
+    if plan.opts.retry_failed or not _success_stands(plan) or done.get("inputs") != plan.marker["inputs"]:
+        return None
+    everything = replace(plan, rows=plan.manifest.rows)
+    summary = Summary(output=str(plan.out.root), shard=f"all {plan.shard.count}", rows_total=len(everything.rows),
+                      skipped=len(everything.rows), noop=True, complete=True, standing_failed=standing_failures(everything),
+                      wall_seconds=time.monotonic() - plan.t0)
+    logger.info("nothing to do: every shard of the manifest is already in %s", plan.out.root)
+    return summary
 
 
 def run_ray(opts: JobOptions) -> Summary:
@@ -104,57 +268,88 @@ def run_ray(opts: JobOptions) -> Summary:
         raise ConfigError("--engine ray needs Ray: pip install 'qwen2-audio-embeddings[ray]'")
     if opts.device not in ("auto", "cpu", "cuda"):
         raise ConfigError(f"--engine ray: --device must be auto, cpu or cuda, not {opts.device!r}; Ray gives each task its own GPU")
-    from ray.util.queue import Queue
-
+    if opts.shard.index:
+        raise ConfigError(f"--engine ray runs every shard of --num-shards {opts.shard.count}; --shard-index {opts.shard.index} "
+                          "is for running one shard with the local engine")
     from ..progress import Progress
 
     n = opts.shard.count
-    plan = prepare(opts, Shard(0, n))  # refuses a bad configuration before any task starts
-    t0 = plan.t0
+    plan = prepare(opts, Shard(0, n))  # refuses a bad configuration before Ray is even joined
+    summary = _nothing_to_do(plan)
+    if summary is not None:
+        logger.info(summary.line(), extra={"event": "summary", "summary": summary.to_json()})
+        return summary
     owned = connect()
-    stop = StopSignal()
+    stop = _DriverStop()
+    summaries: dict[int, Summary] = {}
+    errors: list[tuple[int, BaseException]] = []
+    hub = None
     try:
         resources, task_opts = task_resources(opts)
-        logger.info("ray: %d shard task(s), each with %s", n, resources)
-        queue = Queue()
-        remote = ray.remote(max_retries=0, **resources)(shard_task)
-        refs = {remote.remote(task_opts, Shard(i, n), queue): i for i in range(n)}
-        summaries: dict[int, Summary] = {}
-        errors: list[tuple[int, BaseException]] = []
-        interrupted = None
-        with graceful_signals(stop), Progress(len(plan.manifest.rows), enabled=opts.progress) as progress:
-            waiting = list(refs)
-            while waiting:
-                done, waiting = ray.wait(waiting, num_returns=1, timeout=0.5)
-                while not queue.empty():
-                    progress.update(*queue.get_nowait())
-                for ref in done:
-                    try:
-                        summaries[refs[ref]] = ray.get(ref)
-                    except ray.exceptions.RayTaskError as e:
-                        errors.append((refs[ref], e.cause if isinstance(e.cause, BaseException) else e))
-                    except ray.exceptions.RayError as e:  # the worker or its node died
-                        errors.append((refs[ref], RuntimeError(f"shard {refs[ref]} of {n}: {type(e).__name__}: {e}")))
-                if stop.is_set() and interrupted is None:
-                    interrupted = stop.signum
-                    for ref in waiting:
-                        ray.cancel(ref)  # KeyboardInterrupt in the task: its writer and lock close, as on any error
-            while not queue.empty():
-                progress.update(*queue.get_nowait())
+        task_opts = portable(task_opts, plan)
+        logger.info("ray: %d shard task(s), each with %s, on %d node(s)", n, resources, sum(1 for x in ray.nodes() if x.get("Alive")))
+        # The hub takes no CPU, so it never waits for, nor holds back, a shard task; it lives on the
+        # driver's node, so that a node that dies takes no more than its own tasks with it.
+        here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=True)
+        hub = ray.remote(num_cpus=0, scheduling_strategy=here)(_Hub).remote()
+        # SPREAD: a shard's decoding wants its node's CPUs and network as much as its GPU.
+        remote = ray.remote(max_retries=0, scheduling_strategy="SPREAD", **resources)(shard_task)
+        level = logging.getLogger(PACKAGE_LOGGER).getEffectiveLevel()
+        with driver_signals(stop), Progress(len(plan.manifest.rows), enabled=opts.progress) as progress:
+            refs: dict = {}
+            waiting, told = [], False
+            try:
+                for i in range(n):
+                    ref = remote.remote(task_opts, Shard(i, n), hub, level)
+                    refs[ref] = i
+                    waiting.append(ref)
+                while waiting:
+                    done, waiting = ray.wait(waiting, num_returns=1, timeout=RELAY_EVERY_S)
+                    _show(ray.get(hub.take.remote()), progress)
+                    for ref in done:
+                        i = refs[ref]
+                        try:
+                            summaries[i] = ray.get(ref)
+                            progress.update(summaries[i].skipped, 0, 0.0)  # rows done before: the bar reaches its total
+                        except ray.exceptions.RayTaskError as e:  # the task raised: its own error, its own exit code
+                            errors.append((i, e.cause if isinstance(e.cause, BaseException) else e))
+                        except ray.exceptions.RayError as e:  # its worker or node died
+                            errors.append((i, RuntimeError(f"shard {i} of {n}: {type(e).__name__}: {e}")))
+                    if stop.again:
+                        raise Interrupted(stop.again)
+                    if stop.is_set() and not told:
+                        hub.stop.remote(stop.signum)
+                        told = True
+            except Interrupted:  # a second signal: stop at once
+                for ref in waiting:
+                    ray.cancel(ref)  # KeyboardInterrupt in the task: its writer and lock close on the way out
+                raise
     finally:
+        if hub is not None:
+            ray.kill(hub)  # a Ray the caller owns (a notebook) outlives this run: leave no actor in it
         if owned:
             ray.shutdown()
-    if interrupted is not None:
-        import signal
-
-        summary = merge(list(summaries.values()), str(plan.out.root), f"all {n}", time.monotonic() - t0, False)
-        summary.interrupted = signal.Signals(interrupted).name
-        return summary
-    if errors:
-        shard, error = errors[0]
-        logger.error("shard %d of %d failed (%d of %d failed); committed parts are intact, rerun to resume", shard, n, len(errors), n)
-        raise error
-    summary = merge([summaries[i] for i in sorted(summaries)], str(plan.out.root), f"all {n}", time.monotonic() - t0,
-                    (plan.out.success() or {}).get("whole_manifest") == plan.marker["whole_manifest"])
+    for i, error in errors:
+        logger.error("shard %d of %d failed: %s: %s", i, n, type(error).__name__, error)
+    summary = merge([summaries[i] for i in sorted(summaries)], str(plan.out.root), f"all {n}", time.monotonic() - plan.t0, False)
+    if stop.signum is not None and len(summaries) < n:  # a signal that came after every shard was done stopped nothing
+        summary.interrupted = signal.Signals(stop.signum).name
+    summary.complete = not errors and summary.interrupted is None and _success_stands(plan)
     logger.info(summary.line(), extra={"event": "summary", "summary": summary.to_json()})
+    if errors and summary.interrupted is None:
+        logger.error("%d of %d shards failed; committed parts are intact, rerun the same command to resume", len(errors), n)
+        raise errors[0][1]
     return summary
+
+
+def _show(items: list, progress) -> None:
+    for kind, item in items:
+        if kind == "progress":
+            progress.update(*item)
+        else:
+            logging.getLogger(item.name).handle(item)
+
+
+def _success_stands(plan: ShardPlan) -> bool:
+    """`_SUCCESS` names this manifest: every row of it is in a part or a failure record."""
+    return (plan.out.success() or {}).get("whole_manifest") == plan.marker["whole_manifest"]

@@ -280,7 +280,9 @@ class ObjectStorage:
         return False  # object stores have no directories to be in the way
 
     def is_file(self, name: str) -> bool:
-        return self.exists(name)
+        # Not exists(): a prefix with objects under it (`_shards/` once a shard holds its lock) exists too.
+        self.fs.invalidate_cache(self._key(name))
+        return self.fs.isfile(self._key(name))
 
     def commit(self, name: str, fill: Callable[[BinaryIO], None]) -> str:
         """Serialise with `fill(buffer)` in memory, then upload to the final key in one piece."""
