@@ -234,7 +234,7 @@ def main_process_stages(blocks: list, d_model: int, layers: int, staging) -> tup
     import pyarrow.parquet as pq
     import threading
 
-    from extractor.batching.device import GPU_MAX_WINDOWS, GPU_TOKEN_BUDGET, stage
+    from extractor.batching.staging import GPU_MAX_WINDOWS, GPU_TOKEN_BUDGET, stage
     from extractor.batching.packing import Batch, plan_batches, window_flops, window_shapes
     from extractor.batching.pooling import RowPooling
     from extractor.constants import HOP_LENGTH, SAMPLE_RATE

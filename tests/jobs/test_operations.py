@@ -166,7 +166,7 @@ def test_the_progress_bar_in_a_terminal_ends_on_the_true_count(corpus, tiny_mode
     master, slave = pty.openpty()
     fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 40, 160, 0, 0))  # a 160-column terminal
     proc = subprocess.Popen(job_cmd(corpus["manifest"], out, tiny_model, "--id-column", "id", "--decode-workers", "0", "--part-rows", "7"),
-                            env=job_env(COLUMNS="160"), stdin=slave, stdout=slave, stderr=slave, cwd=REPO, close_fds=True)
+                            env=job_env(COLUMNS="160", TQDM_MININTERVAL="0"), stdin=slave, stdout=slave, stderr=slave, cwd=REPO, close_fds=True)
     os.close(slave)
     chunks = []
     while True:

@@ -26,12 +26,14 @@ from hub_server import HubServer
 REPO = Path(__file__).resolve().parents[2]
 SR = 16_000
 INDEX = "model.safetensors.index.json"
-# Run the CLI as `python -m jobs.extract` would, and report whether it imported torch.
+# Run the CLI's command as `python -m jobs.extract` does (but for its os._exit at the very end),
+# and report whether it imported torch.
 RUN_JOB = """
-import runpy, sys
+import sys
+from jobs.extract import ENV_PREFIX, extract
 sys.argv = ["extract-embeddings", *sys.argv[1:]]
 try:
-    runpy.run_module("jobs.extract", run_name="__main__", alter_sys=True)
+    extract(auto_envvar_prefix=ENV_PREFIX)
     code = 0
 except SystemExit as e:
     code = e.code or 0
