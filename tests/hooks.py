@@ -13,6 +13,7 @@ from __future__ import annotations
 import ctypes
 import os
 import resource
+import sys
 import time
 
 from extractor.audio.decode import DecodeRequest, decode_request
@@ -102,3 +103,30 @@ def record_modules(point: str, **info) -> None:
 
         with open(os.path.join(os.environ[HOOK_DIR], "modules.json"), "w") as f:
             json.dump(sorted(sys.modules), f)
+
+
+# --- import holds: HOOK_HOLD_IMPORT=<module>, with HOOK_DIR set ---------------------------------
+# A moment no run hook reaches: the command has started (click parsed the flags) and is importing
+# its engine, before the engine installs its signal handlers. A zygote child of
+# tests/test_reliability.py calls hold_import() before it runs the command.
+
+HOLD_IMPORT = "HOOK_HOLD_IMPORT"
+
+
+class _HoldImport:
+    """A meta path finder that stops this process at its first import of one module."""
+
+    def __init__(self, name: str):
+        self.name = name
+
+    def find_spec(self, fullname, path=None, target=None):
+        if fullname == self.name:
+            sys.meta_path.remove(self)
+            open(_flag(f"importing-{fullname}-{os.getpid()}"), "w").close()
+            _wait_for(f"release-{os.getpid()}")
+        return None  # the regular finders import it
+
+
+def hold_import(name: str) -> None:
+    """At the first import of module `name`: say so, and wait until released."""
+    sys.meta_path.insert(0, _HoldImport(name))

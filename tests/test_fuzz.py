@@ -36,15 +36,16 @@ from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
 from extractor.api import Embedder
-from extractor.batching import split_windows
-from extractor.audio.decode import AudioError, DecodeRequest
+from extractor.audio.decode import DecodeRequest, FileJob
+from extractor.audio.pool import END, DecodePool, WorkerFailure
+from extractor.batching.packing import split_windows
 from extractor.manifest.read import ManifestError, read_manifest
 from extractor.manifest.spec import ManifestSpec
 from extractor.model.load import load_model
 from extractor.options import JobOptions
+from extractor.output.writer import Rows, nonfinite
 from extractor.shard import run_shard
-from extractor.audio.pool import DecodePool, WorkerFailure
-from extractor.writer import nonfinite_failure
+from jobrun import failure_parts, parts
 from jobs.extract import extract
 
 REPO = Path(__file__).resolve().parents[1]
@@ -146,25 +147,44 @@ def scratch(tmp_path_factory):
 def embed_like_the_job(embedder: Embedder, path: Path, segment=(None, None)) -> np.ndarray | str:
     """A finite embedding, or the failure the job would record. Anything else propagates.
 
-    Decoding goes through DecodePool(0), the job's own in-process decode (`--decode-workers 0`):
-    an exception that escapes the decoder becomes a failure record there, as in a worker.
+    Decoding goes through DecodePool(0), the job's own in-process decode (`--decode-workers 0`),
+    and is received as the job receives it: windows of the row, then its done or failed entry,
+    then END (an exception that escapes the decoder becomes a WorkerFailure there, as in a worker).
     """
+    request = DecodeRequest((FileJob(str(path), (0,), (segment,)),), MAX_DURATION_S)
+    windows: dict[int, np.ndarray] = {}
+    done, failed, ended = [], [], False
     with DecodePool(0) as pool:
-        ((_, results),) = pool.imap([(0, DecodeRequest(str(path), [segment], MAX_DURATION_S))])
-    if isinstance(results, WorkerFailure):
-        return results.error
-    (result,) = results
-    if isinstance(result, AudioError):
-        return f"{type(result).__name__}: {result}"
-    samples = result.samples
+        for _, message in pool.stream([(0, request)]):
+            assert not ended, "a message after END"
+            if message is END:
+                ended = True
+            elif isinstance(message, WorkerFailure):
+                return message.error
+            else:
+                pos = 0
+                for item, index, n in zip(message.items.tolist(), message.index.tolist(), message.lengths.tolist(), strict=True):
+                    assert item == 0 and index not in windows
+                    windows[index] = message.samples[pos : pos + n]
+                    pos += n
+                assert pos == len(message.samples)
+                done += message.done
+                failed += message.failed
+    assert ended and len(done) + len(failed) == 1, (done, failed)  # every row reported exactly once
+    if failed:
+        return failed[0][1]
+    ((_, count, duration),) = done
+    assert sorted(windows) == list(range(count)), "a row's windows are 0..count-1"
+    samples = np.concatenate([windows[i] for i in range(count)])
     assert samples.dtype == np.float32 and samples.ndim == 1 and len(samples) > 0
     assert np.isfinite(samples).all(), "the decoder let a non-finite sample through"
-    if not split_windows(0, samples, padding_mask=True):
-        return "TooShort"
+    assert split_windows(samples), "a row reported done has no window with an output frame (TooShort is a failure)"
     (emb,) = embedder.embed([samples])
     # Finite but huge samples (1e20) overflow float32 in the STFT power: the job's writer records
     # such a row as a failure instead of writing NaNs; judge the outcome the same way.
-    return nonfinite_failure(emb, None, str(path)) or emb
+    if nonfinite(Rows(np.zeros(1, np.int64), emb[None], np.array([duration]))).any():
+        return f"NonFiniteEmbedding: {path}"
+    return emb
 
 
 @AUDIO_SETTINGS
@@ -207,8 +227,9 @@ def test_one_absurd_segment_fails_alone(cpu_model, tiny_model, tmp_path):
     out = tmp_path / "out"
     run_shard(JobOptions(manifest=spec, output=str(out), model=str(tiny_model), device="cpu", decode_workers=0, progress=False,
                        max_failure_rate=1.0), model=cpu_model)
-    failures = pl.read_parquet(sorted((out / "_failures").glob("part-*.parquet")))
+    failures = pl.read_parquet(failure_parts(out))
     assert failures["id"].to_list() == ["absurd"] and failures["error"][0].startswith("SegmentError: ")
+    assert pl.read_parquet(parts(out))["id"].to_list() == ["fine"]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -252,13 +273,13 @@ def test_job_over_a_batch_of_junk_records_every_file_once(tiny_model, tmp_path):
         env=env, cwd=REPO, capture_output=True, text=True, timeout=240,
     )
     assert r.returncode == 0, r.stderr[-4000:]
-    parts = pl.read_parquet(sorted(out.glob("part-*.parquet")))
-    failures = pl.read_parquet(sorted((out / "_failures").glob("part-*.parquet")))
-    ids = parts["id"].to_list() + failures["id"].to_list()
+    embedded = pl.read_parquet(parts(out))
+    failures = pl.read_parquet(failure_parts(out))
+    ids = embedded["id"].to_list() + failures["id"].to_list()
     assert sorted(ids) == sorted(r["id"] for r in rows)  # each exactly once
-    emb = np.stack(parts["embedding"].to_numpy())
+    emb = np.stack(embedded["embedding"].to_numpy())
     assert np.isfinite(emb).all()
-    assert {r["id"] for r in rows if r["must_embed"]} <= set(parts["id"].to_list())
+    assert {r["id"] for r in rows if r["must_embed"]} <= set(embedded["id"].to_list())
     errors = dict(zip(failures["id"].to_list(), failures["error"].to_list(), strict=True))
     # 3.4e38 and 1e20 are finite but not audio: refused at decode, before they could overflow the STFT.
     assert "implausible sample value" in errors["nonfinite3"] and "implausible sample value" in errors["nonfinite4"]
@@ -402,10 +423,16 @@ def test_manifest_is_accepted_or_refused_and_an_accepted_one_runs_exactly_once(c
     first = run_shard(opts, model=cpu_model)
     assert first.embedded == 0 and first.failed == len(rows) and first.complete
     again = run_shard(opts, model=cpu_model)
-    assert again.failed == 0 and again.skipped == len(rows), "a rerun redid rows already recorded"
-    failures = pl.read_parquet(sorted((out / "_failures").glob("part-*.parquet"))) if len(rows) else None
-    if failures is not None:
-        assert failures.height == len(rows)
+    assert again.noop and again.failed == 0 and again.skipped == len(rows)
+    # The markers only cache "nothing to do": without them the rerun plans from the committed ids,
+    # which must match the manifest's whatever their type.
+    for marker in (out / "_SUCCESS", out / "_shards" / "00000.done"):
+        marker.unlink()
+    planned = run_shard(opts, model=cpu_model)
+    assert not planned.noop and planned.complete, planned
+    assert planned.failed == 0 and planned.skipped == len(rows), "a rerun redid rows already recorded"
+    if len(rows):
+        assert pl.read_parquet(failure_parts(out)).height == len(rows)
 
 
 REFUSED = {

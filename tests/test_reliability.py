@@ -1,18 +1,20 @@
-"""The job survives what an unattended nightly run meets (issue 4), proven through the whole job.
+"""The job survives what an unattended nightly run meets (issues 4 and 11), proven through the whole job.
 
-Kills, decoder crashes, resource limits and stale locks are only honest across a process
+Kills, signals, decoder crashes, resource limits and stale locks are only honest across a process
 boundary, so every test here runs the real CLI in its own process and judges the output the way
-readers and the next night's run see it.
+readers and the next night's run see it (OUT/embeddings/, OUT/failures/, OUT/_shards/).
 
-Most runs start from a *zygote*: one Python process that has imported torch, transformers and
-peft (about 5 s of a tiny job's ~7 s startup on 2 cores) and forks a child per run; the child
-calls `jobs.extract.main()` with the run's argv, exactly what `python -m jobs.extract` does after
-its imports. That makes 20+ kills affordable in CI. The uninterrupted reference run and a share
-of the kills are cold `python -m jobs.extract` processes, so startup from a bare interpreter is
-killed too.
+Most runs start from a *zygote*: one Python process that has imported torch (2-3 s of a tiny
+job's start on 2 shared cores) and forks a child per run; the child calls `jobs.extract.main()`
+with the run's argv, exactly what `python -m jobs.extract` does after its imports. That makes
+the torture's 43 kills and signals affordable in CI (about a second each). The uninterrupted
+reference run and a share of the kills and signals are cold `python -m jobs.extract`
+processes, so startup from a bare interpreter is interrupted too.
 
 Every job process gets OMP_NUM_THREADS=1: on 2 shared cores the decode worker and OpenMP's
 spinning threads fight, and the encoder's per-batch time swings from 15 to 750 ms (measured).
+It also keeps the zygote single-threaded (OpenMP starts its pool at torch's import otherwise),
+which fork() needs.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ import fcntl
 import json
 import os
 import random
+import re
 import shutil
 import signal
 import string
@@ -40,16 +43,17 @@ import pytest
 
 import hooks
 from builders import speechlike, write_audio
+from jobrun import REPO, SR, failure_parts, parts, snapshot
 
-REPO = Path(__file__).resolve().parents[1]
-SR = 16_000
 SEED = 4  # the torture's corpus and schedule of kills
-N_ROWS = 312  # manifest rows of the torture corpus, a dozen of them bad files
+N_ROWS = 420  # manifest rows of the torture corpus, a dozen of them bad files: enough for 40 interrupted runs
 PART_ROWS = 7  # small parts: many commits to kill around
 MAX_FAILURE_RATE = 0.05  # the torture corpus fails ~4% of its rows: exit 0 is expected
 TAG_VAR = "RELIABILITY_TEST_JOB"  # marks every process of one run, to find what a kill left alive
 RUN_TIMEOUT_S = 240.0  # a run that takes longer has hung
 DESCENDANT_GRACE_S = 15.0  # forkserver and decode workers die with their job within this
+LOCK = Path("_shards") / "00000.lock"  # the shard's lock: present only while a run holds it, or after one died
+TAKEOVER = "taking over the lock"  # what a run logs when it finds the lock of a run that died
 
 
 def job_env(**extra: str) -> dict[str, str]:
@@ -64,9 +68,9 @@ def job_env(**extra: str) -> dict[str, str]:
 # ---------------------------------------------------------------------------------------------
 
 ZYGOTE = r"""
-import ctypes, json, os, resource, signal, subprocess, sys
-import torch, transformers, peft  # the expensive imports, paid once
-from transformers.models.qwen2_audio import modeling_qwen2_audio  # noqa: F401
+import ctypes, json, os, resource, signal, subprocess, sys, time, traceback
+import torch  # the expensive import, paid once
+import numpy, soundfile, soxr, av, click  # noqa: F401 (more of the job's imports that start no thread)
 torch.nn.Embedding(2, 2)  # pulls in torch's lazily imported init code
 # fork() copies only the calling thread: safe only while no other thread exists. polars and
 # pyarrow start threads on import, so the child imports jobs.extract itself.
@@ -101,13 +105,23 @@ for line in sys.stdin:
                 signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
                 resource.setrlimit(resource.RLIMIT_FSIZE, (req["fsize"], req["fsize"]))
             sys.argv = ["extract-embeddings", *req["args"]]
+            if os.environ.get("HOOK_HOLD_IMPORT"):
+                from tests.hooks import hold_import
+                hold_import(os.environ["HOOK_HOLD_IMPORT"])
             from jobs.extract import main
             main()
             code = 0
         except SystemExit as e:
             code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+        except KeyboardInterrupt:
+            # What the interpreter does with a KeyboardInterrupt nobody caught: the traceback,
+            # then death by SIGINT, as a cold `python -m jobs.extract` would die.
+            traceback.print_exc()
+            sys.stderr.flush()
+            signal.signal(signal.SIGINT, signal.SIG_DFL)
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(5)
         except BaseException:
-            import traceback
             traceback.print_exc()
         finally:
             try:
@@ -208,6 +222,20 @@ def tagged_processes(tag: str) -> list[int]:
     return found
 
 
+def catches(pid: int, signum: int) -> bool:
+    """Whether `pid` has a handler installed for `signum` (SigCgt of /proc/PID/status).
+
+    Python installs none for SIGTERM, so a caught SIGTERM means the job's graceful handlers
+    (engines.local) are in place; SIGINT is caught from the interpreter's start (KeyboardInterrupt)."""
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("SigCgt:"):
+                return bool(int(line.split()[1], 16) >> (signum - 1) & 1)
+    except OSError:
+        pass
+    return False
+
+
 class Run:
     """One job process, cold (`python -m jobs.extract`) or forked from a zygote."""
 
@@ -220,6 +248,7 @@ class Run:
         self.zygote = zygote
         self.t0 = time.monotonic()
         self.rc: int | None = None
+        self.ended_at: float | None = None  # monotonic clock when the job process was seen gone
         self._log: str | None = None
         if zygote is not None:
             self._mark = zygote.mark()
@@ -243,11 +272,11 @@ class Run:
             return not _zombie_or_gone(self.pid)
         return self.proc.poll() is None
 
-    def kill(self) -> bool:
-        """SIGKILL the job process only (its decode workers must go by themselves); False if it had exited."""
+    def kill(self, signum: int = signal.SIGKILL) -> bool:
+        """Send `signum` to the job process only (its decode workers must go by themselves); False if it had exited."""
         if not self.alive():
             return False
-        os.kill(self.pid, signal.SIGKILL)
+        os.kill(self.pid, signum)
         return True
 
     def finish(self, timeout: float = RUN_TIMEOUT_S) -> int:
@@ -258,7 +287,8 @@ class Run:
                 self.kill()
                 self.finish(30)
                 raise AssertionError(f"job hung: still running after {timeout:.0f} s\n{self.log()[-4000:]}")
-            time.sleep(0.02)
+            time.sleep(0.005)
+        self.ended_at = time.monotonic()
         self.rc = self.zygote.wait(self.pid) if self.zygote is not None else self.proc.wait()
         left = wait_until(lambda: not tagged_processes(self.tag), DESCENDANT_GRACE_S)
         self.orphans = [] if left else tagged_processes(self.tag)
@@ -306,41 +336,42 @@ def job_args(manifest: Path, out: Path, model: Path, adapter: Path | None, *extr
 
 
 def committed_files(out: Path) -> list[Path]:
-    return sorted(out.glob("part-*.parquet")) + sorted((out / "_failures").glob("part-*.parquet"))
+    return parts(out) + failure_parts(out)
 
 
-def read_output(out: Path) -> tuple[dict[str, tuple[bytes, float]], dict[str, tuple[str, str]]]:
+def read_committed(out: Path) -> tuple[dict[str, tuple[bytes, float]], dict[str, tuple[str, str]]]:
     """What a reader sees, checked the way readers read it.
 
     ({id: (embedding float32 bytes, duration_s)}, {id: (path, error)}). Every committed file must
-    read whole; pyarrow.dataset and a polars glob must read the directory; no id may appear twice
-    or in both places.
+    read whole; pyarrow.dataset and a polars glob must read embeddings/ and failures/; no id may
+    appear twice or in both places.
     """
     rows: dict[str, tuple[bytes, float]] = {}
     failures: dict[str, tuple[str, str]] = {}
     if not out.exists():
         return rows, failures
     n_rows = 0
-    for f in sorted(out.glob("part-*.parquet")):
+    for f in parts(out):
         t = pq.read_table(f)
         emb = np.asarray(t["embedding"].combine_chunks().flatten(), dtype=np.float32).reshape(t.num_rows, -1)
         for i, d, e in zip(t["id"].to_pylist(), t["duration_s"].to_pylist(), emb, strict=True):
             assert i not in rows, f"id {i!r} is in two parts"
             rows[i] = (e.tobytes(), d)
         n_rows += t.num_rows
-    for f in sorted((out / "_failures").glob("part-*.parquet")):
+    for f in failure_parts(out):
         t = pq.read_table(f)
         for i, p, e in zip(t["id"].to_pylist(), t["path"].to_pylist(), t["error"].to_pylist(), strict=True):
             assert i not in failures, f"id {i!r} has two failure records"
             failures[i] = (p, e)
     both = rows.keys() & failures.keys()
     assert not both, f"ids both embedded and failed: {sorted(both)[:5]}"
-    # The directory as a dataset: `_`-prefixed names (_tmp/, _failures/, _run.json) are skipped.
-    assert ds.dataset(out, format="parquet").to_table().num_rows == n_rows
+    # The folders as datasets, the way the README tells readers to read them.
     if n_rows:
-        assert pl.scan_parquet(f"{out}/*.parquet").collect().height == n_rows
-    if (out / "_failures").exists() and failures:
-        assert ds.dataset(out / "_failures", format="parquet").to_table().num_rows == len(failures)
+        assert ds.dataset(out / "embeddings", format="parquet").to_table().num_rows == n_rows
+        assert pl.scan_parquet(f"{out}/embeddings/*.parquet").collect().height == n_rows
+    if failures:
+        assert ds.dataset(out / "failures", format="parquet").to_table().num_rows == len(failures)
+        assert pl.scan_parquet(f"{out}/failures/*.parquet").collect().height == len(failures)
     return rows, failures
 
 
@@ -352,11 +383,19 @@ def temporaries(out: Path) -> list[str]:
     return sorted(str(p.relative_to(out)) for p in found)
 
 
-def lock_content(out: Path) -> str:
+def lock_content(out: Path) -> str | None:
+    """The shard's lock file: None when absent (no run holds it), else what its last holder wrote."""
     try:
-        return (out / "_lock-00000").read_text()
+        return (out / LOCK).read_text()
     except FileNotFoundError:
-        return ""
+        return None
+
+
+def marking(out: Path) -> bool:
+    """A run has begun writing its shard marker or _SUCCESS (their temporaries included)."""
+    shards = out / "_shards"
+    names = os.listdir(out) + (os.listdir(shards) if shards.is_dir() else [])
+    return any(".done" in n or "_SUCCESS" in n for n in names)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -370,8 +409,8 @@ def long_missing_path(root: Path, rng: random.Random) -> str:
     Random characters do not compress: a failure part holding one is ~35 kB where every other
     part is ~5 kB, which is what the write-fault test aims its file-size limit at.
     """
-    parts = ["".join(rng.choice(string.ascii_letters + string.digits) for _ in range(200)) for _ in range(17)]
-    return str(root / "gone" / "/".join(parts)) + ".wav"
+    components = ["".join(rng.choice(string.ascii_letters + string.digits) for _ in range(200)) for _ in range(17)]
+    return str(root / "gone" / "/".join(components)) + ".wav"
 
 
 @dataclass
@@ -439,7 +478,7 @@ def torture_args(corpus: Corpus, out: Path, model: Path, adapter: Path, *extra: 
 
 @pytest.fixture(scope="module")
 def reference(corpus, tiny_model, tiny_adapter, tmp_path_factory) -> Reference:
-    """One uninterrupted cold run; it also times startup and commits for the kill schedule."""
+    """One uninterrupted cold run; it also times startup and commits for the kill schedules."""
     root = tmp_path_factory.mktemp("reference")
     out = root / "out"
     run = Run(torture_args(corpus, out, tiny_model, tiny_adapter), log_path=root / "log.txt")
@@ -452,7 +491,7 @@ def reference(corpus, tiny_model, tiny_adapter, tmp_path_factory) -> Reference:
             seen = n
         time.sleep(0.005)
     assert run.finish() == 0, run.log()[-4000:]
-    rows, failures = read_output(out)
+    rows, failures = read_committed(out)
     assert sorted(rows.keys() | failures.keys()) == corpus.ids and set(failures) == set(corpus.bad), failures
     assert len(commits) >= 10, commits
     return Reference(
@@ -464,7 +503,7 @@ def reference(corpus, tiny_model, tiny_adapter, tmp_path_factory) -> Reference:
 
 def assert_consistent_with_reference(out: Path, ref: Reference, corpus: Corpus) -> tuple[int, int]:
     """Readers see complete files only, nothing twice, and every committed row equals the reference."""
-    rows, failures = read_output(out)
+    rows, failures = read_committed(out)
     assert set(rows) <= set(corpus.ids) and set(failures) <= set(corpus.ids)
     for i, value in rows.items():
         assert value == ref.rows[i], f"{i}: committed embedding or duration differs from the uninterrupted run"
@@ -474,32 +513,44 @@ def assert_consistent_with_reference(out: Path, ref: Reference, corpus: Corpus) 
 
 
 def assert_equals_reference(out: Path, ref: Reference) -> None:
-    rows, failures = read_output(out)
+    rows, failures = read_committed(out)
     assert rows.keys() == ref.rows.keys(), "embedded ids differ from the uninterrupted run"
     mismatched = [i for i in rows if rows[i] != ref.rows[i]]
     assert not mismatched, f"{len(mismatched)} embeddings differ from the uninterrupted run (bit for bit), e.g. {mismatched[:3]}"
     assert failures == ref.failures
-    assert (out / "_SUCCESS").exists()
+    assert (out / "_SUCCESS").exists() and json.loads((out / "_SUCCESS").read_text())["whole_manifest"]
     assert not temporaries(out), temporaries(out)
+    assert lock_content(out) is None, "the last run left its lock behind"
 
 
 # ---------------------------------------------------------------------------------------------
-# 1. Crash consistency under torture
+# 1. Crash consistency under torture: SIGKILL, SIGTERM and SIGINT at random instants
 # ---------------------------------------------------------------------------------------------
 
-COLD_KILLS = 4  # cold `python -m jobs.extract`, killed during its startup
-KILL_PLAN = ["startup"] * 4 + ["after-commit"] * 9 + ["in-commit"] * 3  # zygote runs
+COLD_KILLS = 4  # cold `python -m jobs.extract`, SIGKILLed during its startup
+KILL_PLAN = ["startup"] * 4 + ["after-commit"] * 9 + ["in-commit"] * 3  # zygote runs, SIGKILL
+# Issue 11: at least 10 of each; each signal's share has a cold start, and one more of each is
+# sent near the end of the job (see the torture fixture and _wait_for_instant).
+SIGNAL_PLAN = ["cold-startup"] + ["startup"] * 5 + ["after-commit"] * 4  # one spare: a run may finish before its signal
+SIGNAL_EXIT_S = 10.0  # issue 11: a stopped run is gone within this on CPU (Kubernetes' grace is 30 s)
+INTERRUPTED = re.compile(r"interrupted by (SIGTERM|SIGINT): kept (\d+) embedded and (\d+) failed rows")
 
 
 @dataclass
 class Kill:
     kind: str
-    at_s: float = 0.0  # when the SIGKILL was sent, from the run's start
+    signum: int = signal.SIGKILL
+    pid: int = 0
+    at_s: float = 0.0  # when the signal was sent, from the run's start
     killed: bool = False  # False: the run had exited by itself
+    graceful: bool = False  # the job's SIGTERM/SIGINT handlers were installed when the signal was sent
+    exit_s: float | None = None  # from the signal to the job process's end
     rc: int | None = None
-    new_files: int = 0  # parts committed by this run before it died
-    lock_before: str = ""
-    lock_after: str = ""
+    new_files: int = 0  # files committed by this run before it ended
+    new_rows: tuple[int, int] = (0, 0)  # (embedded, failed) rows committed by this run
+    pending: int = 0  # rows neither embedded nor failed when the run started
+    lock_before: str | None = None  # the lock file's content at the run's start (None: no file)
+    lock_after: str | None = None
     tmp_before: list[str] = field(default_factory=list)
     tmp_after: list[str] = field(default_factory=list)
     committed: tuple[int, int] = (0, 0)
@@ -507,75 +558,71 @@ class Kill:
     error: str | None = None  # what a reader found wrong after the kill
     log: str = ""
 
+    @property
+    def sig(self) -> str:
+        return signal.Signals(self.signum).name if self.signum else "-"
+
 
 @dataclass
 class Torture:
     out: Path
     kills: list[Kill]
-    final_rc: int
-    final_log: str
-    final_orphans: list[int]
+    final: Kill  # the run to completion (no signal)
+
+    @property
+    def runs(self) -> list[Kill]:
+        return [*self.kills, self.final]
+
+    def of(self, *signums: int) -> list[Kill]:
+        return [k for k in self.kills if k.signum in signums]
 
 
-@pytest.fixture(scope="module")
-def torture(corpus, reference, zygote, tiny_model, tiny_adapter, tmp_path_factory) -> Torture:
-    """SIGKILL the job at seeded random instants, rerun, repeat; then run it to completion.
+def marker_state(out: Path) -> set[tuple[str, int]]:
+    """Marker-ish files (shard markers, _SUCCESS, their temporaries) and their mtimes."""
+    found = set()
+    for folder in (out, out / "_shards"):
+        try:
+            names = os.listdir(folder)
+        except FileNotFoundError:
+            continue
+        for n in names:
+            if ".done" in n or "_SUCCESS" in n:
+                try:
+                    found.add((n, (folder / n).stat().st_mtime_ns))
+                except FileNotFoundError:
+                    found.add((n, 0))  # a temporary renamed as we looked: activity all the same
+    return found
 
-    Kinds of instant, each run drawn from the seeded plan:
-      cold-startup  a cold process, anywhere in [0, its first commit): imports, model load, lock,
-                    recipe, cleanup, decode pool start
+
+def _wait_for_instant(kind: str, run: Run, out: Path, before: int, pending: int, rng: random.Random, reference: Reference,
+                      clock: dict) -> str:
+    """Return at the instant `run` is to be sent its signal, and the kind it was. Kinds of instant:
+
+      cold-startup  a cold process, anywhere in [0, its first commit): interpreter and imports,
+                    prepare, lock, model load, decode pool start
       startup       a zygote child, anywhere before its first commit
       after-commit  1-2 commits into the run, then anywhere in the next two part intervals:
                     mid-batch, mid-part, during the next write/fsync/rename
       in-commit     the moment a temporary appears in _tmp/: between write and rename
-      at-end        the last: a run left to embed everything that remains, killed the moment
-                    its completion markers start to appear
+      late-N        the run has committed all but N parts of what was pending, then anywhere in
+                    the next 1.5 part intervals: its last parts, markers, _SUCCESS, its exit
+                    (at-end when there is no more than that to do)
+      at-end        the run does everything that remains; sent the moment its markers start to
+                    change (its temporaries, renames)
     """
-    root = tmp_path_factory.mktemp("tortured")
-    out = root / "out"
-    rng = random.Random(SEED)
-    plan = ["cold-startup"] * COLD_KILLS + KILL_PLAN
-    rng.shuffle(plan)
-    plan.insert(0, plan.pop(plan.index("after-commit")))  # calibrates the zygote's startup first
-    plan.append("at-end")
-    args = torture_args(corpus, out, tiny_model, tiny_adapter)
-    clock = {"warm_first_commit": 1.5}  # s from fork to first commit, as last measured
-    kills: list[Kill] = []
-    for n, kind in enumerate(plan):
-        if kind in ("after-commit", "in-commit") and len(corpus.ids) - sum(kills[-1].committed if kills else (0, 0)) < 6 * PART_ROWS:
-            kind = "startup"  # too little left to risk the run finishing before its kill
-        k = Kill(kind, lock_before=lock_content(out), tmp_before=temporaries(out))
-        before = len(committed_files(out))
-        if kind == "cold-startup":
-            run = Run(args, log_path=root / f"log-{n}.txt")
-        else:
-            run = Run(args, zygote=zygote)
-        _wait_for_kill_instant(kind, run, out, before, rng, reference, clock)
-        k.at_s = run.elapsed
-        k.killed = run.kill()
-        k.rc = run.finish()
-        k.orphans, k.log = run.orphans, run.log()
-        k.new_files = len(committed_files(out)) - before
-        k.lock_after, k.tmp_after = lock_content(out), temporaries(out)
-        try:
-            k.committed = assert_consistent_with_reference(out, reference, corpus)
-        except Exception as e:  # an assertion, or a reader's own error on a partial file
-            k.error = f"{type(e).__name__}: {e}"
-        kills.append(k)
-    final = Run(args, zygote=zygote)
-    rc = final.finish()
-    return Torture(out, kills, rc, final.log(), final.orphans)
-
-
-def _wait_for_kill_instant(kind: str, run: Run, out: Path, before: int, rng: random.Random, reference: Reference, clock: dict) -> None:
-    """Return at the instant `run` is to be killed (see the torture fixture for the kinds)."""
 
     def committed(m: int = 1) -> bool:
         return len(committed_files(out)) >= before + m
 
+    if kind in ("after-commit", "in-commit") and pending < 6 * PART_ROWS:
+        kind = "startup"  # too little left to risk the run finishing before its signal
+    if kind.startswith("late-") and pending <= (int(kind[5:]) + 1) * PART_ROWS:
+        kind = "at-end"
+    if kind == "at-end" and not pending and (out / "_SUCCESS").exists():
+        kind = "startup"  # the output is complete: the run has only its start (and "nothing to do")
     if kind in ("cold-startup", "startup"):
         # A random instant before the first commit; the load on a shared CI machine varies, so
-        # the commit itself also ends the wait: a "startup" kill never lets a run get far.
+        # the commit itself also ends the wait: a "startup" signal never lets a run get far.
         delay = rng.uniform(0, reference.first_commit_s if kind == "cold-startup" else clock["warm_first_commit"])
         wait_until(lambda: run.elapsed >= delay or committed(), RUN_TIMEOUT_S, poll=0.002, run=run)
     elif kind == "after-commit":
@@ -589,37 +636,106 @@ def _wait_for_kill_instant(kind: str, run: Run, out: Path, before: int, rng: ran
         tmp = out / "_tmp"
         old = set(os.listdir(tmp)) if tmp.exists() else set()  # what an earlier kill left: not this run's
         wait_until(lambda: tmp.exists() and bool(set(os.listdir(tmp)) - old), RUN_TIMEOUT_S, poll=0.0005, run=run)
-    else:  # at-end: the run does all the rest; killed as its markers are being written
-        wait_until(lambda: any(n.startswith(("_SUCCESS", "._SUCCESS")) for n in os.listdir(out)), RUN_TIMEOUT_S, poll=0.0005, run=run)
+    elif kind.startswith("late-"):
+        left = int(kind[5:]) * PART_ROWS
+        start = N_ROWS - pending  # rows committed before this run
+        counts: dict[Path, int] = {}  # committed files never change: each footer is read once
+
+        def near_the_end() -> bool:
+            for f in committed_files(out):
+                if f not in counts:
+                    counts[f] = pq.read_metadata(f).num_rows
+            return sum(counts.values()) - start >= pending - left
+
+        wait_until(near_the_end, RUN_TIMEOUT_S, poll=0.005, run=run)
+        t = time.monotonic() + rng.uniform(0, 1.5 * reference.part_interval_s)
+        wait_until(lambda: time.monotonic() >= t, RUN_TIMEOUT_S, poll=0.002, run=run)
+    else:  # at-end: the run does all the rest; signalled as its markers are being written
+        old = marker_state(out)
+        wait_until(lambda: bool(marker_state(out) - old), RUN_TIMEOUT_S, poll=0.0005, run=run)
+    return kind
+
+
+@pytest.fixture(scope="module")
+def torture(corpus, reference, zygote, tiny_model, tiny_adapter, tmp_path_factory) -> Torture:
+    """Send SIGKILL, SIGTERM or SIGINT at seeded random instants, rerun, repeat; then run the job
+    to completion. One chain over one output, so graceful stops and kills follow each other in
+    every order (a run after a kill must take over the stale lock; a run after a stop finds none)."""
+    rng = random.Random(SEED)
+    plan = [(kind, signal.SIGKILL) for kind in ["cold-startup"] * COLD_KILLS + KILL_PLAN]
+    plan += [(kind, s) for s in (signal.SIGTERM, signal.SIGINT) for kind in SIGNAL_PLAN]
+    rng.shuffle(plan)
+    plan.insert(0, plan.pop(plan.index(("after-commit", signal.SIGKILL))))  # calibrates the zygote's startup first
+    # The end: a SIGTERM with a few parts to go, a SIGKILL as the rest's markers are written, a
+    # SIGINT to the run that then has only markers (or a last part) left.
+    plan += [("late-4", signal.SIGTERM), ("at-end", signal.SIGKILL), ("late-1", signal.SIGINT)]
+    root = tmp_path_factory.mktemp("tortured")
+    out = root / "out"
+    args = torture_args(corpus, out, tiny_model, tiny_adapter)
+    clock = {"warm_first_commit": 1.5}  # s from fork to first commit, as last measured
+    kills: list[Kill] = []
+    committed = (0, 0)
+    for n, (kind, signum) in enumerate(plan):
+        k = Kill(kind, signum, lock_before=lock_content(out), tmp_before=temporaries(out), committed=committed,
+                 pending=N_ROWS - sum(committed))
+        before = len(committed_files(out))
+        run = Run(args, log_path=root / f"log-{n}.txt") if kind == "cold-startup" else Run(args, zygote=zygote)
+        k.pid = run.pid
+        k.kind = _wait_for_instant(kind, run, out, before, k.pending, rng, reference, clock)
+        k.at_s = run.elapsed
+        k.graceful = catches(run.pid, signal.SIGTERM)
+        sent = time.monotonic()
+        k.killed = run.kill(signum)
+        k.rc = run.finish()
+        k.exit_s = run.ended_at - sent if k.killed else None
+        k.orphans, k.log = run.orphans, run.log()
+        k.new_files = len(committed_files(out)) - before
+        k.lock_after, k.tmp_after = lock_content(out), temporaries(out)
+        try:
+            k.committed = assert_consistent_with_reference(out, reference, corpus)
+        except Exception as e:  # an assertion, or a reader's own error on a partial file
+            k.error = f"{type(e).__name__}: {e}"
+        k.new_rows = (k.committed[0] - committed[0], k.committed[1] - committed[1])
+        committed = k.committed
+        kills.append(k)
+    final = Kill("final", 0, lock_before=lock_content(out), tmp_before=temporaries(out), pending=N_ROWS - sum(committed))
+    run = Run(args, zygote=zygote)
+    final.rc = run.finish()
+    final.orphans, final.log, final.lock_after, final.tmp_after = run.orphans, run.log(), lock_content(out), temporaries(out)
+    (root / "runs.txt").write_text(_describe(kills) + "\n")  # for a failure's post-mortem
+    return Torture(out, kills, final)
 
 
 def _describe(kills: list[Kill]) -> str:
     return "\n".join(
-        f"{i:2d} {k.kind:13s} at {k.at_s:6.2f} s killed={k.killed} rc={k.rc} new_files={k.new_files} "
-        f"committed={k.committed} tmp_after={len(k.tmp_after)} lock_after={'held' if k.lock_after else '-'}"
+        f"{i:2d} {k.kind:13s} {k.sig:7s} at {k.at_s:6.2f} s killed={k.killed} graceful={k.graceful:d} rc={k.rc} "
+        f"exit_s={'-' if k.exit_s is None else f'{k.exit_s:.2f}'} new_files={k.new_files} new_rows={k.new_rows} "
+        f"committed={k.committed} tmp_after={len(k.tmp_after)} lock_after={'-' if k.lock_after is None else 'left'}"
         for i, k in enumerate(kills)
     )
 
 
 @pytest.mark.timeout(600)
-def test_sigkill_at_random_instants_then_rerun_equals_uninterrupted_run(torture, reference):
-    """≥ 20 SIGKILLs at instants spread over startup, steady state and commits; reruns finish the
-    job with the same ids exactly once, bit-identical embeddings and the same failure records."""
-    kills = [k for k in torture.kills if k.killed]
-    crashed = [(i, k.rc, k.log[-2000:]) for i, k in enumerate(torture.kills) if k.rc not in (-signal.SIGKILL, 0)]
+def test_kills_and_signals_at_random_instants_then_rerun_equal_an_uninterrupted_run(torture, reference):
+    """≥ 20 SIGKILLs (and the 20 SIGTERMs and SIGINTs between them) at instants spread over
+    startup, steady state and commits; reruns finish the job with the same ids exactly once,
+    bit-identical embeddings and the same failure records."""
+    kills = [k for k in torture.of(signal.SIGKILL) if k.killed]
+    crashed = [(i, k.rc, k.log[-2000:]) for i, k in enumerate(torture.of(signal.SIGKILL)) if k.rc not in (-signal.SIGKILL, 0)]
     assert not crashed, crashed  # a run that died by itself, not by our SIGKILL
     assert len(kills) >= 20, _describe(torture.kills)
     assert sum(k.new_files == 0 for k in kills) >= 4, "too few kills before the run's first commit\n" + _describe(torture.kills)
     assert sum(k.new_files > 0 for k in kills) >= 8, "too few kills after commits\n" + _describe(torture.kills)
-    assert torture.final_rc == 0, torture.final_log[-4000:]
+    assert torture.final.rc == 0, torture.final.log[-4000:]
     assert_equals_reference(torture.out, reference)
 
 
 @pytest.mark.timeout(600)
 def test_every_kill_leaves_only_complete_files_for_readers(torture):
-    """After each kill, pyarrow.dataset and a polars glob read the directory, every committed file
-    reads whole, no id is there twice, and what is committed equals the uninterrupted run."""
-    bad = [(i, k.kind, k.error) for i, k in enumerate(torture.kills) if k.error]
+    """After each kill or signal, pyarrow.dataset and a polars glob read embeddings/ and
+    failures/, every committed file reads whole, no id is there twice, and what is committed
+    equals the uninterrupted run."""
+    bad = [(i, k.kind, k.sig, k.error) for i, k in enumerate(torture.kills) if k.error]
     assert not bad, bad
     # Progress only grows: a kill never loses committed work.
     totals = [sum(k.committed) for k in torture.kills]
@@ -628,8 +744,9 @@ def test_every_kill_leaves_only_complete_files_for_readers(torture):
 
 @pytest.mark.timeout(600)
 def test_killed_runs_leave_no_processes_or_temporaries_behind(torture):
-    """The decode workers die with a SIGKILLed job; a completed output holds no temporary files."""
-    assert all(not k.orphans for k in torture.kills) and not torture.final_orphans, [k.orphans for k in torture.kills]
+    """The decode workers die with a SIGKILLed (or stopped) job; a completed output holds no
+    temporary files."""
+    assert all(not k.orphans for k in torture.runs), [(i, k.orphans) for i, k in enumerate(torture.runs) if k.orphans]
     assert not temporaries(torture.out), temporaries(torture.out)
 
 
@@ -637,34 +754,127 @@ def test_killed_runs_leave_no_processes_or_temporaries_behind(torture):
 def test_stale_lock_of_a_killed_run_is_taken_over(torture):
     """A lock left by a SIGKILLed run never blocks the next: each run that follows one logs the
     takeover and goes on. (A rerun of a complete output, "nothing to do", writes nothing and so
-    takes no lock: a kill after `_SUCCESS` and before the lock's release leads to one.)"""
+    takes no lock: a kill after `_SUCCESS` and before the lock's release leads to one.) A lock
+    file exists only while a run holds it, so any lock file found is a dead run's, and a run that
+    finds none reports no takeover."""
     took_over = 0
-    runs = [*torture.kills, Kill("final", lock_before=torture.kills[-1].lock_after, log=torture.final_log)]
-    for k in runs:
+    for k in torture.runs:
         assert "another run holds" not in k.log, k.log[-3000:]
         if "nothing to do" in k.log:
-            assert "taking over stale lock" not in k.log  # the no-op path touches nothing
+            assert TAKEOVER not in k.log  # the no-op path touches nothing
             continue
-        if "rows to embed" not in k.log:
-            continue  # killed before it reached the lock
-        if k.lock_before:
-            assert "taking over stale lock" in k.log, k.log[-3000:]
+        if k.lock_before is None:
+            assert TAKEOVER not in k.log, k.log[-3000:]
+        elif k.lock_before and "rows to embed" in k.log:  # empty: its run died between creating and filling it
+            assert TAKEOVER in k.log, k.log[-3000:]
             took_over += 1
     assert took_over >= 8, _describe(torture.kills)
-    final = runs[-1]
-    if final.lock_before and "nothing to do" not in final.log:
-        assert "taking over stale lock" in final.log, final.log[-3000:]
+    assert torture.final.lock_after is None  # the final run released (unlinked) it
 
 
 @pytest.mark.timeout(600)
 def test_temporaries_of_a_killed_run_are_removed_at_next_start(torture):
-    """Whatever a kill left in _tmp/ is gone once the next run has taken the lock."""
+    """Whatever a kill left in _tmp/ (or beside a marker) is gone once the next run writes: under
+    its lock, before its first commit, or before its markers when it has nothing to embed."""
     assert any(k.tmp_after for k in torture.kills), "no kill landed between a write and its rename\n" + _describe(torture.kills)
-    final = Kill("final", tmp_before=torture.kills[-1].tmp_after, log=torture.final_log, tmp_after=temporaries(torture.out))
-    for k in [*torture.kills, final]:
-        if k.tmp_before and "rows to embed" in k.log:
+    for k in torture.runs:
+        if k.tmp_before and (k.new_files > 0 or k is torture.final):
             assert not set(k.tmp_before) & set(k.tmp_after), (k.tmp_before, k.tmp_after)
             assert "left by an interrupted run" in k.log
+    assert not torture.final.tmp_after
+
+
+def _stage(k: Kill) -> str:
+    """How far the run had got when its signal came, from what it logged and committed."""
+    if not k.killed:
+        return "exited first"
+    if k.kind.startswith("late-") or k.kind == "at-end":
+        return "near the end"
+    if "rows to embed" not in k.log:
+        return "before the lock" if k.graceful else "before the handlers"
+    return "model load, first batches" if k.new_files == 0 else "mid-run"
+
+
+@pytest.mark.timeout(600)
+def test_sigterm_and_sigint_stop_within_10_s_with_their_code_and_line(torture):
+    """Issue 11: ≥ 10 SIGTERMs and ≥ 10 SIGINTs at random instants, from startup to the last part.
+    Each run exits within 10 s of its signal, with 143 (SIGTERM) or 130 (SIGINT) and the line
+    saying what it kept, which is exactly what it committed; or with 0 when it had finished first.
+
+    Before the job's handlers are installed the signal's default action ends the process (-15,
+    or the interpreter's KeyboardInterrupt: -2), which a shell or Kubernetes reports as 143 or
+    130 too; nothing is held or written by then. A SIGINT while click runs the command but before
+    the handlers exits 1 with "Aborted!": accepted here, and pinned down by
+    test_a_signal_before_the_handlers_is_a_graceful_stop."""
+    runs = torture.of(signal.SIGTERM, signal.SIGINT)
+    problems = []
+    for i, k in enumerate(torture.kills):
+        if k.signum == signal.SIGKILL:
+            continue
+        got = INTERRUPTED.findall(k.log)
+        if k.killed and k.exit_s > SIGNAL_EXIT_S:
+            problems.append((i, f"exited {k.exit_s:.1f} s after {k.sig}"))
+        if k.rc == 128 + k.signum:
+            if got != [(k.sig, str(k.new_rows[0]), str(k.new_rows[1]))]:
+                problems.append((i, f"rc {k.rc} but the line is {got}, committed {k.new_rows}"))
+        elif k.rc == 0:
+            finished = re.search(r"\b(done|nothing to do): \d+ embedded", k.log) and sum(k.new_rows) == k.pending
+            if got or not finished:
+                problems.append((i, f"rc 0 but not done: {got} {k.new_rows} of {k.pending}"))
+        elif not k.graceful and (k.rc == -k.signum or (k.signum == signal.SIGINT and k.rc == 1 and k.log.rstrip().endswith("Aborted!"))):
+            if sum(k.new_rows) or "rows to embed" in k.log:  # ended by the default action: before any work
+                problems.append((i, "ended by the signal's default action after it had started work"))
+        else:
+            problems.append((i, f"rc {k.rc} after {k.sig} (handlers installed: {k.graceful})\n{k.log[-1500:]}"))
+    assert not problems, "\n".join(map(str, problems)) + "\n" + _describe(torture.kills)
+    for s in (signal.SIGTERM, signal.SIGINT):
+        assert sum(k.killed and k.signum == s for k in runs) >= 10, _describe(torture.kills)
+        assert sum(k.rc == 128 + s for k in runs) >= 5, _describe(torture.kills)
+    stages = [_stage(k) for k in runs]
+    assert stages.count("before the lock") + stages.count("before the handlers") >= 3, stages
+    assert stages.count("model load, first batches") >= 1, stages
+    assert sum(k.rc == 128 + k.signum and k.new_rows[0] > 0 for k in runs) >= 5, _describe(torture.kills)  # kept embedded rows
+    assert stages.count("near the end") >= 1 and stages.count("mid-run") >= 4, stages
+
+
+@pytest.mark.timeout(600)
+def test_a_signalled_run_releases_its_lock_and_the_next_takes_over_none(torture):
+    """After SIGTERM or SIGINT the run's lock file is gone (released: a lock left by a run killed
+    before it may still wait for the next run), the run left no temporary or decode worker of its
+    own, and the next run takes over no lock of it."""
+    runs = torture.runs
+    for i, k in enumerate(runs[:-1]):
+        if k.signum == signal.SIGKILL:
+            continue
+        after, mine = runs[i + 1], f'"pid": {k.pid},'
+        assert k.lock_after is None or (k.lock_after == k.lock_before and mine not in k.lock_after), (i, k.lock_before, k.lock_after)
+        assert after.lock_before == k.lock_after
+        takeovers = [line for line in after.log.splitlines() if TAKEOVER in line]
+        assert (not takeovers if k.lock_after is None else all(mine not in line for line in takeovers)), (i + 1, takeovers)
+        assert set(k.tmp_after) <= set(k.tmp_before) and not k.orphans, (i, k.tmp_before, k.tmp_after, k.orphans)  # none of its own
+    assert sum(k.lock_before is not None and k.lock_after is None for k in torture.of(signal.SIGTERM, signal.SIGINT)) >= 3, \
+        "too few signalled runs took over a dead run's lock and released it\n" + _describe(torture.kills)
+
+
+@pytest.mark.xfail(strict=True, reason="jobs/extract.py installs the SIGTERM/SIGINT handlers only in run_local, after click has "
+                   "started the command and imported the engine: SIGINT there exits 1 (Aborted!), SIGTERM kills at once, no line")
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+def test_a_signal_before_the_handlers_is_a_graceful_stop(signum, corpus, zygote, tiny_model, tmp_path):
+    """A signal while the command starts (flags parsed, the engine being imported: the moment is
+    held with an import hook) stops it like any other: 143/130, the line, nothing written. The
+    random instants above land here now and then; this pins the moment down."""
+    flags, out = tmp_path / "flags", tmp_path / "out"
+    flags.mkdir()
+    module = "extractor.engines.local"
+    run = Run(job_args(corpus.manifest, out, tiny_model, None), zygote=zygote, env={"HOOK_DIR": str(flags), hooks.HOLD_IMPORT: module})
+    assert wait_until(lambda: (flags / f"importing-{module}-{run.pid}").exists(), 60, run=run), run.log()[-2000:]
+    run.kill(signum)
+    (flags / f"release-{run.pid}").touch()
+    rc = run.finish(timeout=60)
+    log = run.log()
+    assert not out.exists()
+    assert rc == 128 + signum, log[-2000:]
+    assert INTERRUPTED.findall(log) == [(signal.Signals(signum).name, "0", "0")], log[-2000:]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -696,6 +906,8 @@ class Hostile:
     good: list[str]
     canaries: list[Path]
     orphans: list[int]
+    rerun_rc: int  # the same command again: nothing left to attempt
+    rerun_log: str
 
 
 SHELL_NAMES = {
@@ -757,8 +969,10 @@ def hostile(corpus, zygote, tiny_model, tmp_path_factory) -> Hostile:
     run = Run(z_args, zygote=zygote, env={hooks.AS_HEADROOM_VAR: str(AS_HEADROOM)})
     rc = run.finish(timeout=180)
     wall = run.elapsed
-    out_rows, failures = read_output(out)
-    return Hostile(out, rc, run.log(), wall, out_rows, failures, rows, good, [canary / "keep"], run.orphans)
+    out_rows, failures = read_committed(out)
+    rerun = Run(z_args, zygote=zygote, env={hooks.AS_HEADROOM_VAR: str(AS_HEADROOM)})
+    rerun_rc = rerun.finish(timeout=60)
+    return Hostile(out, rc, run.log(), wall, out_rows, failures, rows, good, [canary / "keep"], run.orphans, rerun_rc, rerun.log())
 
 
 def test_segfault_abort_and_hang_cost_only_their_file(hostile):
@@ -778,10 +992,13 @@ def test_segfault_abort_and_hang_cost_only_their_file(hostile):
 
 def test_failure_rate_over_the_limit_exits_3_after_finishing(hostile):
     """Over --max-failure-rate the run still finishes every row, then exits 3 (the torture run,
-    within its rate, exits 0)."""
+    within its rate, exits 0). The rate is this run's (issue 11): a rerun that attempts nothing
+    exits 0, and its summary still shows the standing failures."""
     assert len(hostile.failures) / len(hostile.paths) > 0.2
     assert hostile.rc == 3, hostile.log[-3000:]
     assert "over --max-failure-rate" in hostile.log and (hostile.out / "_SUCCESS").exists()
+    assert hostile.rerun_rc == 0, hostile.rerun_log[-3000:]
+    assert "nothing to do" in hostile.rerun_log and f"standing failures {len(hostile.failures)} " in hostile.rerun_log
 
 
 def test_audio_over_max_duration_is_a_failure_naming_the_limit(hostile):
@@ -813,7 +1030,7 @@ def test_manifest_paths_are_data_and_never_reach_a_shell(hostile):
     for rid in SHELL_NAMES:
         path, error = hostile.failures[rid]
         assert path == hostile.paths[rid]
-        assert error == f"AudioError: cannot open {path}: no such file"
+        assert error == f"AudioError: cannot read {path}: not found (no such file)"
     assert "sh_existing" in hostile.rows
     assert all(c.exists() for c in hostile.canaries)
     assert not (hostile.out.parent / "PWNED").exists()
@@ -828,7 +1045,7 @@ def _fsize_limit(ref: Reference, corpus: Corpus) -> int:
     """A file-size limit every part of the reference fits under except those holding a ~3.4 kB path."""
     long_parts = set()
     for name in ref.file_sizes:
-        if name.startswith("_failures/"):
+        if name.startswith("failures/"):
             ids = set(pq.read_table(ref.out / name, columns=["id"])["id"].to_pylist())
             if ids & set(corpus.long_path_ids):
                 long_parts.add(name)
@@ -855,7 +1072,7 @@ def test_write_fault_midway_ends_the_run_cleanly_and_a_rerun_completes(corpus, r
     assert rc == 1, log[-3000:]
     assert "File too large" in log and "writing the output failed" in log, log[-3000:]
     rows, failures = assert_consistent_with_reference(out, reference, corpus)
-    assert rows > 0 and not set(corpus.long_path_ids) & set(read_output(out)[1])
+    assert rows > 0 and not set(corpus.long_path_ids) & set(read_committed(out)[1])
     assert temporaries(out), "the failed write should have left its temporary in _tmp/"
     assert not (out / "_SUCCESS").exists()
 
@@ -921,7 +1138,7 @@ def test_full_disk_midway_ends_the_run_cleanly_and_a_rerun_completes_after_space
     rows, failures = assert_consistent_with_reference(snap, reference, corpus)
     assert 0 < rows + failures < len(ids)
     assert rc2 == 0, log2[-3000:]
-    got_rows, got_failures = read_output(final)
+    got_rows, got_failures = read_committed(final)
     assert got_rows == {i: reference.rows[i] for i in ids if i in reference.rows}
     assert got_failures == {i: reference.failures[i] for i in ids if i in reference.failures}
     assert (final / "_SUCCESS").exists() and not temporaries(final)
@@ -933,21 +1150,24 @@ def test_full_disk_midway_ends_the_run_cleanly_and_a_rerun_completes_after_space
 
 
 def test_live_lock_holder_refuses_a_second_run(corpus, zygote, tiny_model, tmp_path):
-    """While a live process holds the output's flock, another run exits 2 naming the lock, and
-    writes nothing. (A dead holder's lock is taken over: see the torture tests.)"""
+    """While a live process holds the shard's flock, another run exits 75 (busy: retry later)
+    naming the lock and its holder, and leaves the output byte-identical. (A dead holder's lock is
+    taken over: see the torture tests.)"""
     out = tmp_path / "out"
-    out.mkdir()
-    lock = out / "_lock-00000"
+    (out / "_shards").mkdir(parents=True)
+    lock = out / LOCK
     fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         os.write(fd, json.dumps({"host": "test", "pid": os.getpid()}).encode())
+        before = snapshot(out)
         run = Run(job_args(corpus.manifest, out, tiny_model, None), zygote=zygote)
         rc = run.finish(timeout=120)
+        after = snapshot(out)
     finally:
         os.close(fd)
     log = run.log()
-    assert rc == 2, log[-3000:]
+    assert rc == 75, log[-3000:]
     assert f"another run holds {lock}" in log and str(os.getpid()) in log
-    assert not committed_files(out) and not (out / "_run.json").exists()
-    assert not run.orphans  # decoding had started before the lock was refused: its workers went too
+    assert after == before and not (out / "_run.json").exists()
+    assert not run.orphans

@@ -202,6 +202,9 @@ class OutputDir:
     def write_markers(self, shard: Shard, marker: dict, lock) -> bool:
         """Mark the shard done for this manifest; write `_SUCCESS` once every shard's marker names
         the same manifest. True when `_SUCCESS` is there for it."""
+        # A run killed while writing these left a temporary that a rerun with nothing to embed
+        # (it never calls prepare_writes) would otherwise leave for good (tests/test_reliability.py).
+        self._discard_small_temporaries(shard)
         if self.marker(shard) != marker:  # a rerun that changed nothing writes nothing
             lock.check()
             self.storage.makedirs(SHARDS_DIR)
@@ -245,6 +248,9 @@ class OutputDir:
         """Under the lock, before the first commit: the folders, and no leftovers of a killed run."""
         self.storage.makedirs(EMBEDDINGS_DIR, FAILURES_DIR, TMP_DIR)
         self.storage.discard_uncommitted([f"{EMBEDDINGS_DIR}/part-{shard.tag}-", f"{FAILURES_DIR}/part-{shard.tag}-"])
+        self._discard_small_temporaries(shard)
+
+    def _discard_small_temporaries(self, shard: Shard) -> None:
         names = [self._marker_name(shard)] + ([RUN_FILE, SUCCESS_FILE] if shard.count == 1 else [])
         for name in names:  # hidden siblings of small files whose write a kill interrupted
             folder, _, base = name.rpartition("/")

@@ -280,7 +280,8 @@ class ObjectStorage:
         return False  # object stores have no directories to be in the way
 
     def is_file(self, name: str) -> bool:
-        # Not exists(): a prefix with objects under it (`_shards/` once a shard holds its lock) exists too.
+        # An object at exactly this key; exists() is also true of a prefix with objects under it
+        # (embeddings/, _shards/), which made every resume on S3 a refusal (tests/output/test_storage.py).
         self.fs.invalidate_cache(self._key(name))
         return self.fs.isfile(self._key(name))
 

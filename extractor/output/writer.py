@@ -104,6 +104,7 @@ class PartWriter:
 
     # -- the writer thread ------------------------------------------------------------------
     def _loop(self) -> None:
+        kind = None
         try:
             while True:
                 try:
@@ -127,6 +128,8 @@ class PartWriter:
         except BaseException as e:  # surfaced to the run through check() and __exit__
             logger.error("writer failed: %s", e)
             self.error = e
+            if kind in ("close", "abort"):
+                return  # the last commit failed: the run waits in __exit__, and nothing more comes
             # Keep draining so the run never blocks on a dead writer; stop at close or abort.
             while True:
                 try:

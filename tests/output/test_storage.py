@@ -26,11 +26,13 @@ import s3fs
 from moto.server import ThreadedMotoServer
 
 from extractor.audio.decode import AudioError, TooLongError, load_segments
-from extractor.storage import LockHeld, LockLost, ObjectLock, open_storage
+from extractor.output.locks import LockHeld, LockLost, ObjectLock
+from extractor.output.storage import open_storage
 from jobrun import REPO, job_cmd, job_env, make_corpus, read_output, run_cli, wait_for, write_manifest
 
 BUCKET = "embeddings-test"
 N = 8  # audio files; plus one manifest row whose object is missing
+LOCK = "_shards/00000.lock"  # the shard's lock object, present only while a run holds it (or after one died)
 
 
 @pytest.fixture(scope="module")
@@ -97,12 +99,12 @@ def reference(corpus, tiny_model, tmp_path_factory):
 
 
 def read_remote(fs, prefix: str) -> tuple[pl.DataFrame, pl.DataFrame]:
-    """The output as readers see it: a dataset over s3fs (names starting with `_` are not data)."""
-    rows = pl.from_arrow(ds.dataset(f"{BUCKET}/{prefix}", filesystem=fs, format="parquet").to_table()).sort("id")
+    """The output as readers see it: datasets over s3fs of embeddings/ and failures/."""
     fs.invalidate_cache()
-    if not fs.exists(f"{BUCKET}/{prefix}/_failures"):
+    rows = pl.from_arrow(ds.dataset(f"{BUCKET}/{prefix}/embeddings", filesystem=fs, format="parquet").to_table()).sort("id")
+    if not fs.exists(f"{BUCKET}/{prefix}/failures"):
         return rows, pl.DataFrame({"id": [], "path": [], "error": []})
-    failures = pl.from_arrow(ds.dataset(f"{BUCKET}/{prefix}/_failures", filesystem=fs, format="parquet").to_table()).sort("id")
+    failures = pl.from_arrow(ds.dataset(f"{BUCKET}/{prefix}/failures", filesystem=fs, format="parquet").to_table()).sort("id")
     return rows, failures
 
 
@@ -112,67 +114,73 @@ def assert_equal_rows(got: pl.DataFrame, want: pl.DataFrame) -> None:
     assert got["duration_s"].to_list() == want["duration_s"].to_list()
 
 
-def test_kill_and_rerun_on_s3_is_exactly_once_and_equals_a_local_run(s3, corpus, reference, tiny_model):
-    out = f"s3://{BUCKET}/killed"
+def test_kill_and_rerun_on_s3_is_exactly_once_and_equals_a_local_run(s3, corpus, reference, tiny_model, tmp_path):
+    """SIGKILL right after the first committed part (a hook holds the run there), then a rerun."""
+    out, flags = f"s3://{BUCKET}/killed", tmp_path / "flags"
+    flags.mkdir()
     cmd = job_cmd(corpus.manifest, out, tiny_model, "--id-column", "id", "--part-rows", "2", "--decode-workers", "1", "--max-failure-rate", "1")
-    proc = subprocess.Popen(cmd, env=job_env(), stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True, cwd=REPO)
-    wait_for(lambda: any(k.startswith("part-") for k in keys(s3.fs, "killed")), 180, proc)
+    proc = subprocess.Popen(cmd, env=job_env(EXTRACTOR_TEST_HOOK="tests.hooks:stop_after_first_commit", HOOK_DIR=str(flags)),
+                            stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True, cwd=REPO)
+    wait_for(lambda: (flags / f"committed-{proc.pid}").exists(), 180, proc)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
 
     # What the kill left: complete parts (each a readable Parquet file), the recipe, the lock; no
     # marker, no temporary, no incomplete upload.
     left = keys(s3.fs, "killed")
-    parts = [k for k in left if k.startswith(("part-", "_failures/part-"))]
-    assert set(left) - set(parts) == {"_run.json", "_lock-00000"}, left
-    for k in parts:
+    committed = [k for k in left if k.startswith(("embeddings/part-", "failures/part-"))]
+    assert committed and set(left) - set(committed) == {"_run.json", LOCK}, left
+    for k in committed:
         with s3.fs.open(f"{BUCKET}/killed/{k}", "rb") as f:
             assert pq.read_metadata(f).num_rows > 0
     assert not s3.fs.call_s3("list_multipart_uploads", Bucket=BUCKET, Prefix="killed/").get("Uploads")
-    committed, _ = read_remote(s3.fs, "killed")
-    assert 0 < committed.height < N
+    rows, _ = read_remote(s3.fs, "killed")
+    assert 0 < rows.height < N
 
     # A part bigger than 100 MB goes up as a multipart upload; a kill mid-way leaves it incomplete
     # (invisible). The rerun aborts those of its own shard, and only those.
-    for name in ("part-00000-000099.parquet", "part-00001-000000.parquet"):
+    for name in ("embeddings/part-00000-000099.parquet", "embeddings/part-00001-000000.parquet"):
         s3.fs.call_s3("create_multipart_upload", Bucket=BUCKET, Key=f"killed/{name}")
 
     rerun = subprocess.run(cmd, env=job_env(), capture_output=True, text=True, cwd=REPO, timeout=300)
     assert rerun.returncode == 0, rerun.stderr
     assert "taking over stale lock" in rerun.stderr and "on this host is gone" in rerun.stderr, rerun.stderr
     uploads = s3.fs.call_s3("list_multipart_uploads", Bucket=BUCKET, Prefix="killed/").get("Uploads", [])
-    assert [u["Key"] for u in uploads] == ["killed/part-00001-000000.parquet"]  # another shard's: left alone
+    assert [u["Key"] for u in uploads] == ["killed/embeddings/part-00001-000000.parquet"]  # another shard's: left alone
 
     rows, failures = read_remote(s3.fs, "killed")
     assert_equal_rows(rows, reference)
     assert failures["id"].to_list() == ["missing"]
-    assert failures["error"][0] == f"AudioError: cannot read s3://{BUCKET}/audio/missing.flac: no such file"
+    assert failures["error"][0] == f"AudioError: cannot read s3://{BUCKET}/audio/missing.flac: not found (no such file)"
     # Polars reads the output directly too (its own S3 client, configured by the same environment).
-    assert pl.scan_parquet(f"{out}/*.parquet").collect().height == N
+    assert pl.scan_parquet(f"{out}/embeddings/*.parquet").collect().height == N
 
     left = keys(s3.fs, "killed")
-    assert "_lock-00000" not in left and "_SUCCESS-00000-of-00001" in left  # the lock is released
+    assert LOCK not in left and "_SUCCESS" in left and "_shards/00000.done" in left  # the lock is released
     modified = {k: s3.fs.info(f"{BUCKET}/killed/{k}")["LastModified"] for k in left}
     assert modified["_SUCCESS"] == max(modified.values())  # written last
 
 
 def test_live_lock_refuses_a_second_run_then_storage_options_reach_every_stage(s3, corpus, reference, tiny_model, monkeypatch):
     """--storage-options alone (no endpoint in the environment) points manifest, audio and output at
-    the server; while another run holds the shard's lock the job exits 2 and writes nothing."""
+    the server; while another run holds the shard's lock the job exits 75 (busy: retry later) and
+    writes nothing."""
     monkeypatch.delenv("AWS_ENDPOINT_URL")
     options = {"client_kwargs": {"endpoint_url": s3.endpoint}}
     out = f"s3://{BUCKET}/busy"
     args = ["--manifest", corpus.small, "--output", out, "--model", str(tiny_model), "--id-column", "id",
             "--decode-workers", "0", "--storage-options", json.dumps(options)]
-    holder = ObjectLock(open_storage(out, options), "_lock-00000")
+    holder = ObjectLock(open_storage(out, options), LOCK)
     holder.acquire()
     try:
         code, log = run_cli(args)
+        refused_with = keys(s3.fs, "busy")
     finally:
         holder.release()
-    assert code == 2, log
+    assert code == 75, log
     assert "another run holds" in log and "alive on this host" in log
-    assert keys(s3.fs, "busy") == []  # nothing written, and the holder's release removed its lock
+    assert refused_with == [LOCK]  # nothing written but the holder's lock
+    assert keys(s3.fs, "busy") == []  # and the holder's release removed it
 
     code, log = run_cli(args)
     assert code == 0, log
@@ -183,7 +191,7 @@ def test_live_lock_refuses_a_second_run_then_storage_options_reach_every_stage(s
 
 def test_object_lock_stale_takeover_race_and_lost_lock(s3, caplog):
     storage = open_storage(f"s3://{BUCKET}/locks")
-    key = f"{BUCKET}/locks/_lock-00000"
+    key = f"{BUCKET}/locks/{LOCK}"
 
     def plant(age_s: float) -> None:  # another machine's run, last seen age_s ago
         record = {"host": "elsewhere", "pid": 4242, "since": "yesterday", "token": "theirs", "heartbeat": time.time() - age_s}
@@ -191,11 +199,11 @@ def test_object_lock_stale_takeover_race_and_lost_lock(s3, caplog):
 
     plant(age_s=5)
     with pytest.raises(LockHeld, match=r"pid 4242 on elsewhere.*last heartbeat 5 s ago"):
-        ObjectLock(storage, "_lock-00000", stale_after_s=60).acquire()
+        ObjectLock(storage, LOCK, stale_after_s=60).acquire()
 
     plant(age_s=120)
-    lock = ObjectLock(storage, "_lock-00000", stale_after_s=60, heartbeat_s=0.05)
-    with caplog.at_level(logging.WARNING, logger="extractor.storage"):
+    lock = ObjectLock(storage, LOCK, stale_after_s=60, heartbeat_s=0.05)
+    with caplog.at_level(logging.WARNING, logger="extractor.output.locks"):
         lock.acquire()
     assert "taking over stale lock" in caplog.text and "no heartbeat for 120 s" in caplog.text
     first = json.loads(s3.fs.cat_file(key))["heartbeat"]
@@ -217,7 +225,7 @@ def test_object_lock_stale_takeover_race_and_lost_lock(s3, caplog):
 
     # Two runs racing for a free lock: the conditional create lets exactly one win.
     s3.fs.rm_file(key)
-    contenders = [ObjectLock(storage, "_lock-00000") for _ in range(2)]
+    contenders = [ObjectLock(storage, LOCK) for _ in range(2)]
     outcome: list[str] = []
 
     def take(lock: ObjectLock) -> None:
@@ -238,10 +246,14 @@ def test_object_lock_stale_takeover_race_and_lost_lock(s3, caplog):
     assert keys(s3.fs, "locks") == []
 
 
-def test_unreadable_or_oversized_remote_audio_is_an_audio_error(s3, corpus):
+def test_unreadable_or_too_long_remote_audio_is_an_audio_error(s3, corpus):
+    """A remote file longer than max_duration_s fails as TooLongError once decoding passes the
+    limit (it is streamed under a byte cap, never refused or fetched whole by its size: the caps
+    are tested in tests/audio/test_sources.py); a store that cannot be reached is named as such."""
     url = f"s3://{BUCKET}/audio/clip000.flac"
-    (too_long,) = load_segments(url, [(None, None)], max_duration_s=0.001)  # refused before the download
-    assert isinstance(too_long, TooLongError) and "bytes, more than max_duration_s=0.001" in str(too_long)
+    (too_long,) = load_segments(url, [(None, None)], max_duration_s=0.001)
+    assert isinstance(too_long, TooLongError) and str(too_long) == f"{url} is longer than max_duration_s=0.001", too_long
     unreachable = {"client_kwargs": {"endpoint_url": "http://127.0.0.1:9"}, "config_kwargs": {"retries": {"max_attempts": 1}}}
     (error,) = load_segments(url, [(None, None)], storage_options=unreachable)
     assert isinstance(error, AudioError) and str(error).startswith(f"cannot read {url}: "), error
+    assert "refused" in str(error) or "cannot connect" in str(error), error
