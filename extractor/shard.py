@@ -45,6 +45,7 @@ from .model.hub import readable_source, resolve_adapter, resolve_model
 from .options import JobOptions, Shard
 from .output.layout import OutputDir, RunInfo
 from .recipe import Recipe
+from .signals import StopSignal  # noqa: F401 (engines import it from here)
 from .summary import Summary
 
 logger = logging.getLogger(__name__)
@@ -52,16 +53,6 @@ logger = logging.getLogger(__name__)
 POOLINGS = ("mean", "none")
 OUTPUT_DTYPES = ("float32", "float16")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
-
-
-class StopSignal(threading.Event):
-    """Set by a signal handler (engines.local): stop taking work, keep what is embedded."""
-
-    signum: int | None = None
-
-    def stop(self, signum: int) -> None:
-        self.signum = signum
-        self.set()
 
 
 def process_age_s() -> float:

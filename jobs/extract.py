@@ -20,6 +20,7 @@ import click
 from extractor import __version__
 from extractor.errors import EXIT_CONFIG, EXIT_FAILURE_RATE, EXIT_OK, EXIT_UNEXPECTED, Interrupted, exit_code_of
 from extractor.manifest.spec import MANIFEST_FORMATS, ManifestSpec
+from extractor.signals import StopSignal, graceful_signals
 from extractor.options import (DEFAULT_DECODE_TIMEOUT_S, DEFAULT_MAX_DURATION_S, DEFAULT_MAX_FAILURE_RATE, DEFAULT_PART_ROWS,
                                DEFAULT_READ_TIMEOUT_S, JobOptions, Shard)
 from jobs.logs import configure
@@ -108,6 +109,14 @@ def extract(**kw) -> None:
     Exit codes: 0 done, 1 unexpected (retry), 2 configuration error (never retry), 3 failure
     rate over the limit, 75 output busy (retry later), 130/143 interrupted (rerun resumes).
     """
+    # First thing, before an engine's imports: a signal from here on is a graceful stop (a
+    # KeyboardInterrupt would reach click, which exits 1 with "Aborted!").
+    stop = StopSignal()
+    with graceful_signals(stop):
+        _extract(stop, kw)
+
+
+def _extract(stop: StopSignal, kw: dict) -> None:
     configure(kw["log_level"], kw["log_format"])
     if kw["shard_index"] >= kw["num_shards"]:
         raise click.BadParameter(f"--shard-index {kw['shard_index']} must be below --num-shards {kw['num_shards']}")
@@ -137,15 +146,15 @@ def extract(**kw) -> None:
 
             if kw["devices"]:
                 raise click.UsageError("--devices is for --engine local; Ray places one task per GPU")
-            summary = run_ray(opts)
+            summary = run_ray(opts, stop)
         elif kw["devices"]:
             from extractor.engines.devices import run_on_devices
 
-            summary = run_on_devices(opts, kw["devices"])
+            summary = run_on_devices(opts, kw["devices"], stop)
         else:
             from extractor.engines.local import run_local
 
-            summary = run_local(opts)
+            summary = run_local(opts, stop=stop)
     except click.UsageError:
         raise
     except Interrupted as e:

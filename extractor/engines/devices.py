@@ -74,7 +74,7 @@ def parse_devices(spec: str) -> list[str]:
     return devices
 
 
-def run_on_devices(opts: JobOptions, devices: str | list[str]) -> Summary:
+def run_on_devices(opts: JobOptions, devices: str | list[str], stop: StopSignal | None = None) -> Summary:
     """Run one shard with one worker process per device; the same contract as run_shard."""
     if isinstance(devices, str):
         devices = parse_devices(devices)
@@ -84,7 +84,11 @@ def run_on_devices(opts: JobOptions, devices: str | list[str]) -> Summary:
         summary.noop = summary.complete = True
         summary.skipped = len(plan.rows)
         return finish(plan, summary)
-    stop = StopSignal()
+    stop = StopSignal() if stop is None else stop
+    if stop.is_set():  # a signal while the command started
+        summary = plan.summary()
+        summary.interrupted = signal.Signals(stop.signum).name
+        return finish(plan, summary)
     with graceful_signals(stop):
         try:
             with plan.out.lock(plan.shard) as lock:

@@ -9,44 +9,16 @@ rerun resumes from the committed parts, as after any kill).
 
 from __future__ import annotations
 
-import logging
-import signal
-import threading
-from contextlib import contextmanager
-
-from ..errors import Interrupted
 from ..options import JobOptions
-from ..shard import StopSignal, run_shard
+from ..shard import run_shard
+from ..signals import StopSignal, graceful_signals
 from ..summary import Summary
 
-logger = logging.getLogger(__name__)
-
-SIGNALS = (signal.SIGINT, signal.SIGTERM)
+__all__ = ["graceful_signals", "run_local"]
 
 
-@contextmanager
-def graceful_signals(stop: StopSignal):
-    """SIGINT/SIGTERM set `stop` (first) or raise Interrupted (second), while the block runs."""
-    if threading.current_thread() is not threading.main_thread():
-        yield stop  # only the main thread can take signals; the caller stops us some other way
-        return
-
-    def handler(signum, frame):
-        if stop.is_set():
-            raise Interrupted(signum)
-        logger.warning("%s: stopping; what is embedded is committed, the rest is left for a rerun (again to stop at once)",
-                       signal.Signals(signum).name)
-        stop.stop(signum)
-
-    previous = {s: signal.signal(s, handler) for s in SIGNALS}
-    try:
-        yield stop
-    finally:
-        for s, h in previous.items():
-            signal.signal(s, h)
-
-
-def run_local(opts: JobOptions, *, model=None) -> Summary:
-    stop = StopSignal()
+def run_local(opts: JobOptions, *, model=None, stop: StopSignal | None = None) -> Summary:
+    """`stop`: the command's, whose handlers are already installed (a signal may have set it)."""
+    stop = StopSignal() if stop is None else stop
     with graceful_signals(stop):
         return run_shard(opts, model=model, stop=stop)

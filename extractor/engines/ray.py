@@ -262,8 +262,11 @@ def _nothing_to_do(plan: ShardPlan) -> Summary | None:
     return summary
 
 
-def run_ray(opts: JobOptions) -> Summary:
-    """Run every shard of opts.shard.count as Ray tasks; the same output, files and markers."""
+def run_ray(opts: JobOptions, stop: StopSignal | None = None) -> Summary:
+    """Run every shard of opts.shard.count as Ray tasks; the same output, files and markers.
+
+    `stop`: the command's (extractor.signals), set if a signal came while it started; the driver
+    then installs its own handlers for the time it waits on Ray (driver_signals)."""
     if ray is None:
         raise ConfigError("--engine ray needs Ray: pip install 'qwen2-audio-embeddings[ray]'")
     if opts.device not in ("auto", "cpu", "cuda"):
@@ -278,6 +281,10 @@ def run_ray(opts: JobOptions) -> Summary:
     summary = _nothing_to_do(plan)
     if summary is not None:
         logger.info(summary.line(), extra={"event": "summary", "summary": summary.to_json()})
+        return summary
+    if stop is not None and stop.is_set():  # a signal while the command started: no task is started
+        summary = plan.summary()
+        summary.interrupted = signal.Signals(stop.signum).name
         return summary
     owned = connect()
     stop = _DriverStop()
