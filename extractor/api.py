@@ -13,9 +13,10 @@ from pathlib import Path
 import numpy as np
 
 from .audio.decode import load_audio
-from .batching.device import default_max_windows, default_token_budget, run_batch
+from .batching.device import run_batch
 from .batching.packing import Batch, plan_batches, split_windows, window_shapes
 from .batching.pooling import RowPooling
+from .batching.staging import default_max_windows, default_token_budget
 from .constants import SAMPLE_RATE
 from .model.load import load_model, resolve_device, resolve_dtype
 from .options import DEFAULT_MAX_DURATION_S

@@ -47,7 +47,7 @@ from ..options import MAX_DECODE_WORKERS, JobOptions, Shard
 from ..output.storage import is_url
 from ..shard import ShardPlan, StopSignal, prepare, run_shard, standing_failures
 from ..summary import Summary, merge
-from .local import SIGNALS
+from ..signals import SIGNALS
 
 try:
     import ray
