@@ -322,3 +322,64 @@ def test_a_streaming_job_times_out_on_silence_not_on_its_length():
     with DecodePool(1, timeout_s=TIMEOUT_S, decode_fn=slow_stream) as p:
         got = [m for _, m in p.stream([(0, 4)])]
     assert got == [0, 1, 2, 3, END]
+
+
+# --- a request sent ahead -------------------------------------------------------------------------
+
+
+def mark_started(request):
+    """Creates `request` (a path) when the worker starts on it; a path naming segv crashes after."""
+    Path(request).touch()
+    if "segv" in os.path.basename(request):
+        ctypes.string_at(0)
+    if "sleep" in os.path.basename(request):
+        time.sleep(60)
+    yield os.path.basename(request)
+
+
+def _wait_for(path: Path, timeout_s: float = 10.0) -> bool:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if path.exists():
+            return True
+        time.sleep(0.01)
+    return False
+
+
+def test_a_busy_worker_starts_its_next_request_without_waiting_for_the_consumer(tmp_path):
+    """The next request is sent ahead: the worker starts it while the consumer holds the stream
+    (here: after the first request's first message, it asks for nothing more until the second
+    request has started)."""
+    first, second = tmp_path / "first", tmp_path / "second"
+    with DecodePool(1, timeout_s=30, decode_fn=mark_started) as pool:
+        stream = pool.stream([(0, str(first)), (1, str(second))])
+        assert next(stream) == (0, "first")
+        # Nothing pulls the stream now: only a request already in the worker's pipe can start.
+        assert _wait_for(second), "the second request was not sent ahead of the first one's end"
+        assert list(stream) == [(0, END), (1, "second"), (1, END)]
+
+
+def test_requests_sent_ahead_to_a_worker_that_crashes_or_hangs_are_decoded_elsewhere(tmp_path):
+    """Only the request being decoded fails; the one queued behind it is sent again and succeeds."""
+    for bad, error in (("segv", "DecoderCrashed"), ("sleep", "DecodeTimeout")):
+        paths = [tmp_path / f"{bad}-0", tmp_path / f"{bad}-ok-1", tmp_path / f"{bad}-ok-2"]
+        paths[1:] = [p.with_name(p.name.replace(bad, "x")) for p in paths[1:]]
+        with DecodePool(1, timeout_s=TIMEOUT_S, decode_fn=mark_started) as pool:
+            got = dict(pool.imap([(i, str(p)) for i, p in enumerate(paths)]))
+        assert isinstance(got[0], WorkerFailure) and got[0].error.startswith(error), got[0]
+        assert got[1] == paths[1].name and got[2] == paths[2].name, got
+
+
+def big_result(request: bytes):
+    return np.full(4 << 20, 0.25, dtype=np.float32)  # 16 MB: more than a socket buffer holds
+
+
+@pytest.mark.timeout(60)
+def test_a_large_request_waits_for_an_idle_worker_instead_of_being_sent_ahead():
+    """A request larger than the socket's buffer is never sent to a busy worker: the parent would
+    block sending it while the worker blocks sending its 16 MB result to that parent (a deadlock,
+    which this test would hit without the size check)."""
+    requests = [(k, bytes(1 << 20)) for k in range(3)]  # 1 MB each
+    with DecodePool(1, timeout_s=30, decode_fn=big_result) as pool:
+        got = dict(pool.imap(requests))
+    assert sorted(got) == [0, 1, 2] and all(v.shape == (4 << 20,) for v in got.values())
