@@ -41,12 +41,6 @@ __all__ = ["END", "DecodePool", "DecodeRequest", "WorkerFailure"]
 STARTUP_TIMEOUT_S = 60.0  # a worker that is not ready by then (import deadlock, ...) is killed
 MAX_STARTUP_FAILURES = 3  # consecutive workers dying before ready: decode_fn cannot run at all
 CLOSE_GRACE_S = 1.0  # idle workers exit on EOF within this; the rest get SIGKILL
-# A busy worker is sent its next request ahead, so that it never waits for the parent between two
-# (the parent is one thread that also feeds a GPU: a round trip through it cost mp3 decoding 17 %
-# of the device's time, bench/RESULTS.md). Only a small request: it sits in the socket until the
-# worker is done, and a parent blocked sending it while the worker blocks sending its results to
-# that parent would be a deadlock. AF_UNIX socket buffers hold ~200 KB.
-AHEAD_BYTES = 16 << 10
 _READY = b"ready"
 _PR_SET_PDEATHSIG = 1  # from <linux/prctl.h>
 
@@ -111,7 +105,6 @@ class DecodePool:
         self._timeout_s = float(timeout_s)
         self._max_inflight = max_inflight
         self._workers: list[_Worker] = []
-        self._pending: deque[tuple[Hashable, Any]] = deque()
         self._startup_failures = 0
         self._closed = False
         self._running = False
@@ -169,7 +162,7 @@ class DecodePool:
         self._closed = True
         for w in self._workers:
             w.conn.close()  # EOF: an idle worker returns from its loop
-            if w.jobs:
+            if w.job is not None:
                 w.kill()  # its result is not wanted any more; do not wait for it
         deadline = time.monotonic() + CLOSE_GRACE_S
         for w in self._workers:
@@ -202,9 +195,7 @@ class DecodePool:
         while len(self._workers) < self._num_workers:
             self._workers.append(self._start_worker())
         source = iter(items)
-        # Pulled, not yet sent to a worker; requests sent ahead to a worker that then died or
-        # timed out come back to its front.
-        self._pending = pending = deque()
+        pending: deque[tuple[Hashable, Any]] = deque()  # pulled, not yet sent to a worker
         results: deque[tuple[Hashable, Any]] = deque()  # finished, not yet yielded
         exhausted = False
         try:
@@ -213,7 +204,7 @@ class DecodePool:
                     raise ValueError("DecodePool was closed during imap")
                 # Refill and hand out work before yielding: the consumer may be slow, and the
                 # workers should be decoding meanwhile. Outstanding = pending + busy + results.
-                busy = sum(len(w.jobs) for w in self._workers)
+                busy = sum(w.job is not None for w in self._workers)
                 while not exhausted and len(pending) + busy + len(results) < self._max_inflight:
                     try:
                         pending.append(next(source))
@@ -222,7 +213,7 @@ class DecodePool:
                 results.extend(self._dispatch(pending))
                 if results:
                     yield results.popleft()
-                elif exhausted and not pending and not any(w.jobs for w in self._workers):
+                elif exhausted and not pending and not any(w.job for w in self._workers):
                     return
                 else:
                     results.extend(self._poll(poll_s))
@@ -233,44 +224,36 @@ class DecodePool:
             if not self._closed:
                 # Abandoned mid-run: results still being computed would reach the next imap.
                 for w in self._workers:
-                    if w.jobs:
+                    if w.job is not None:
                         w.kill()
-                self._workers = [w for w in self._workers if not w.jobs]
+                self._workers = [w for w in self._workers if w.job is None]
 
     def _dispatch(self, pending: deque) -> list[tuple[Hashable, Any]]:
-        """Send pending requests to idle workers, then one more, if small, to each busy one;
-        return results that are known without a worker."""
+        """Send pending requests to idle workers; return results that are known without a worker."""
         done = []
-        for ahead in (False, True):
-            for i, w in enumerate(self._workers):
-                if not pending:
-                    return done
-                if not w.ready or len(w.jobs) != ahead:
-                    continue
-                key, request = pending[0]
-                try:
-                    data = pickle.dumps(request, protocol=pickle.HIGHEST_PROTOCOL)
-                except Exception as e:
-                    pending.popleft()
-                    done.append((key, WorkerFailure(f"{type(e).__name__}: cannot send request: {e}")))
-                    continue
-                if ahead and len(data) > AHEAD_BYTES:
-                    return done  # a large request waits for an idle worker (and so do the ones after it)
-                pending.popleft()
-                try:
-                    w.conn.send_bytes(data)
-                except OSError:
-                    # The worker died. This request was never received: it goes back to the queue,
-                    # with any sent ahead; one it was decoding fails when its death is seen.
-                    pending.appendleft((key, request))
-                    if not w.jobs:
-                        how = _describe_exit(w.process.exitcode)
-                        logger.warning("idle decode worker %s died (%s); replacing it", w.process.pid, how)
-                        w.kill()
-                        self._workers[i] = self._start_worker()
-                    continue
-                # Only the job being decoded has a deadline: one sent ahead starts when it does.
-                w.jobs.append(_Job(key, _label(key, request), None if ahead else time.monotonic() + self._timeout_s, request))
+        for i, w in enumerate(self._workers):
+            if not pending:
+                break
+            if not w.ready or w.job is not None:
+                continue
+            key, request = pending.popleft()
+            try:
+                data = pickle.dumps(request, protocol=pickle.HIGHEST_PROTOCOL)
+            except Exception as e:
+                done.append((key, WorkerFailure(f"{type(e).__name__}: cannot send request: {e}")))
+                continue
+            try:
+                w.conn.send_bytes(data)
+            except OSError:
+                # The worker died while idle. The request was never received, so it goes back
+                # to the queue rather than failing.
+                how = _describe_exit(w.process.exitcode)
+                logger.warning("idle decode worker %s died (%s); replacing it", w.process.pid, how)
+                pending.appendleft((key, request))
+                w.kill()
+                self._workers[i] = self._start_worker()
+                continue
+            w.job = _Job(key, _label(key, request), time.monotonic() + self._timeout_s)
         return done
 
     def _poll(self, poll_s: float | None = None) -> list[tuple[Hashable, Any]]:
@@ -296,12 +279,13 @@ class DecodePool:
                         self._startup_failures = 0
                     else:
                         message = _recv_result(w.conn)
-                        if w.jobs:
-                            done.append((w.jobs[0].key, message))
+                        job = w.job
+                        if job is not None:
+                            done.append((job.key, message))
                             if message is END or isinstance(message, WorkerFailure):
-                                w.jobs.popleft()  # a failure is the job's last message too
-                            if w.jobs:  # the next job's clock starts now; a streaming one's restarts
-                                w.jobs[0].deadline = time.monotonic() + self._timeout_s
+                                w.job = None  # a failure is the job's last message too
+                            else:
+                                job.deadline = time.monotonic() + self._timeout_s
                     continue
                 except (EOFError, OSError):
                     pass  # the pipe broke: treat as a death, below
@@ -310,9 +294,8 @@ class DecodePool:
             done.extend(self._replace_dead(i))
         now = time.monotonic()
         for i, w in enumerate(self._workers):
-            if w.jobs and w.jobs[0].deadline <= now:
-                job = w.jobs[0]
-                self._requeue(w)
+            if w.job is not None and w.job.deadline <= now:
+                job = w.job
                 w.kill()
                 logger.warning("decode timed out after %gs on %s; worker killed", self._timeout_s, job.label)
                 error = f"DecodeTimeout: decode timed out after {self._timeout_s:g} s on {job.label}"
@@ -331,11 +314,9 @@ class DecodePool:
             w.kill()  # it closed its pipe but lives on: not a usable worker
         how = _describe_exit(w.process.exitcode)
         done = []
-        if w.jobs:
-            job = w.jobs[0]
-            self._requeue(w)
-            logger.warning("decoder crashed (%s) on %s; replacing the worker", how, job.label)
-            done.append((job.key, WorkerFailure(f"DecoderCrashed: decoder crashed ({how}) on {job.label}")))
+        if w.job is not None:
+            logger.warning("decoder crashed (%s) on %s; replacing the worker", how, w.job.label)
+            done.append((w.job.key, WorkerFailure(f"DecoderCrashed: decoder crashed ({how}) on {w.job.label}")))
         elif not w.ready:
             self._startup_failed(w, how)
         else:
@@ -343,12 +324,6 @@ class DecodePool:
         w.conn.close()
         self._workers[i] = self._start_worker()
         return done
-
-    def _requeue(self, w: _Worker) -> None:
-        """The requests sent ahead to a worker about to be replaced, back to the queue's front:
-        they were never started (its messages are read in order, up to its death)."""
-        for job in reversed(list(w.jobs)[1:]):
-            self._pending.appendleft((job.key, job.request))
 
     def _startup_failed(self, w: _Worker, how: str) -> None:
         self._startup_failures += 1
@@ -387,8 +362,7 @@ def _mp_context(decode_fn: Callable[[Any], Any]):
 class _Job:
     key: Hashable
     label: str  # the request's path, or the key: what error messages name
-    deadline: float | None  # None while it waits behind the worker's current job
-    request: Any  # sent again if it was sent ahead to a worker that died before starting it
+    deadline: float
 
 
 class _Worker:
@@ -397,11 +371,11 @@ class _Worker:
         self.conn = conn
         self.ready = False
         self.started_deadline: float | None = started_deadline
-        self.jobs: deque[_Job] = deque()  # the one being decoded, then at most one sent ahead
+        self.job: _Job | None = None
 
     @property
     def deadline(self) -> float | None:
-        return self.jobs[0].deadline if self.jobs else self.started_deadline
+        return self.job.deadline if self.job is not None else self.started_deadline
 
     def kill(self) -> None:
         if self.process.exitcode is None:
