@@ -198,13 +198,17 @@ def check_output(out_dir: Path, manifest: str, summary: dict, naive: dict | None
 
 
 def git_commit() -> str | None:
+    # BENCH_GIT_COMMIT first: the device's copy of the tree may have no .git, or a stale one that
+    # names an old commit (seen on the lent machines).
+    if os.environ.get("BENCH_GIT_COMMIT"):
+        return os.environ["BENCH_GIT_COMMIT"]
     try:
         r = subprocess.run(["git", "rev-parse", "--short=12", "HEAD"], cwd=REPO, capture_output=True, text=True, timeout=10, check=False)
         if r.returncode == 0:
             return r.stdout.strip()
     except (OSError, subprocess.SubprocessError):
         pass
-    return os.environ.get("BENCH_GIT_COMMIT")  # the device copy of the tree may have no .git
+    return None
 
 
 def fmt(v, spec: str = ",.0f") -> str:
