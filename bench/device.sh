@@ -19,7 +19,11 @@ if [ "${1:-}" = "--cpu-breakdown" ]; then
     status=${PIPESTATUS[0]}
     results="bench/results/cpu_breakdown.json"
 else
-    python3 bench/run.py --out bench/results "$@" 2>&1 | tee -a "$log_dir/bench.log"
+    case " $* " in
+        *" --shapes "*) script=bench/shapes.py ;;
+        *) script=bench/run.py ;;
+    esac
+    python3 "$script" --out bench/results "$@" 2>&1 | tee -a "$log_dir/bench.log"
     status=${PIPESTATUS[0]}
     case " $* " in
         *" --shapes "*) results="bench/results/shapes.json bench/results/shapes_detail.json bench/RESULTS.md" ;;

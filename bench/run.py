@@ -3,7 +3,6 @@ Hugging Face + PEFT recipe and against what the GPU allows.
 
     python bench/run.py --out bench/results           # on a GPU machine (bench/device.sh wraps it)
     python bench/run.py --out /tmp/bench-tiny --tiny  # CPU smoke run: tiny model, 200 clips
-    python bench/run.py --shapes [...]                # issue 10's corpus shapes: see bench/shapes.py
 
 Phases, each timed and logged as it ends:
   1. checkpoint  random-weight Qwen2-Audio in the hub layout (full-size tower, tiny LM) + LoRA r=16
@@ -304,12 +303,6 @@ def print_table(r: dict) -> None:
 
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    if "--shapes" in argv:
-        # shapes.py imports this module as `run`: let it find this one, clock (T0) included.
-        sys.modules.setdefault("run", sys.modules[__name__])
-        import shapes
-
-        return shapes.main(argv)
     args = parse_args(argv)
     import synth_corpus
     import synth_model

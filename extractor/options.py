@@ -9,8 +9,6 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field
 
-from .manifest.spec import ManifestSpec
-
 DEFAULT_PART_ROWS = 10_000  # rows per committed part: at most what a kill loses
 DEFAULT_PART_BYTES = 256 << 20  # a part is also committed once its vectors reach this size
 DEFAULT_COMMIT_SECONDS = 60.0  # ... or once its oldest row has waited this long
@@ -27,6 +25,23 @@ def default_decode_workers(devices: int = 1) -> int:
     """Decoder processes per device: the host's cores, less one per device for its device loop."""
     cores = os.cpu_count() or 2
     return max(1, min(MAX_DECODE_WORKERS, (cores - devices) // devices))
+
+
+MANIFEST_FORMATS = ("parquet", "csv", "jsonl", "lhotse")  # --manifest-format; None: by extension (manifest.formats)
+
+
+@dataclass(frozen=True)
+class ManifestSpec:
+    """What the command line says about the manifest: where it is, its format, and which columns mean what."""
+
+    path: str
+    path_column: str = "path"
+    id_column: str | None = None  # None: the path is the id (embedded audio: the struct's path)
+    keep_columns: tuple[str, ...] = ()
+    start_column: str | None = None
+    end_column: str | None = None
+    format: str | None = None  # one of MANIFEST_FORMATS; None: from the file's extension
+    audio_column: str | None = None  # audio stored in the manifest (Parquet only); path_column is then unused
 
 
 @dataclass(frozen=True)

@@ -19,10 +19,9 @@ import click
 
 from extractor import __version__
 from extractor.errors import EXIT_CONFIG, EXIT_FAILURE_RATE, EXIT_OK, EXIT_UNEXPECTED, Interrupted, exit_code_of
-from extractor.manifest.spec import MANIFEST_FORMATS, ManifestSpec
-from extractor.signals import StopSignal, graceful_signals
 from extractor.options import (DEFAULT_DECODE_TIMEOUT_S, DEFAULT_MAX_DURATION_S, DEFAULT_MAX_FAILURE_RATE, DEFAULT_PART_ROWS,
-                               DEFAULT_READ_TIMEOUT_S, JobOptions, Shard)
+                               DEFAULT_READ_TIMEOUT_S, MANIFEST_FORMATS, JobOptions, ManifestSpec, Shard)
+from extractor.signals import StopSignal, graceful_signals
 from jobs.logs import configure
 
 logger = logging.getLogger("extract-embeddings")

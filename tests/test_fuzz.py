@@ -40,9 +40,8 @@ from extractor.audio.decode import DecodeRequest, FileJob
 from extractor.audio.pool import END, DecodePool, WorkerFailure
 from extractor.batching.packing import split_windows
 from extractor.manifest.read import ManifestError, read_manifest
-from extractor.manifest.spec import ManifestSpec
 from extractor.model.load import load_model
-from extractor.options import JobOptions
+from extractor.options import JobOptions, ManifestSpec
 from extractor.output.writer import Rows, nonfinite
 from extractor.shard import run_shard
 from jobrun import failure_parts, parts

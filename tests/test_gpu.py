@@ -17,9 +17,8 @@ import subprocess
 from builders import speak, speechlike, write_audio
 from canonical import canonical_embedding, cosine, load_canonical
 from embedding import ours
-from extractor.manifest.spec import ManifestSpec
 from extractor.model.load import load_model
-from extractor.options import JobOptions
+from extractor.options import JobOptions, ManifestSpec
 from extractor.shard import run_shard
 
 pytestmark = pytest.mark.gpu

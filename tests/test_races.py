@@ -17,7 +17,7 @@ import polars as pl
 import pytest
 
 from builders import speechlike, write_audio
-from extractor.manifest.spec import ManifestSpec
+from extractor.options import ManifestSpec
 from extractor.options import JobOptions
 from extractor.shard import run_shard
 from jobrun import REPO, SR, job_cmd, job_env, parts, read_failures, read_output, snapshot, wait_for, write_manifest

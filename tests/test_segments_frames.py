@@ -26,7 +26,7 @@ from click.testing import CliRunner
 from builders import speechlike, write_audio
 from canonical import WINDOW_SAMPLES, canonical_frames, cosine
 
-from extractor.manifest.spec import ManifestSpec
+from extractor.options import ManifestSpec
 from extractor.options import JobOptions
 from extractor.shard import run_shard
 from extractor.recipe import METADATA_KEY

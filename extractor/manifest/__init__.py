@@ -1,6 +1,6 @@
 """The manifest: what to embed. Read and validated whole before anything is written.
 
-    spec.py      the command line's description of it (format, which columns mean what)
+    (its description on the command line, ManifestSpec, is one of the run's options: extractor.options)
     formats.py   Parquet, CSV, JSONL files as Arrow tables; the format from the file's name
     lhotse.py    lhotse cut manifests as rows, without lhotse
     embedded.py  audio stored in a Parquet manifest, read lazily, row group by row group
@@ -11,7 +11,7 @@
 from __future__ import annotations
 
 from .errors import ManifestError
-from .spec import MANIFEST_FORMATS, ManifestSpec
+from ..options import MANIFEST_FORMATS, ManifestSpec
 
 __all__ = ["MANIFEST_FORMATS", "Manifest", "ManifestError", "ManifestSpec", "read_manifest"]
 

@@ -39,7 +39,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from .errors import ManifestError
-from .spec import MANIFEST_FORMATS, ManifestSpec
+from ..options import MANIFEST_FORMATS, ManifestSpec
 
 _SUFFIXES = {".parquet": "parquet", ".pq": "parquet", ".csv": "csv", ".jsonl": "jsonl", ".ndjson": "jsonl"}
 _LHOTSE_NAME = re.compile(r"(^|[_.-])cuts([_.-]|$)")  # a word `cuts` in the name's stem

@@ -27,7 +27,7 @@ from . import lhotse
 from .embedded import STRUCT, EmbeddedAudio, audio_kind, rows_without_bytes
 from .errors import ManifestError
 from .formats import READERS, manifest_format, open_parquet
-from .spec import ManifestSpec
+from ..options import ManifestSpec
 from .types import canonical_type, to_canonical
 
 __all__ = ["ROW", "Manifest", "ManifestError", "canonical_type", "fingerprint", "read_manifest", "shard_of"]

@@ -11,9 +11,7 @@ environment. The model is the Hub repo `org/tiny`, resolved offline from three H
 from __future__ import annotations
 
 import hashlib
-import io
 import json
-import logging
 import os
 import re
 import shutil
@@ -31,8 +29,9 @@ import pyarrow.parquet as pq
 import pytest
 
 pytest.importorskip("ray", reason="--engine ray needs the optional extra: pip install '.[ray]'")
-s3fs = pytest.importorskip("s3fs")
-from moto.server import ThreadedMotoServer  # noqa: E402
+pytest.importorskip("s3fs", reason="s3:// needs the optional extra: pip install '.[s3]'")
+import s3server  # noqa: E402
+from s3server import s3_server  # noqa: E402
 
 from jobrun import REPO, job_cmd, job_env, make_corpus, run_cli, wait_for  # noqa: E402
 
@@ -47,30 +46,13 @@ RUN_TIMEOUT_S = 300
 
 @pytest.fixture(scope="module")
 def s3():
-    """moto's S3 server on 127.0.0.1 (as tests/output/test_storage.py starts it); AWS_* in os.environ."""
-    logging.getLogger("werkzeug").setLevel(logging.ERROR)  # one line per request otherwise
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    host, port = server.get_host_and_port()
-    env = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1",
-           "AWS_ENDPOINT_URL": f"http://{host}:{port}"}
-    with pytest.MonkeyPatch.context() as mp:
-        for k, v in env.items():
-            mp.setenv(k, v)
-        mp.delenv("AWS_PROFILE", raising=False)
-        s3fs.S3FileSystem.clear_instance_cache()  # fsspec caches clients; this server is new
-        fs = s3fs.S3FileSystem()
-        fs.mkdir(BUCKET)
-        yield SimpleNamespace(fs=fs, env=env)
-        s3fs.S3FileSystem.clear_instance_cache()
-    server.stop()
+    """moto's S3 server on 127.0.0.1 (tests/s3server.py); AWS_* in os.environ."""
+    with s3_server(BUCKET) as server:
+        yield server
 
 
 def put_manifest(fs, key: str, rows: list[dict]) -> str:
-    buf = io.BytesIO()
-    pq.write_table(pa.Table.from_pylist(rows), buf)
-    fs.pipe_file(f"{BUCKET}/{key}", buf.getvalue())
-    return f"s3://{BUCKET}/{key}"
+    return s3server.put_manifest(fs, BUCKET, key, rows)
 
 
 @pytest.fixture(scope="module")

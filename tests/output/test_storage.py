@@ -7,7 +7,6 @@ process and in subprocesses (which find it through AWS_ENDPOINT_URL): nothing is
 
 from __future__ import annotations
 
-import io
 import json
 import logging
 import signal
@@ -18,16 +17,15 @@ from types import SimpleNamespace
 
 import numpy as np
 import polars as pl
-import pyarrow as pa
 import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 import pytest
-import s3fs
-from moto.server import ThreadedMotoServer
 
 from extractor.audio.decode import AudioError, TooLongError, load_segments
 from extractor.output.locks import LockHeld, LockLost, ObjectLock
 from extractor.output.storage import open_storage
+import s3server
+from s3server import s3_server
 from jobrun import REPO, job_cmd, job_env, make_corpus, read_output, run_cli, wait_for, write_manifest
 
 BUCKET = "embeddings-test"
@@ -37,22 +35,8 @@ LOCK = "_shards/00000.lock"  # the shard's lock object, present only while a run
 
 @pytest.fixture(scope="module")
 def s3():
-    logging.getLogger("werkzeug").setLevel(logging.ERROR)  # one line per request otherwise
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    host, port = server.get_host_and_port()
-    endpoint = f"http://{host}:{port}"
-    env = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1", "AWS_ENDPOINT_URL": endpoint}
-    with pytest.MonkeyPatch.context() as mp:
-        for k, v in env.items():
-            mp.setenv(k, v)
-        mp.delenv("AWS_PROFILE", raising=False)
-        s3fs.S3FileSystem.clear_instance_cache()  # fsspec caches clients; this server is new
-        fs = s3fs.S3FileSystem()
-        fs.mkdir(BUCKET)
-        yield SimpleNamespace(fs=fs, endpoint=endpoint)
-        s3fs.S3FileSystem.clear_instance_cache()
-    server.stop()
+    with s3_server(BUCKET) as server:
+        yield server
 
 
 def keys(fs, prefix: str) -> list[str]:
@@ -61,10 +45,7 @@ def keys(fs, prefix: str) -> list[str]:
 
 
 def put_manifest(fs, key: str, rows: list[dict]) -> str:
-    buf = io.BytesIO()
-    pq.write_table(pa.Table.from_pylist(rows), buf)
-    fs.pipe_file(f"{BUCKET}/{key}", buf.getvalue())
-    return f"s3://{BUCKET}/{key}"
+    return s3server.put_manifest(fs, BUCKET, key, rows)
 
 
 @pytest.fixture(scope="module")

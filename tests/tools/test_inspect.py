@@ -25,7 +25,7 @@ from click.testing import CliRunner
 from builders import speechlike, write_audio
 
 from extractor.tools.inspect import InspectError, plot, render, summarize
-from extractor.manifest.spec import ManifestSpec
+from extractor.options import ManifestSpec
 from extractor.options import JobOptions
 from extractor.shard import run_shard
 from jobs.inspect_embeddings import inspect_embeddings
