@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import signal
 import threading
+from collections.abc import Callable
 from contextlib import contextmanager
 
 from .errors import Interrupted
@@ -29,18 +30,24 @@ class StopSignal(threading.Event):
         self.set()
 
 
+def _raise_interrupted(signum: int) -> None:
+    raise Interrupted(signum)
+
+
 @contextmanager
-def graceful_signals(stop: StopSignal):
-    """SIGINT/SIGTERM set `stop` (first) or raise Interrupted (second), while the block runs."""
+def graceful_signals(stop: StopSignal, *, on_second: Callable[[int], None] = _raise_interrupted, what: str = "stopping"):
+    """SIGINT/SIGTERM set `stop` (first) or call `on_second` (second; it raises Interrupted unless
+    the caller says otherwise), while the block runs. `what` names the stop in its log line."""
     if threading.current_thread() is not threading.main_thread():
         yield stop  # only the main thread can take signals; the caller stops us some other way
         return
 
     def handler(signum, frame):
         if stop.is_set():
-            raise Interrupted(signum)
-        logger.warning("%s: stopping; what is embedded is committed, the rest is left for a rerun (again to stop at once)",
-                       signal.Signals(signum).name)
+            on_second(signum)
+            return
+        logger.warning("%s: %s; what is embedded is committed, the rest is left for a rerun (again to stop at once)",
+                       signal.Signals(signum).name, what)
         stop.stop(signum)
 
     previous = {s: signal.signal(s, handler) for s in SIGNALS}

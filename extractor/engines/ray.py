@@ -38,7 +38,6 @@ import os
 import signal
 import threading
 import time
-from contextlib import contextmanager
 from dataclasses import replace
 
 from ..errors import ConfigError, Interrupted
@@ -46,8 +45,8 @@ from ..model.hub import pinned_spec
 from ..options import MAX_DECODE_WORKERS, JobOptions, Shard
 from ..output.storage import is_url
 from ..shard import ShardPlan, StopSignal, prepare, run_shard, standing_failures
+from ..signals import graceful_signals
 from ..summary import Summary, merge
-from ..signals import SIGNALS
 
 try:
     import ray
@@ -111,29 +110,11 @@ class _DriverStop(StopSignal):
     again: int | None = None
 
 
-@contextmanager
 def driver_signals(stop: _DriverStop):
-    """engines.local.graceful_signals for the driver, except that a second signal does not raise
-    from the handler: the driver waits inside Ray's calls, through which an exception raised by a
-    handler comes out as a SystemError. It sets `stop.again`, and the driver's loop raises."""
-    if threading.current_thread() is not threading.main_thread():
-        yield stop
-        return
-
-    def handler(signum, frame):
-        if stop.is_set():
-            stop.again = signum
-            return
-        logger.warning("%s: stopping every shard; what is embedded is committed, the rest is left for a rerun (again to stop at once)",
-                       signal.Signals(signum).name)
-        stop.stop(signum)
-
-    previous = {s: signal.signal(s, handler) for s in SIGNALS}
-    try:
-        yield stop
-    finally:
-        for s, h in previous.items():
-            signal.signal(s, h)
+    """extractor.signals.graceful_signals for the driver, except that a second signal does not
+    raise from the handler: the driver waits inside Ray's calls, through which an exception raised
+    by a handler comes out as a SystemError. It sets `stop.again`, and the driver's loop raises."""
+    return graceful_signals(stop, on_second=lambda signum: setattr(stop, "again", signum), what="stopping every shard")
 
 
 def portable(opts: JobOptions, plan: ShardPlan) -> JobOptions:
