@@ -70,6 +70,24 @@ def process_start(pid) -> str | None:
 # ---------------------------------------------------------------------------------------------
 
 
+def flock_holder(path: Path) -> str | None:
+    """Who holds the flock on a local lock file, looked at without taking it: the holder's record
+    ("a run starting up" before it has written one), or None when the file is missing or no live
+    process holds it (a killed run's file stays behind with its record, but not its flock)."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        return None
+    except BlockingIOError:
+        return os.pread(fd, 4096, 0).decode(errors="replace").strip() or "a run starting up"
+    finally:
+        os.close(fd)
+
+
 class RunLock:
     """An exclusive flock on a file that exists only while it is held."""
 

@@ -8,9 +8,7 @@ seeded sample of that many beyond (the figure is then marked as an estimate).
 
 from __future__ import annotations
 
-import fcntl
 import json
-import os
 import random
 import sys
 from pathlib import Path
@@ -18,6 +16,7 @@ from pathlib import Path
 from ..errors import EXIT_BUSY, EXIT_CONFIG, EXIT_OK, ConfigError
 from ..options import JobOptions
 from ..output.layout import SHARDS_DIR
+from ..output.locks import flock_holder
 from ..shard import is_noop, pending_rows, prepare
 
 HEADER_SAMPLE = 1000
@@ -27,19 +26,7 @@ def _lock_held(plan) -> str | None:
     """Who holds the shard's lock, if a live run does (local outputs; read-only check)."""
     if not isinstance(plan.out.root, Path):
         return None
-    path = plan.out.root / SHARDS_DIR / f"{plan.shard.tag}.lock"
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return None
-    try:
-        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
-        fcntl.flock(fd, fcntl.LOCK_UN)
-        return None
-    except BlockingIOError:
-        return os.pread(fd, 4096, 0).decode(errors="replace").strip() or "a run starting up"
-    finally:
-        os.close(fd)
+    return flock_holder(plan.out.root / SHARDS_DIR / f"{plan.shard.tag}.lock")
 
 
 def _audio_hours(pending) -> tuple[float | None, bool]:

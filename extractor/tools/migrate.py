@@ -15,7 +15,6 @@ directories only; a run must not be writing to the output meanwhile (its locks a
 
 from __future__ import annotations
 
-import fcntl
 import json
 import os
 import re
@@ -29,6 +28,7 @@ import pyarrow.parquet as pq
 
 from ..manifest.types import canonical_type
 from ..output.layout import EMBEDDINGS_DIR, FAILURES_DIR, LAYOUT_VERSION, PART_RE, RUN_FILE
+from ..output.locks import flock_holder
 from ..output.storage import write_atomic
 
 _OLD_MARKER = re.compile(r"^_SUCCESS-(\d{5})-of-(\d{5})$")
@@ -38,27 +38,13 @@ class MigrateError(Exception):
     pass
 
 
-def _held(path: Path) -> bool:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return False
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        return False
-    except BlockingIOError:
-        return True
-    finally:
-        os.close(fd)
-
-
 def migrate(root: Path, num_shards: int | None = None) -> dict:
     root = Path(root)
     run_file = root / RUN_FILE
     if not run_file.exists():
         raise MigrateError(f"{root} has no {RUN_FILE}: not an output of extract-embeddings")
     run = json.loads(run_file.read_text())
-    held = [p.name for p in root.glob("_lock-*") if _held(p)]
+    held = [p.name for p in root.glob("_lock-*") if flock_holder(p) is not None]
     if held:
         raise MigrateError(f"a run holds {held[0]}: wait until it is done (or stopped) before moving the output")
     counts = {int(m.group(2)) for p in root.glob("_SUCCESS-*-of-*") if (m := _OLD_MARKER.match(p.name))}
