@@ -39,12 +39,11 @@ class Recipe:
         return cls(**{k: v for k, v in d.items() if k in names})
 
     def differences(self, other: "Recipe") -> list[str]:
-        """Human-readable 'field: old → new' for each compared field that differs."""
-        out = []
-        for f in fields(self):
-            if f.name in NOT_COMPARED:
-                continue
-            a, b = getattr(other, f.name), getattr(self, f.name)
-            if a != b:
-                out.append(f"{f.name}: {a!r} (existing output) → {b!r} (this run)")
-        return out
+        """Human-readable 'field: old → new' for each compared field that differs from `other`
+        (what the output holds)."""
+        return other.mismatches({f.name: getattr(self, f.name) for f in fields(self) if f.name not in NOT_COMPARED})
+
+    def mismatches(self, values: dict) -> list[str]:
+        """'field: old → new' for each of this run's `values` that differs from this recipe (the
+        output's); also for what a run knows before its model is loaded."""
+        return [f"{k}: {getattr(self, k)!r} (existing output) → {v!r} (this run)" for k, v in values.items() if getattr(self, k) != v]

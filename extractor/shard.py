@@ -42,28 +42,24 @@ from .manifest.read import fingerprint as rows_fingerprint
 from .model.config import (EncoderConfig, adapter_weights_file, cached_fingerprint, read_adapter_config, read_config,
                            stat_signature, tower_files)
 from .model.hub import readable_source, resolve_adapter, resolve_model
-from .options import JobOptions, Shard
-from .output.layout import OutputDir, RunInfo
+from .options import DTYPES, OUTPUT_DTYPES, POOLINGS, JobOptions, Shard
+from .output.layout import OutputDir, RecipeMismatch, RunInfo, layout_differences
+from .output.locks import process_start
 from .recipe import Recipe
 from .signals import StopSignal  # noqa: F401 (engines import it from here)
 from .summary import Summary
 
 logger = logging.getLogger(__name__)
 
-POOLINGS = ("mean", "none")
-OUTPUT_DTYPES = ("float32", "float16")
-DTYPES = ("auto", "float32", "bfloat16", "float16")
-
 
 def process_age_s() -> float:
     """Seconds since this process was launched (Linux /proc), imports included."""
     try:
-        with open("/proc/self/stat") as f:
-            start_ticks = int(f.read().rsplit(")", 1)[1].split()[19])
+        start_ticks = int(process_start(os.getpid()))
         with open("/proc/uptime") as f:
             uptime = float(f.read().split()[0])
         return max(0.0, uptime - start_ticks / os.sysconf("SC_CLK_TCK"))
-    except (OSError, ValueError, IndexError):
+    except (OSError, ValueError, IndexError, TypeError):  # TypeError: no /proc (process_start is None)
         return 0.0
 
 
@@ -135,13 +131,9 @@ def _early_recipe_check(opts: JobOptions, cfg: EncoderConfig, existing: RunInfo,
     fp = cached_fingerprint(tower_files(Path(opts.model)))
     if fp is not None:
         known["model_fingerprint"] = fp
-    diff = [f"{k}: {getattr(old, k)!r} (existing output) → {v!r} (this run)" for k, v in known.items() if getattr(old, k) != v]
-    if existing.num_shards != shard.count:
-        diff.append(f"num_shards: {existing.num_shards} (existing output) → {shard.count} (this run); an output keeps the shard layout it was started with")
+    diff = old.mismatches(known) + layout_differences(existing.num_shards, shard.count)
     if diff:
-        from .output.layout import RecipeMismatch
-
-        raise RecipeMismatch(f"{out.root} was written with another recipe or layout; refusing to mix: " + "; ".join(diff))
+        raise RecipeMismatch.naming(out.root, diff)
 
 
 def prepare(opts: JobOptions, shard: Shard | None = None) -> ShardPlan:
@@ -277,8 +269,8 @@ def embed_locked(plan: ShardPlan, lock, *, part: tuple[int, int] = (0, 1), first
         if stop.is_set():
             summary.interrupted = _signal_name(stop)
             return summary
-        recipe = build_recipe(model, opts)
-        out.create_run(RunInfo(recipe, shard.count, sources(opts)))  # the first write
+        recipe, names = build_recipe(model, opts), sources(opts)
+        out.create_run(RunInfo(recipe, shard.count, names))  # the first write
         out.forget_created()
         if first_seq is None:
             first_seq = out.next_seq(shard)
@@ -286,7 +278,7 @@ def embed_locked(plan: ShardPlan, lock, *, part: tuple[int, int] = (0, 1), first
             ready()
         else:
             begin_writes(plan, lock, first_seq)
-        metadata = {b"qwen2_audio_embeddings.sources": json.dumps(sources(opts)).encode()}
+        metadata = {b"qwen2_audio_embeddings.sources": json.dumps(names).encode()}
         with Progress(len(pending), enabled=opts.progress, on_update=on_progress) as progress:
             with PartWriter(out, lock, shard, plan.manifest, pending, recipe, first_seq=first_seq, seq_step=seq_step,
                             keep_columns=opts.manifest.keep_columns, part_rows=opts.part_rows, part_bytes=opts.part_bytes,
@@ -307,14 +299,12 @@ def verify_identity(plan: ShardPlan) -> None:
         return
     from .model.checkpoint import model_fingerprint
     from .model.lora import adapter_fingerprint
-    from .output.layout import RecipeMismatch
 
     found = {"model_fingerprint": model_fingerprint(Path(plan.opts.model)),
              "adapter_fingerprint": adapter_fingerprint(Path(plan.opts.adapter)) if plan.opts.adapter else None}
-    diff = [f"{k}: {getattr(existing.recipe, k)!r} (existing output) → {v!r} (this run)" for k, v in found.items()
-            if getattr(existing.recipe, k) != v]
+    diff = existing.recipe.mismatches(found)
     if diff:
-        raise RecipeMismatch(f"{plan.out.root} was written with another recipe or layout; refusing to mix: " + "; ".join(diff))
+        raise RecipeMismatch.naming(plan.out.root, diff)
 
 
 def begin_writes(plan: ShardPlan, lock, first_seq: int) -> None:

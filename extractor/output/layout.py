@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import re
 import time
 from dataclasses import dataclass
@@ -35,7 +34,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from ..options import Shard
-from ..recipe import METADATA_KEY, Recipe
+from ..recipe import Recipe
 from .locks import LOCK_STALE_S, LockUnusable
 from .storage import TMP_DIR, Location, OutputError, basename, is_url, open_storage
 
@@ -57,6 +56,17 @@ __all__ = ["EMBEDDINGS_DIR", "FAILURES_DIR", "OutputDir", "OutputError", "Recipe
 class RecipeMismatch(OutputError):
     """The output was written with another recipe or shard layout (exit 2)."""
 
+    @classmethod
+    def naming(cls, root, differences: list[str]) -> "RecipeMismatch":
+        return cls(f"{root} was written with another recipe or layout; refusing to mix: " + "; ".join(differences))
+
+
+def layout_differences(existing: int, this: int) -> list[str]:
+    """'num_shards: old → new' if the shard layouts differ."""
+    if existing == this:
+        return []
+    return [f"num_shards: {existing} (existing output) → {this} (this run); an output keeps the shard layout it was started with"]
+
 
 def part_name(shard: Shard, seq: int) -> str:
     return f"part-{shard.tag}-{seq:06d}.parquet"
@@ -77,11 +87,7 @@ class RunInfo:
 
     def differences(self, other: RunInfo) -> list[str]:
         """'field: old → new' for each difference from `other` (what the output holds)."""
-        out = self.recipe.differences(other.recipe)
-        if self.num_shards != other.num_shards:
-            out.append(f"num_shards: {other.num_shards} (existing output) → {self.num_shards} (this run); "
-                       "an output keeps the shard layout it was started with")
-        return out
+        return self.recipe.differences(other.recipe) + layout_differences(other.num_shards, self.num_shards)
 
 
 class OutputDir:
@@ -157,7 +163,7 @@ class OutputDir:
             return
         diff = info.differences(existing)
         if diff:
-            raise RecipeMismatch(f"{self.root} was written with another recipe or layout; refusing to mix: " + "; ".join(diff))
+            raise RecipeMismatch.naming(self.root, diff)
 
     # -- what is done ---------------------------------------------------------------------
     def part_files(self) -> list[Location]:
@@ -293,10 +299,3 @@ class OutputDir:
                 n += self.storage.num_rows(f)
                 self.storage.delete(f"{FAILURES_DIR}/{basename(f)}")
         return n
-
-
-def recipe_of_part(path: str | os.PathLike) -> Recipe | None:
-    """The recipe in a part's Parquet metadata (tools read it without `_run.json`)."""
-    meta = pq.read_schema(path).metadata or {}
-    raw = meta.get(METADATA_KEY)
-    return Recipe.from_dict(json.loads(raw)) if raw else None
