@@ -27,6 +27,9 @@ def default_decode_workers(devices: int = 1) -> int:
     return max(1, min(MAX_DECODE_WORKERS, (cores - devices) // devices))
 
 
+POOLINGS = ("mean", "none")  # --pooling: one vector per row; or also every 40 ms frame
+DTYPES = ("auto", "float32", "bfloat16", "float16")  # --dtype; auto: bfloat16 on CUDA, float32 on CPU
+OUTPUT_DTYPES = ("float32", "float16")  # --output-dtype
 MANIFEST_FORMATS = ("parquet", "csv", "jsonl", "lhotse")  # --manifest-format; None: by extension (manifest.formats)
 
 

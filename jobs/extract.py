@@ -20,7 +20,8 @@ import click
 from extractor import __version__
 from extractor.errors import EXIT_CONFIG, EXIT_FAILURE_RATE, EXIT_OK, EXIT_UNEXPECTED, Interrupted, exit_code_of
 from extractor.options import (DEFAULT_DECODE_TIMEOUT_S, DEFAULT_MAX_DURATION_S, DEFAULT_MAX_FAILURE_RATE, DEFAULT_PART_ROWS,
-                               DEFAULT_READ_TIMEOUT_S, MANIFEST_FORMATS, JobOptions, ManifestSpec, Shard)
+                               DEFAULT_READ_TIMEOUT_S, DTYPES, MANIFEST_FORMATS, OUTPUT_DTYPES, POOLINGS, JobOptions,
+                               ManifestSpec, Shard)
 from extractor.signals import StopSignal, graceful_signals
 from jobs.logs import configure
 
@@ -69,12 +70,12 @@ def _json_object(ctx, param, value: str | None) -> dict | None:
 @click.option("--end-column", help="Segment end in seconds (float).")
 @click.option("--device", default="auto", show_default=True, help="auto | cpu | cuda | cuda:N")
 @click.option("--devices", help="One worker process per device, one output and one progress bar: cuda:0,cuda:1,... or all; overrides --device.")
-@click.option("--dtype", type=click.Choice(["auto", "float32", "bfloat16", "float16"]), default="auto", show_default=True,
+@click.option("--dtype", type=click.Choice(DTYPES), default="auto", show_default=True,
               help="Compute dtype; auto is bfloat16 on CUDA, float32 on CPU.")
 @click.option("--no-padding-mask", is_flag=True, help="Reproduce audio_tower(input_features) on 30 s padded windows with no mask.")
-@click.option("--pooling", type=click.Choice(["mean", "none"]), default="mean", show_default=True,
+@click.option("--pooling", type=click.Choice(POOLINGS), default="mean", show_default=True,
               help="mean: one vector per row; none: also a `frames` column with every 40 ms frame.")
-@click.option("--output-dtype", type=click.Choice(["float32", "float16"]), default="float32", show_default=True)
+@click.option("--output-dtype", type=click.Choice(OUTPUT_DTYPES), default="float32", show_default=True)
 @click.option("--part-rows", type=click.IntRange(min=1), default=DEFAULT_PART_ROWS, show_default=True,
               help="Rows per committed part (a part is also committed at least every 60 s).")
 @click.option("--max-failure-rate", type=click.FloatRange(0, 1), default=DEFAULT_MAX_FAILURE_RATE, show_default=True,
