@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Iterable, Mapping, Sequence
 
 from ..errors import EXIT_BUSY, EXIT_CONFIG, EXIT_FAILURE_RATE, EXIT_OK, EXIT_SIGINT, EXIT_SIGTERM, EXIT_UNEXPECTED
+from ..options import Shard
 
 logger = logging.getLogger(__name__)
 
@@ -73,12 +74,11 @@ class ShardRequest:
     extra_args: tuple[str, ...] = ()  # more flags, e.g. ("--id-column", "id")
 
     def __post_init__(self):
-        if not 0 <= self.shard_index < self.num_shards:
-            raise ValueError(f"shard_index {self.shard_index} must be in [0, num_shards={self.num_shards})")
+        Shard(self.shard_index, self.num_shards)  # ValueError for a shard outside the layout
 
     @property
     def tag(self) -> str:
-        return f"shard {self.shard_index} of {self.num_shards}"
+        return f"shard {Shard(self.shard_index, self.num_shards)}"
 
 
 @dataclass(frozen=True)
