@@ -22,7 +22,6 @@ worker processes, on a sub-shard, under the lock its parent holds (engines/devic
 from __future__ import annotations
 
 import hashlib
-import importlib
 import json
 import logging
 import os
@@ -337,12 +336,13 @@ def finish(plan: ShardPlan, summary: Summary) -> Summary:
     return summary
 
 
-def _import_ahead() -> None:
-    """Import torch and the model's stages on a thread, while the lock is taken, the committed ids
-    are read and decoding starts (C++ and I/O that let go of the interpreter): torch's import is
-    the longest step of start-up (4.3 s on an H100 host, bench/startup.py). Nothing waits for the
-    thread: whoever needs the modules imports them, and Python's import lock makes them wait."""
-    threading.Thread(target=importlib.import_module, args=("extractor.model.load",), name="import-ahead", daemon=True).start()
+def start_ahead(opts: JobOptions) -> None:
+    """Import torch and the model's stages, read the tower ahead and warm the GPU up, on a thread,
+    while the lock is taken, the committed ids are read and decoding starts (model/ahead.py):
+    torch's import is the longest step of start-up (bench/startup.py). Nothing waits for it."""
+    from .model import ahead
+
+    ahead.start(opts.model, opts.device)
 
 
 def run_shard(opts: JobOptions, shard: Shard | None = None, *, model=None, stop: threading.Event | None = None,
@@ -365,7 +365,7 @@ def run_shard(opts: JobOptions, shard: Shard | None = None, *, model=None, stop:
         summary.noop = summary.complete = True
         summary.skipped = len(plan.rows)
         return finish(plan, summary)
-    _import_ahead()
+    start_ahead(plan.opts)
     try:
         with plan.out.lock(shard) as lock:
             summary = embed_locked(plan, lock, model=model, stop=stop, on_progress=on_progress)

@@ -126,3 +126,31 @@ def test_gpu_job_with_a_plain_adapter_never_imports_peft_or_transformers(tiny_mo
     modules = set(json.loads((tmp_path / "modules.json").read_text()))
     assert "torch" in modules and "extractor.model.lora" in modules
     assert not {m.split(".")[0] for m in modules} & {"peft", "transformers"}
+
+
+def test_gpu_warm_up_ahead_makes_the_context_and_loads_each_library():
+    """model/ahead.py's warm-up, on its own thread as the job runs it: the context of the named
+    device exists afterwards and each library call ran (a failure would be logged, not raised:
+    the call is made here directly so that it raises)."""
+    from extractor.model import ahead
+
+    index = torch.cuda.device_count() - 1  # the last GPU: not the default device
+    before = torch.cuda.memory_allocated(index) if torch.cuda.is_initialized() else 0
+    ahead.warm_device(f"cuda:{index}")
+    assert torch.cuda.is_initialized()
+    assert torch.cuda.memory_allocated(index) == before  # its tensors are freed
+    (thread,) = ahead.start(None, "auto")
+    thread.join(120)
+    assert not thread.is_alive()
+
+
+def test_gpu_upload_through_pinned_buffers_equals_safetensors(tiny_model, monkeypatch):
+    """The CUDA path of checkpoint.upload_tower, with buffers small enough that every range goes
+    through both of them many times."""
+    from extractor.model import checkpoint
+
+    monkeypatch.setattr(checkpoint, "STAGE_BYTES", 4096)
+    got = checkpoint.upload_tower(tiny_model, torch.device("cuda"))
+    want = checkpoint.read_tower_tensors(tiny_model)
+    assert sorted(got) == sorted(want)
+    assert all(got[k].is_cuda and got[k].dtype == want[k].dtype and torch.equal(got[k].cpu(), want[k]) for k in want)

@@ -19,12 +19,14 @@ SIGTERM or SIGINT is passed to the workers, which stop as one run does (engines/
 
 from __future__ import annotations
 
+import ctypes
 import logging
 import logging.handlers
 import multiprocessing as mp
 import os
 import pickle
 import queue
+import re
 import signal
 import sys
 import time
@@ -35,7 +37,7 @@ from dataclasses import replace
 from ..audio.pool import die_with_parent
 from ..errors import ConfigError
 from ..options import JobOptions, default_decode_workers
-from ..shard import StopSignal, begin_writes, embed_locked, finish, is_noop, pending_rows, prepare
+from ..shard import StopSignal, begin_writes, embed_locked, finish, is_noop, pending_rows, prepare, start_ahead
 from ..summary import Summary, merge
 from .local import graceful_signals
 
@@ -45,29 +47,48 @@ POLL_S = 0.2  # how often the parent looks at its workers between messages
 STOP_GRACE_S = 20.0  # SIGTERM (a graceful stop), then SIGKILL
 
 
+def cuda_device_count() -> int:
+    """CUDA devices visible to this process (CUDA_VISIBLE_DEVICES applies), asked of the driver
+    through libcuda, as torch.cuda.device_count() asks it, without importing torch: the parent of
+    the device workers never runs a model, and torch's import is seconds of its start-up. The
+    driver is initialised here but no context is made; workers are spawned, never forked."""
+    try:
+        cuda = ctypes.CDLL("libcuda.so.1")
+    except OSError:
+        return 0  # no NVIDIA driver on this machine
+    count = ctypes.c_int(0)
+    if cuda.cuInit(0) != 0 or cuda.cuDeviceGetCount(ctypes.byref(count)) != 0:
+        return 0  # a driver without a usable device (CUDA_VISIBLE_DEVICES="" gives CUDA_ERROR_NO_DEVICE)
+    return count.value
+
+
+_DEVICE = re.compile(r"(?P<type>[a-z_]+)(?::(?P<index>\d+))?")
+
+
 def parse_devices(spec: str) -> list[str]:
     """`cuda:0,cuda:1`, `all` (every visible CUDA device) or, to test on CPU, `cpu,cpu`."""
-    import torch
-
     if spec.strip() == "all":
-        n = torch.cuda.device_count()
+        n = cuda_device_count()
         if n == 0:
             raise ConfigError("--devices all: no CUDA device is visible on this machine")
         return [f"cuda:{i}" for i in range(n)]
     devices = []
+    count = None
     for name in (d.strip() for d in spec.split(",")):
-        try:
-            dev = torch.device(name)
-        except RuntimeError as e:
-            raise ConfigError(f"--devices: {name!r} is not a device (expected cuda:N, all, or cpu)") from e
-        if dev.type == "cuda":
-            if dev.index is None:
+        m = _DEVICE.fullmatch(name)
+        if m is None:
+            raise ConfigError(f"--devices: {name!r} is not a device (expected cuda:N, all, or cpu)")
+        if m["type"] == "cuda":
+            if m["index"] is None:
                 raise ConfigError(f"--devices: name GPUs by index ({spec!r}: cuda:0,cuda:1,...) or use all")
-            if dev.index >= torch.cuda.device_count():
-                raise ConfigError(f"--devices: {name} is not visible here ({torch.cuda.device_count()} CUDA device(s))")
-        elif dev.type != "cpu":
-            raise ConfigError(f"--devices: {name!r} is neither a CUDA device nor cpu")
-        devices.append(str(dev))
+            count = cuda_device_count() if count is None else count
+            if int(m["index"]) >= count:
+                raise ConfigError(f"--devices: {name} is not visible here ({count} CUDA device(s))")
+            devices.append(f"cuda:{int(m['index'])}")
+        elif m["type"] == "cpu" and m["index"] is None:
+            devices.append("cpu")
+        else:
+            raise ConfigError(f"--devices: {name!r} is neither a CUDA device (cuda:N) nor cpu")
     twice = sorted(d for d, n in Counter(devices).items() if n > 1 and d.startswith("cuda"))
     if twice:
         raise ConfigError(f"--devices names {', '.join(twice)} more than once; one worker per GPU")
@@ -121,7 +142,8 @@ def _run_workers(plan, lock, devices: list[str], stop: StopSignal) -> Summary:
     level = logging.getLogger().getEffectiveLevel()
     procs = []
     for d, dev in enumerate(devices):
-        job = replace(opts, device=dev, progress=False, decode_workers=decode)
+        # plan.opts: a Hub repo id is resolved once, here, and every worker loads the same files.
+        job = replace(plan.opts, device=dev, progress=False, decode_workers=decode)
         args = (d, n, tags[d], job, lock.share(), first_seq, plan.t0, messages, go, level, os.getpid())
         procs.append(ctx.Process(target=_worker_main, args=args, name=f"embed-{tags[d]}"))
     with Progress(len(pending_rows(plan, plan.rows)[0]), enabled=opts.progress) as progress:
@@ -232,12 +254,10 @@ def _worker_main(index: int, parts: int, tag: str, opts: JobOptions, lock, first
     signal.signal(signal.SIGINT, lambda s, f: stop.stop(s))
     code = 0
     try:
-        if opts.device.startswith("cuda"):
-            import torch
-
-            # Make the worker's GPU the current one: pinned buffers and events made without an
-            # explicit device would otherwise belong to cuda:0, and every worker would open a context there.
-            torch.cuda.set_device(torch.device(opts.device))
+        # torch is imported, the tower read ahead and this worker's GPU warmed up on a thread while
+        # the plan is made and decoding starts; embed_locked makes the GPU the current one (else
+        # pinned buffers and events would belong to cuda:0) before anything is put on it.
+        start_ahead(opts)
         plan = prepare(opts)
         plan.t0 = t0  # times from the command's launch, as one device's run counts them
 

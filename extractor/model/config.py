@@ -12,6 +12,7 @@ import logging
 import math
 import os
 import re
+import struct
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -113,6 +114,52 @@ def tower_files(model_dir: Path) -> list[Path]:
     if (model_dir / SINGLE_FILE).exists():
         return [model_dir / SINGLE_FILE]
     raise CheckpointError(f"{model_dir} has neither {INDEX_FILE} nor {SINGLE_FILE}")
+
+
+# --- the tower's byte ranges in a safetensors file, read without torch or safetensors -----------
+
+HEADER_MAX_BYTES = 100 << 20  # safetensors' own limit
+COALESCE_BYTES = 1 << 20  # tower tensors closer than this are read as one range (the gap is read too)
+# Bytes per element of the safetensors dtypes this job reads without safetensors (checkpoint.upload_tower).
+ITEMSIZE = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1}
+
+
+def tower_layout(path: Path) -> tuple[dict[str, tuple[str, tuple[int, ...], int, int]], int]:
+    """The tower's tensors in one safetensors file, {key: (dtype, shape, begin, end)} with absolute
+    byte offsets, and the file's size; ValueError for a header this reader does not trust (the
+    caller then reads through safetensors, which reports what is wrong)."""
+    size = os.path.getsize(path)
+    with open(path, "rb") as f:
+        head = f.read(8)
+        if len(head) != 8:
+            raise ValueError("no safetensors header")
+        (n,) = struct.unpack("<Q", head)
+        if not 0 < n <= min(HEADER_MAX_BYTES, size - 8):
+            raise ValueError(f"implausible header size {n}")
+        header = json.loads(f.read(n))
+    base = 8 + n
+    layout = {}
+    for key, v in header.items():
+        if not key.startswith(TOWER_PREFIX):
+            continue
+        dtype, shape, (lo, hi) = v["dtype"], tuple(int(d) for d in v["shape"]), v["data_offsets"]
+        itemsize = ITEMSIZE.get(dtype)
+        if itemsize is None or not 0 <= lo <= hi <= size - base or hi - lo != math.prod(shape) * itemsize:
+            raise ValueError(f"{key}: {dtype} {shape} at [{lo}, {hi}) does not fit the file")
+        layout[key] = (dtype, shape, base + lo, base + hi)
+    return layout, size
+
+
+def coalesce(spans, gap: int = COALESCE_BYTES) -> list[tuple[int, int]]:
+    """[begin, end) byte spans merged where less than `gap` apart, in file order."""
+    ranges: list[list[int]] = []
+    for lo, hi in sorted(spans):
+        if ranges and lo - ranges[-1][1] <= gap:
+            ranges[-1][1] = max(ranges[-1][1], hi)
+        else:
+            ranges.append([lo, hi])
+    return [(lo, hi) for lo, hi in ranges if hi > lo]
+
 
 
 # ---------------------------------------------------------------------------------------------

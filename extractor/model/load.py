@@ -12,7 +12,7 @@ import torch
 
 from ..constants import CONV_STRIDE, HOP_LENGTH, POOL_STRIDE, SAMPLE_RATE, encoder_tokens, mel_frames, output_frames
 from ..errors import ConfigError
-from .checkpoint import check_finite, fingerprint, read_tower_tensors
+from .checkpoint import check_finite, fingerprint, read_tower_tensors, upload_tower
 from .config import AdapterError, CheckpointError, EncoderConfig, cached_fingerprint, read_config, remember_fingerprint, tower_files
 from .encoder import AudioEncoder, PackedSeqs
 from .logmel import LogMel
@@ -58,16 +58,24 @@ def load_model(model_dir: Path, adapter_dir: Path | None, device: torch.device, 
     t = time.monotonic()
     cfg = read_config(Path(model_dir))
     files = tower_files(Path(model_dir))
-    state = read_tower_tensors(Path(model_dir))
-    logger.debug("model: tower tensors read in %.2f s", time.monotonic() - t)
     # Hash while the weights move to the device (hashlib releases the GIL), unless these files were
-    # hashed before (a stat-keyed cache: nightly reruns skip 1.3 GB of SHA-256). Before the merge,
-    # which may change the very tensors being hashed in place (CPU, float32 checkpoint).
+    # hashed before (a stat-keyed cache: nightly reruns skip 1.3 GB of SHA-256). On the CPU, before
+    # the merge, which may change the very tensors being hashed in place (float32 checkpoint).
     model_fp = cached_fingerprint(files)
-    hashing = None
+    hashing = future = None
     if model_fp is None:
         hashing = ThreadPoolExecutor(1, thread_name_prefix="fingerprint")
-        future = hashing.submit(fingerprint, state)
+    if device.type == "cuda":
+        if hashing is not None:  # the hash reads the files' own bytes, beside the upload
+            future = hashing.submit(lambda: fingerprint(read_tower_tensors(Path(model_dir))))
+        state = upload_tower(Path(model_dir), device)
+        logger.debug("model: tower tensors read onto %s in %.2f s", device, time.monotonic() - t)
+    else:
+        state = read_tower_tensors(Path(model_dir))
+        logger.debug("model: tower tensors read in %.2f s", time.monotonic() - t)
+        if hashing is not None:
+            future = hashing.submit(fingerprint, state)
+    if hashing is not None:
         hashing.shutdown(wait=False)
     with torch.device("meta"):
         encoder = AudioEncoder(cfg)

@@ -13,6 +13,7 @@ import os
 import resource
 import shutil
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -43,10 +44,20 @@ def spawned_children(parent: int | None = None) -> list[int]:
 
 
 def alive(pid: int) -> bool:
+    """Whether any thread of `pid` still runs. A killed process's main thread shows as a zombie
+    while another of its threads is still dying, and the process's files (the lock's descriptor
+    among them) are closed only when the last thread has gone."""
     try:
-        return Path(f"/proc/{pid}/status").read_text().split("State:\t", 1)[1][:1] != "Z"
-    except (OSError, IndexError):
+        tasks = os.listdir(f"/proc/{pid}/task")
+    except OSError:
         return False
+    for tid in tasks:
+        try:
+            if Path(f"/proc/{pid}/task/{tid}/status").read_text().split("State:\t", 1)[1][:1] not in "ZX":
+                return True
+        except (OSError, IndexError):
+            pass
+    return False
 
 
 @pytest.fixture(scope="module")
@@ -174,16 +185,17 @@ def test_bad_manifest_is_refused_before_any_worker_starts(corpus, tiny_model, tm
 
 @pytest.mark.parametrize("spec, error", [
     ("all", "no CUDA device"), ("cuda:0,cuda:0", "more than once"), ("cuda:2", "not visible"),
-    ("cuda", "by index"), ("cpu,banana", "not a device"), ("cuda:0,", "not a device"), ("meta", "neither"),
+    ("cuda", "by index"), ("cpu,banana", "neither"), ("cuda:0,", "not a device"), ("meta", "neither"), ("cpu:0", "neither"),
+    ("cuda:x", "not a device"),
 ])
 def test_bad_devices_are_config_errors(spec, error, monkeypatch):
-    monkeypatch.setattr("torch.cuda.device_count", lambda: 0 if spec == "all" else 2)
+    monkeypatch.setattr("extractor.engines.devices.cuda_device_count", lambda: 0 if spec == "all" else 2)
     with pytest.raises(ConfigError, match=error):
         parse_devices(spec)
 
 
 def test_devices_parse(monkeypatch):
-    monkeypatch.setattr("torch.cuda.device_count", lambda: 3)
+    monkeypatch.setattr("extractor.engines.devices.cuda_device_count", lambda: 3)
     assert parse_devices("all") == ["cuda:0", "cuda:1", "cuda:2"]
     assert parse_devices(" cuda:2, cuda:0 ") == ["cuda:2", "cuda:0"]
     assert parse_devices("cpu,cpu") == ["cpu", "cpu"]
@@ -191,7 +203,7 @@ def test_devices_parse(monkeypatch):
 
 def test_bad_devices_flag_exits_2(corpus, tiny_model, tmp_path):
     code, log = run_cli(job_args(corpus, tmp_path / "out", tiny_model, "--devices", "cpu,banana"))
-    assert code == 2 and "not a device" in log and not (tmp_path / "out").exists()
+    assert code == 2 and "'banana' is neither a CUDA device (cuda:N) nor cpu" in log and not (tmp_path / "out").exists()
 
 
 def test_merge_summaries():
@@ -204,3 +216,13 @@ def test_merge_summaries():
     assert s.audio_seconds_per_second == 5.0 and s.failure_rate == pytest.approx(1 / 13)  # of the rows attempted
     assert (s.stats.time_to_first_batch_s, s.stats.gpu_peak_mem_gb, s.stats.host_rss_gb_end) == (6.0, 12.0, 5.0)
     assert s.stats.device == "2 × NVIDIA H100" and s.complete
+
+
+def test_devices_are_counted_without_torch_and_as_torch_counts_them():
+    """The parent of the device workers counts GPUs through the driver: no torch import (seconds of
+    its start-up), and the same count as torch's on this machine (0 on CI, the GPUs on a GPU host)."""
+    code = ("import sys; from extractor.engines.devices import cuda_device_count, parse_devices; "
+            "n = cuda_device_count(); parse_devices('cpu,cpu'); no_torch = 'torch' not in sys.modules; "
+            "import torch; print(no_torch, n, torch.cuda.device_count())")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=REPO).stdout.split()
+    assert out[0] == "True" and out[1] == out[2]

@@ -9,7 +9,7 @@ import safetensors
 import torch
 
 from builders import build_checkpoint, corrupt_language_model_shards
-from extractor.model.checkpoint import fingerprint, read_tower_tensors
+from extractor.model.checkpoint import fingerprint, read_tower_tensors, upload_tower
 from extractor.model.config import CheckpointError, read_config
 from extractor.model.load import load_model
 
@@ -99,3 +99,38 @@ def test_bad_checkpoints_are_refused(tmp_path, damage):
         cfg_path.write_text(json.dumps(cfg))
     with pytest.raises(CheckpointError):
         load_model(ckpt, None, torch.device("cpu"), torch.float32)
+
+
+def _same_state(a: dict, b: dict) -> bool:
+    return sorted(a) == sorted(b) and all(a[k].dtype == b[k].dtype and torch.equal(a[k].cpu(), b[k].cpu()) for k in a)
+
+
+@pytest.mark.parametrize("single_file", [False, True])
+def test_upload_reads_the_same_tensors_as_safetensors(tmp_path, single_file):
+    """checkpoint.upload_tower reads the tower's byte ranges itself (on the CPU straight into
+    place; on a GPU through pinned buffers, tests/test_gpu.py): the same tensors as safetensors."""
+    ckpt = build_checkpoint(tmp_path / "ckpt", single_file=single_file)
+    assert _same_state(upload_tower(ckpt, torch.device("cpu")), read_tower_tensors(ckpt))
+
+
+def test_upload_of_a_bfloat16_checkpoint_with_unaligned_tensors(tmp_path):
+    """bf16 tensors of odd sizes between float32 ones: views that cannot start at their offset are copied."""
+    from safetensors.torch import save_file
+
+    tensors = {"audio_tower.a": torch.randn(3, dtype=torch.bfloat16), "audio_tower.b": torch.randn(5, 7),
+               "audio_tower.c": torch.randn(1, 3).to(torch.bfloat16), "audio_tower.d": torch.arange(3, dtype=torch.int64),
+               "language_model.x": torch.randn(11)}
+    (tmp_path / "ckpt").mkdir()
+    save_file(tensors, tmp_path / "ckpt" / "model.safetensors")
+    got = upload_tower(tmp_path / "ckpt", torch.device("cpu"))
+    assert _same_state(got, {k.removeprefix("audio_tower."): v for k, v in tensors.items() if k.startswith("audio_tower.")})
+
+
+@pytest.mark.parametrize("single_file", [False, True])
+def test_a_truncated_tower_file_is_a_checkpoint_error_on_either_path(tmp_path, single_file):
+    ckpt = build_checkpoint(tmp_path / "ckpt", single_file=single_file)
+    (path, *_) = [f for f in sorted(ckpt.glob("*.safetensors")) if any(k.startswith("audio_tower.") for k in safetensors.safe_open(f, "pt").keys())]
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    for read in (read_tower_tensors, lambda c: upload_tower(c, torch.device("cpu"))):
+        with pytest.raises(CheckpointError, match=path.name):
+            read(ckpt)
