@@ -59,12 +59,20 @@ _DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF
 def upload_tower(model_dir: Path, device: torch.device) -> dict[str, torch.Tensor]:
     """The tower's tensors on `device`, read from the files straight into device memory: each
     range of tensors is read once, through two pinned buffers whose copies to the GPU overlap the
-    next read (on the CPU, into place). 0.5 s faster than safetensors' pageable copies for the
-    7B tower on an H100 host. The same tensors as read_tower_tensors, moved; a file this reader
-    does not trust is read through safetensors instead."""
-    model_dir = Path(model_dir)
+    next read (on the CPU, into place), instead of safetensors' mmap-backed tensors and pageable
+    copies: with model/ahead.py's warm-up it took the model's load on an H100 host from 2.17 to
+    1.54 s (bench/RESULTS.md, start-up). The same tensors as read_tower_tensors, moved; a file this
+    reader does not trust is read through safetensors instead."""
+    if device.type == "cuda":
+        # The pinned buffers and the copies belong to `device`, whatever the caller's current device
+        # (the notebook API may load onto cuda:1 from a thread whose current device is cuda:0).
+        with torch.cuda.device(device):
+            return _upload(Path(model_dir), device, _Stage(device))
+    return _upload(Path(model_dir), device, None)
+
+
+def _upload(model_dir: Path, device: torch.device, stage: _Stage | None) -> dict[str, torch.Tensor]:
     state: dict[str, torch.Tensor] = {}
-    stage = _Stage(device) if device.type == "cuda" else None
     try:
         for shard, keys in sorted(_tower_keys(model_dir).items()):
             try:
