@@ -337,7 +337,7 @@ def finish(plan: ShardPlan, summary: Summary) -> Summary:
 
 
 def start_ahead(opts: JobOptions) -> None:
-    """Import torch and the model's stages, read the tower ahead and warm the GPU up, on a thread,
+    """Import torch and the model's stages, read the tower ahead and warm the GPU up, on two threads,
     while the lock is taken, the committed ids are read and decoding starts (model/ahead.py):
     torch's import is the longest step of start-up (bench/startup.py). Nothing waits for it."""
     from .model import ahead

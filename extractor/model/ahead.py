@@ -2,7 +2,7 @@
 
 The first batch waits for three things in a row: torch's import, the tower's bytes, and the GPU's
 libraries (the context, then cuBLAS, cuFFT and cuDNN on their first calls: ~0.7 s on an H100
-host, bench/startup.py). `start` runs them ahead on one daemon thread:
+host, bench/startup.py). `start` runs them ahead on two daemon threads:
 
   1. the tower's tensors are read once into the page cache, so that a cold cache is read from
      disk while torch imports (1.3 GB: about 1 s from a cold disk, 0.05 s when cached). Only the
@@ -13,7 +13,7 @@ host, bench/startup.py). `start` runs them ahead on one daemon thread:
   3. on a CUDA device, its context is made and each library's first call is done with a tiny
      input, while the main thread reads the weights and moves them.
 
-Nothing waits for the thread and nothing it does is needed for correctness: whoever needs a module
+Nothing waits for the threads and nothing they do is needed for correctness: whoever needs a module
 imports it (Python's import lock makes it wait), and a failed step is logged at DEBUG and left to
 the main thread, which meets the same problem and reports it. This module imports no torch.
 """
@@ -72,7 +72,7 @@ def read_tower(model_dir: Path) -> int:
     buf = memoryview(bytearray(READ_CHUNK_BYTES))
     done = 0
     for path in tower_files(model_dir):
-        layout, _ = tower_layout(path)
+        layout = tower_layout(path)
         fd = os.open(path, os.O_RDONLY)
         try:
             for offset, end in coalesce([(a, b) for _, _, a, b in layout.values()]):
@@ -92,7 +92,7 @@ def warm_device(device: str) -> None:
     (cuBLAS/cuBLASLt, cuFFT, cuDNN), each on a tiny input: the libraries load once per process."""
     import torch
 
-    if device == "cpu" or not device.startswith(("cuda", "auto")) or not torch.cuda.is_available():
+    if not device.startswith(("cuda", "auto")) or not torch.cuda.is_available():
         return
     dev = torch.device("cuda") if device == "auto" else torch.device(device)
     index = dev.index if dev.index is not None else 0

@@ -76,7 +76,7 @@ def _upload(model_dir: Path, device: torch.device, stage: _Stage | None) -> dict
     try:
         for shard, keys in sorted(_tower_keys(model_dir).items()):
             try:
-                layout, _ = tower_layout(shard)
+                layout = tower_layout(shard)
                 if not set(keys) <= set(layout):
                     raise ValueError("the index names tensors this file does not hold")
             except (OSError, ValueError, KeyError, TypeError) as e:

@@ -124,9 +124,9 @@ COALESCE_BYTES = 1 << 20  # tower tensors closer than this are read as one range
 ITEMSIZE = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1}
 
 
-def tower_layout(path: Path) -> tuple[dict[str, tuple[str, tuple[int, ...], int, int]], int]:
+def tower_layout(path: Path) -> dict[str, tuple[str, tuple[int, ...], int, int]]:
     """The tower's tensors in one safetensors file, {key: (dtype, shape, begin, end)} with absolute
-    byte offsets, and the file's size; ValueError for a header this reader does not trust (the
+    byte offsets checked against the file's size; ValueError for a header this reader does not trust (the
     caller then reads through safetensors, which reports what is wrong)."""
     size = os.path.getsize(path)
     with open(path, "rb") as f:
@@ -147,7 +147,7 @@ def tower_layout(path: Path) -> tuple[dict[str, tuple[str, tuple[int, ...], int,
         if itemsize is None or not 0 <= lo <= hi <= size - base or hi - lo != math.prod(shape) * itemsize:
             raise ValueError(f"{key}: {dtype} {shape} at [{lo}, {hi}) does not fit the file")
         layout[key] = (dtype, shape, base + lo, base + hi)
-    return layout, size
+    return layout
 
 
 def coalesce(spans, gap: int = COALESCE_BYTES) -> list[tuple[int, int]]:
@@ -159,7 +159,6 @@ def coalesce(spans, gap: int = COALESCE_BYTES) -> list[tuple[int, int]]:
         else:
             ranges.append([lo, hi])
     return [(lo, hi) for lo, hi in ranges if hi > lo]
-
 
 
 # ---------------------------------------------------------------------------------------------
