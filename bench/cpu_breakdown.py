@@ -197,6 +197,51 @@ def decode_through_pool(requests) -> tuple[float, float, int]:
     return child, parent, messages
 
 
+def decode_ceiling(corpus: dict, workers: int | None = None, share: float = 0.9) -> dict:
+    """What the job's decode workers deliver at most: every file of a corpus through
+    DecodePool(workers) (default: the job's own count), this process only receiving, as the job's
+    producer does. The rate is the audio decoded by the time `share` of it was, over that time,
+    so the last files (fewer than workers, some cores idle) do not count. Compared with a job's
+    steady rate it says which side bounds the job: the decode, or the device and its loop.
+    """
+    import pyarrow.parquet as pq
+
+    from extractor.audio.pool import END, DecodePool, WorkerFailure
+    from extractor.options import default_decode_workers
+
+    workers = default_decode_workers() if workers is None else workers
+    paths = pq.read_table(corpus["manifest"], columns=["path"]).column("path").to_pylist()
+    requests = requests_of(paths, [corpus["mean_s"]] * len(paths))
+    expected = corpus["audio_seconds"]
+    with DecodePool(workers) as pool:
+        for _ in pool.stream([(0, requests[0])]):  # every worker started, one of them warm
+            pass
+        me = os.getpid()
+        cpu0, t0 = _tree_cpu_s(me), time.perf_counter()
+        done_s, at_share, cpu_at_share, failures = 0.0, None, None, 0
+        for _, message in pool.stream(enumerate(requests)):
+            if isinstance(message, WorkerFailure):
+                failures += 1
+                continue
+            if message is END:
+                continue
+            done_s += len(message.samples) / 16_000
+            if at_share is None and done_s >= share * expected:
+                at_share, cpu_at_share = time.perf_counter() - t0, _tree_cpu_s(me) - cpu0
+        wall, cpu_all = time.perf_counter() - t0, _tree_cpu_s(me) - cpu0  # before the workers exit
+    if at_share is None:  # failures kept it short of the share: all of it counts
+        at_share, cpu_at_share = wall, cpu_all
+    return {
+        "workers": workers,
+        "audio_seconds": done_s,
+        "wall_s": wall,
+        "share": share,
+        "audio_seconds_per_second": (share * expected if done_s >= share * expected else done_s) / at_share,
+        "worker_cores": cpu_at_share / at_share,  # the pool's processes' CPU over the same span
+        "failures": failures,
+    }
+
+
 def handoff_direct(blocks: list) -> tuple[float, float]:
     """(CPU s sending, CPU s receiving) the blocks over a pipe with the pool's own wire functions,
     each side on its own thread of this process: the hand-off's cost without the noise of

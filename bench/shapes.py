@@ -93,6 +93,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--results-md", help="the table is appended here (default: bench/RESULTS.md; with --tiny, OUT/RESULTS-tiny.md)")
     p.add_argument("--naive-clips", type=int, help="clips timed with the naive recipe (default 256; 8 with --tiny)")
     p.add_argument("--skip-naive", action="store_true")
+    p.add_argument("--no-ceiling", action="store_true", help="skip the decode ceiling (the corpus through the decode workers alone) before each shape")
     p.add_argument("--workers", type=int, help="corpus generation processes (default: every core)")
     p.add_argument("--deadline-s", type=float, default=DEADLINE_S,
                    help="no run starts, and a running one is stopped, this long after the bench started")
@@ -131,6 +132,7 @@ def nightly_rows(args) -> tuple[int, int]:
 # ---------------------------------------------------------------------------------------------
 
 PAGE_BYTES = os.sysconf("SC_PAGE_SIZE")
+CLK_TCK = os.sysconf("SC_CLK_TCK")
 
 
 def _children_map() -> dict[int, list[int]]:
@@ -179,15 +181,26 @@ def pss_bytes(pid: int) -> int | None:
     return None
 
 
+def cpu_seconds(pid: int) -> float | None:
+    """User + system CPU of a process, all its threads (clock ticks, 10 ms)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / CLK_TCK
+    except (OSError, ValueError, IndexError):
+        return None
+
+
 class TreeMemory(threading.Thread):
-    """Samples a process tree's memory every `interval` s: (t, main RSS, tree RSS, tree PSS, processes).
+    """Samples a process tree every `interval` s: (t, main RSS, tree RSS, tree PSS, processes,
+    main CPU s, tree CPU s).
 
     Tree PSS is None where the kernel has no smaps_rollup (gVisor); tree RSS then stands in."""
 
     def __init__(self, pid: int, interval: float = RSS_INTERVAL_S):
         super().__init__(name="tree-memory", daemon=True)
         self.pid, self.interval = pid, interval
-        self.samples: list[tuple[float, float, float, float | None, int]] = []
+        self.samples: list[tuple[float, float, float, float | None, int, float, float]] = []
         self._halt = threading.Event()
         self._t0 = time.monotonic()
 
@@ -204,8 +217,9 @@ class TreeMemory(threading.Thread):
         pss = [pss_bytes(p) for p in tree]
         tree_rss = sum(r for r in rss if r is not None)
         tree_pss = sum(p for p in pss if p is not None) if all(p is not None for p, r in zip(pss, rss) if r is not None) else None
-        self.samples.append((round(time.monotonic() - self._t0, 1), main / 1e9, tree_rss / 1e9,
-                             None if tree_pss is None else tree_pss / 1e9, len(tree)))
+        cpu = [cpu_seconds(p) for p in tree]
+        self.samples.append((round(time.monotonic() - self._t0, 2), main / 1e9, tree_rss / 1e9,
+                             None if tree_pss is None else tree_pss / 1e9, len(tree), cpu[0] or 0.0, sum(c for c in cpu if c)))
 
     def stop(self) -> None:
         self._halt.set()
@@ -220,9 +234,29 @@ class TreeMemory(threading.Thread):
             "tree_rss_gb_max": max((x[2] for x in s), default=None),
             "tree_pss_gb_max": max(pss, default=None),
             "processes_max": max((x[4] for x in s), default=None),
-            # t s, main RSS GB, tree RSS GB, tree PSS GB, processes: flat over a run is the goal.
-            "series": [[x[0], round(x[1], 3), round(x[2], 3), None if x[3] is None else round(x[3], 3), x[4]] for x in s],
+            # t s, main RSS GB, tree RSS GB, tree PSS GB, processes: flat over a run is the goal;
+            # main and tree CPU s: where the cores went.
+            "series": [[x[0], round(x[1], 3), round(x[2], 3), None if x[3] is None else round(x[3], 3), x[4], x[5], x[6]] for x in s],
         }
+
+
+def steady_cores(memory: dict, summary: dict) -> dict | None:
+    """Cores busy in the job's main process and in the rest of its tree (decode workers) over its
+    steady phase (first batch to last), from the samples' CPU clocks; None without two samples in it."""
+    start = summary.get("time_to_first_batch_s")
+    steady = summary.get("steady_wall_seconds")
+    series = [x for x in memory.get("series", []) if len(x) >= 7]
+    if start is None or not steady or not series:
+        return None
+    inside = [x for x in series if start <= x[0] <= start + steady]
+    if len(inside) < 2 or inside[-1][0] - inside[0][0] < 1.0:
+        return None
+    a, b = inside[0], inside[-1]
+    span = b[0] - a[0]
+    main = (b[5] - a[5]) / span
+    # A worker that exits takes its CPU out of the tree's sum: a negative difference is not a rate.
+    rest = max(0.0, (b[6] - b[5]) - (a[6] - a[5])) / span
+    return {"span_s": round(span, 2), "main_cores": round(main, 2), "worker_cores": round(rest, 2), "cpus": os.cpu_count()}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -372,6 +406,9 @@ bench with its own seed (bench/synth_corpus.py: speech-like syllables, noise flo
 - **first batch**: from the process's launch; **tail**: from the last batch's results to the
   summary line. **host GB**: the job's whole process tree (main, fork server, decode workers),
   proportional set size, max over 1 s samples.
+- **decode ceiling**: the same corpus through the job's decode workers alone (bench/cpu_breakdown.py
+  `decode_ceiling`), measured just before the run: what the host's cores can feed. **cores**: CPU
+  of the job's main process and of its decode workers over the steady phase, from /proc.
 - **nightly**: process wall times (launch to exit): 1 % new rows appended to the manifest of a
   finished 12,000-row output (goal ≤ 6 s), then a rerun with nothing to do (goal ≤ 3 s, exit 0).
 """
@@ -391,8 +428,8 @@ def results_block(detail: dict, multi: bool = False) -> str:
     naive = detail.get("naive_bf16_audio_seconds_per_second")
     lines = [head + f"bf16 peak {run.fmt(figures['peak_bf16_tflops'])} TFLOP/s; naive HF+PEFT {run.fmt(naive)} audio-s/s; "
              f"whole call {detail['total_wall_s']:.0f} s (phases: {', '.join(f'{k} {v:.0f}' for k, v in detail['phases_s'].items())}).\n",
-             "| corpus | audio h | MFU | idle | steady a-s/s | e2e a-s/s | e2e/steady | first batch s | tail s | host GB | ok |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
+             "| corpus | audio h | MFU | idle | steady a-s/s | e2e a-s/s | e2e/steady | first batch s | tail s | host GB | decode ceiling a-s/s | cores: main / workers | ok |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for name, r in detail.get("shapes", {}).items():
         f = r.get("figures") or {}
         ratio = (f["audio_seconds_per_second"] / f["steady_audio_seconds_per_second"]
@@ -401,6 +438,8 @@ def results_block(detail: dict, multi: bool = False) -> str:
             name, run.fmt(f.get("audio_hours"), ".1f"), run.fmt(f.get("mfu"), ".3f"), run.fmt(f.get("device_idle_fraction"), ".1%"),
             run.fmt(f.get("steady_audio_seconds_per_second")), run.fmt(f.get("audio_seconds_per_second")), run.fmt(ratio, ".2f"),
             run.fmt(f.get("time_to_first_batch_s"), ".1f"), run.fmt(f.get("tail_s"), ".1f"), run.fmt(f.get("host_rss_gb_max"), ".1f"),
+            run.fmt((r.get("decode_ceiling") or {}).get("audio_seconds_per_second")),
+            f"{r['cpu']['main_cores']:.2f} / {r['cpu']['worker_cores']:.1f}" if r.get("cpu") else "-",
             "yes" if ok(r) else f"NO: {r.get('error') or 'checks failed'}",
         ]) + " |")
     n = detail.get("nightly") or {}
@@ -479,12 +518,22 @@ def check_run(job: JobRun, out_dir: Path, manifest: str | Path) -> dict:
     return checks
 
 
-def run_shape(name: str, corpus: dict, runner: Runner, detail: dict, work: Path) -> None:
+def run_shape(name: str, corpus: dict, runner: Runner, detail: dict, work: Path, ceiling: bool = True) -> None:
     rec = detail["shapes"][name] = {"corpus": corpus}
     try:
+        if ceiling:
+            # What the decode workers alone deliver on this host, just before the job runs.
+            from cpu_breakdown import decode_ceiling
+
+            rec["decode_ceiling"] = c = decode_ceiling(corpus)
+            log(f"{name}: decode ceiling {c['audio_seconds_per_second']:,.0f} audio-s/s with {c['workers']} workers "
+                f"({c['worker_cores']:.1f} cores busy; {c['wall_s']:.1f} s)")
         out_dir = work / f"out-{name}"
         job = runner(corpus["manifest"], out_dir, name)
         rec.update(exit_code=job.exit_code, process_wall_s=job.process_wall_s, stopped=job.stopped, summary=job.summary, memory=job.memory)
+        rec["cpu"] = cores = steady_cores(job.memory, job.summary)
+        if cores:
+            log(f"{name}: steady phase {cores['main_cores']:.2f} cores in the main process, {cores['worker_cores']:.1f} in the decode workers")
         rec["figures"] = shape_figures(job, detail.get("peak_bf16_tflops")) if job.summary.get("wall_seconds") else None
         rec["checks"] = check_run(job, out_dir, corpus["manifest"])
         if not rec["checks"]["ok"]:
@@ -704,7 +753,7 @@ def main(argv=None) -> int:
             # 5. Every shape, on a fresh output; 6. the nightly.
             for name in names:
                 t = time.perf_counter()
-                run_shape(name, corpora[name], runner, detail, work)
+                run_shape(name, corpora[name], runner, detail, work, ceiling=not args.no_ceiling)
                 phases[name] = time.perf_counter() - t
                 save(detail, out)
             if nightly:

@@ -25,6 +25,7 @@ from extractor.audio.decode import (
     TooLongError,
     decode_request,
     load_audio,
+    _downmix,
     load_segments,
 )
 
@@ -482,3 +483,24 @@ def test_fuzz_truncated_and_damaged_real_files(fuzz_dir, real_files, data):
     path.write_bytes(bytes(raw))
     start = data.draw(st.sampled_from([None, 0.1]))
     _check_outcome(path, start_s=start, end_s=None if start is None else 0.3)
+
+
+@pytest.mark.parametrize("channels", range(1, 10))
+def test_downmix_is_numpys_float32_mean_bit_for_bit(channels):
+    data = np.random.default_rng(channels).standard_normal((4001, channels)).astype(np.float32)
+    want = data[:, 0] if channels == 1 else data.mean(axis=1, dtype=np.float32)
+    np.testing.assert_array_equal(_downmix(data, "x.wav", 0, 8000), want)
+
+
+@pytest.mark.parametrize("value, channels, message", [
+    (np.nan, 1, "NaN samples (first at 0.250 s)"),
+    (-np.inf, 2, "Inf samples (first at 0.250 s)"),
+    (3.4e38, 2, "overflowing samples (first at 0.250 s)"),  # finite, but the two channels' sum is not
+    (-2e4, 1, "implausible sample value 2e+04 (first at 0.250 s; audio is within ±1)"),  # the peak of a negative sample
+])
+def test_downmix_refuses_what_is_not_audio(value, channels, message):
+    data = np.full((8000, channels), 0.25, np.float32)
+    data[2000:2002] = value
+    with pytest.raises(DecodeError) as info:
+        _downmix(data, "x.wav", 0, 8000)
+    assert str(info.value) == f"cannot decode x.wav: {message}"

@@ -208,6 +208,28 @@ def assert_same_decode(url, path, segments=((None, None), (2.0, 4.5)), **kw):
 # --- good sources -----------------------------------------------------------------------------
 
 
+def test_libsndfile_reads_a_local_file_itself_only_when_it_cannot_pass_its_cap(site, audio, tmp_path):
+    """A local regular file within its cap goes to libsndfile as a descriptor (no Python call per
+    read); one larger than its cap, bytes from the manifest and URLs go through the counting stream."""
+    local = open_source(str(audio.flac), max_duration_s=60.0)
+    try:
+        fd = local.descriptor()
+        assert fd is not None and os.path.samefile(f"/proc/self/fd/{fd}", audio.flac)
+        assert os.lseek(fd, 0, os.SEEK_CUR) == 0  # libsndfile takes the descriptor's offset as the file's start
+    finally:
+        local.close()
+    big = tmp_path / "big.bin"
+    big.write_bytes(bytes(int(byte_cap(0.01)) + 1))
+    site.files[audio.flac.name] = audio.flac.read_bytes()
+    others = [open_source(str(big), max_duration_s=0.01), open_source("row 3", data=audio.flac.read_bytes(), max_duration_s=60.0),
+              open_source(f"{site.url}/ranged/{audio.flac.name}", max_duration_s=60.0)]
+    try:
+        assert [s.descriptor() for s in others] == [None, None, None]
+    finally:
+        for s in others:
+            s.close()
+
+
 @pytest.mark.parametrize("fmt", ["flac", "mp3"])
 def test_a_server_with_ranges_gives_the_local_decode_bit_for_bit(site, audio, fmt):
     path = getattr(audio, fmt)

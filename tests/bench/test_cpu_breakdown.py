@@ -17,11 +17,17 @@ def measured(tmp_path_factory):
              "mp3_48k_2_10s": synth_corpus.CorpusSpec(2, 1, 2.0, 10.0, 48_000, 1, "mp3"),
              "flac44k_stereo": synth_corpus.CorpusSpec(1, 2, 40.0, 50.0, 44_100, 2, "flac")}
     corpora = synth_corpus.build_corpora([(root / n, s) for n, s in specs.items()], workers=1)
-    return {n: cb.measure_shape(c, 1, FULL_AUDIO["d_model"], FULL_AUDIO["encoder_layers"]) for n, c in zip(specs, corpora)}
+    measured = {n: cb.measure_shape(c, 1, FULL_AUDIO["d_model"], FULL_AUDIO["encoder_layers"]) for n, c in zip(specs, corpora)}
+    measured["corpora"] = dict(zip(specs, corpora))
+    return measured
+
+
+def shapes_of(measured):
+    return {n: r for n, r in measured.items() if n != "corpora"}
 
 
 def test_every_stage_is_measured(measured):
-    for name, r in measured.items():
+    for name, r in shapes_of(measured).items():
         cpu = r["cpu_s"]
         assert set(cb.LABELS) <= set(cpu), name
         assert cpu["decode"] > 0 and cpu["worker_inprocess"] > 0 and cpu["send"] > 0 and cpu["receive"] > 0, name
@@ -36,13 +42,22 @@ def test_every_stage_is_measured(measured):
 def test_windows_and_messages_match_the_files(measured):
     assert measured["flac16k_2_20s"]["windows"] == 4  # clips of 2-20 s: one window each
     assert measured["flac44k_stereo"]["windows"] == 2  # 40-50 s: two windows
-    assert all(r["messages"] >= 1 and r["batches"] >= 1 for r in measured.values())
+    assert all(r["messages"] >= 1 and r["batches"] >= 1 for r in shapes_of(measured).values())
 
 
 def test_the_table_names_each_stage_and_the_cores_needed(measured):
-    text = cb.table(measured, 6800.0, "a test CPU")
+    text = cb.table(shapes_of(measured), 6800.0, "a test CPU")
     for label in cb.LABELS.values():
         assert label in text
     cores = next(line for line in text.splitlines() if line.strip().startswith("decode worker cores"))
-    expected = [f"{r['ms_per_audio_s']['worker'] * 6.8:.1f}" for r in measured.values()]
+    expected = [f"{r['ms_per_audio_s']['worker'] * 6.8:.1f}" for r in shapes_of(measured).values()]
     assert cores.split()[-3:] == expected
+
+
+def test_the_decode_ceiling_decodes_every_file_through_the_pool(measured):
+    corpus = measured["corpora"]["mp3_48k_2_10s"]
+    c = cb.decode_ceiling(corpus, workers=1)
+    # Every second of the corpus came back as windows (to the 16 kHz sample), and none failed.
+    assert c["audio_seconds"] == pytest.approx(corpus["audio_seconds"], abs=2 / 16_000)
+    assert c["failures"] == 0 and c["workers"] == 1
+    assert c["audio_seconds_per_second"] > 0 and 0 < c["worker_cores"] <= 1.5

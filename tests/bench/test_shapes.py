@@ -87,7 +87,8 @@ def test_results_md_blocks_go_last_and_issue_3_rows_stay_in_their_table(tmp_path
 
 def test_tree_memory_counts_every_descendant(tmp_path):
     """A parent holding ~60 MB that starts a child holding ~40 MB: both are found, and counted."""
-    child = "import time; x = bytearray(40 << 20); x[::4096] = b'x' * len(x[::4096]); time.sleep(30)"
+    child = ("import time; x = bytearray(40 << 20); x[::4096] = b'x' * len(x[::4096]); t = time.process_time()\n"
+             "while time.process_time() - t < 0.5: pass\ntime.sleep(30)")
     parent = (f"import subprocess, sys, time; x = bytearray(60 << 20); x[::4096] = b'x' * len(x[::4096]); "
               f"p = subprocess.Popen([sys.executable, '-c', {child!r}]); open({str(tmp_path / 'started')!r}, 'w').close(); time.sleep(30)")
     proc = subprocess.Popen([sys.executable, "-c", parent])
@@ -96,13 +97,15 @@ def test_tree_memory_counts_every_descendant(tmp_path):
         deadline = time.monotonic() + 20
         while time.monotonic() < deadline:
             memory.sample()
-            if memory.samples and memory.samples[-1][4] >= 2 and memory.samples[-1][2] > 0.1:
+            last = memory.samples[-1] if memory.samples else None
+            if last and last[4] >= 2 and last[2] > 0.1 and last[6] - last[5] >= 0.45:
                 break
             time.sleep(0.1)
-        t, main, tree_rss, tree_pss, processes = memory.samples[-1]
+        t, main, tree_rss, tree_pss, processes, main_cpu, tree_cpu = memory.samples[-1]
         assert processes == 2
         assert main > 0.06 and tree_rss > main + 0.04
         assert tree_pss is None or 0.1 < tree_pss <= tree_rss
+        assert tree_cpu - main_cpu >= 0.45  # the child's busy half second is the tree's, not the parent's
     finally:
         for pid in shapes.process_tree(proc.pid)[::-1]:
             subprocess.run(["kill", "-9", str(pid)], check=False)
@@ -127,3 +130,14 @@ def test_nightly_through_the_cli(tmp_path):
     assert rec["figures"]["noop_exit_code"] == 0
     assert 0 < rec["figures"]["noop_wall_s"] < rec["full_wall_s"]
     assert rec["runs"]["full"]["memory"]["samples"] >= 1  # sampled while the job ran
+
+
+def test_steady_cores_are_the_cpu_clocks_over_the_steady_phase():
+    # t, main RSS, tree RSS, tree PSS, processes, main CPU s, tree CPU s: the main process burns
+    # half a core and the workers 12 cores from t=4 (the first batch) to t=14.
+    series = [[t, 1.0, 2.0, None, 17, 3.0 + 0.5 * max(0, t - 4), 3.5 + 12.5 * max(0, t - 4)] for t in range(0, 16)]
+    series[0][6] = 0.0  # before the first batch: a start-up that must not count
+    cores = shapes.steady_cores({"series": series}, {"time_to_first_batch_s": 4.0, "steady_wall_seconds": 10.0})
+    assert cores["span_s"] == 10 and cores["main_cores"] == pytest.approx(0.5) and cores["worker_cores"] == pytest.approx(12.0)
+    assert shapes.steady_cores({"series": series[:5]}, {"time_to_first_batch_s": 4.0, "steady_wall_seconds": 10.0}) is None
+    assert shapes.steady_cores({"series": series}, {}) is None
