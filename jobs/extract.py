@@ -83,7 +83,7 @@ def _json_object(ctx, param, value: str | None) -> dict | None:
 @click.option("--retry-failed", is_flag=True, help="Retry rows that failed in earlier runs.")
 @click.option("--max-duration-s", type=click.FloatRange(min=0, min_open=True), default=DEFAULT_MAX_DURATION_S, show_default=True,
               help="Longer audio becomes a failure record (memory stays bounded).")
-@click.option("--decode-workers", type=click.IntRange(min=0), help="Decoder processes; default: cores - 1 (max 16); 0 decodes in-process.")
+@click.option("--decode-workers", type=click.IntRange(min=0), help="Decoder processes; default: the cores (max 16); 0 decodes in-process.")
 @click.option("--decode-timeout-s", type=click.FloatRange(min=0, min_open=True), default=DEFAULT_DECODE_TIMEOUT_S, show_default=True,
               help="A decode that makes no progress for this long is killed; its file gets a failure record.")
 @click.option("--read-timeout-s", type=click.FloatRange(min=0, min_open=True), default=DEFAULT_READ_TIMEOUT_S, show_default=True,

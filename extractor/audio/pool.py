@@ -20,6 +20,7 @@ import ctypes
 import gc
 import inspect
 import logging
+import math
 import multiprocessing as mp
 import os
 import pickle
@@ -41,6 +42,13 @@ __all__ = ["END", "DecodePool", "DecodeRequest", "WorkerFailure"]
 STARTUP_TIMEOUT_S = 60.0  # a worker that is not ready by then (import deadlock, ...) is killed
 MAX_STARTUP_FAILURES = 3  # consecutive workers dying before ready: decode_fn cannot run at all
 CLOSE_GRACE_S = 1.0  # idle workers exit on EOF within this; the rest get SIGKILL
+# A worker holds a second request, queued behind the one it decodes, while requests are short
+# (their jobs send at most this many messages on average: a block of clips and END). A short
+# request takes ~40 ms to decode, and the round trip to the parent for the next one cost 15 % of
+# the workers' time on 48 kHz MP3 clips (bench/RESULTS.md). A long file's job streams dozens of
+# messages and takes seconds; one queued behind it could idle another worker at the end of a run.
+SHORT_JOB_MESSAGES = 3.0
+_MESSAGES_EMA = 0.2  # weight of the last finished job in the running mean of messages per job
 _READY = b"ready"
 _PR_SET_PDEATHSIG = 1  # from <linux/prctl.h>
 
@@ -80,7 +88,10 @@ class DecodePool:
     notebooks and tiny runs.
 
     A job's timeout counts from its last message, so a long file that streams steadily is not
-    cut off, and a decoder that stops making progress is.
+    cut off, and a decoder that stops making progress is. While jobs are short, a worker is sent
+    its next request before it finishes the current one (SHORT_JOB_MESSAGES): the queued request
+    is not started, so a crash or a timeout of the current one fails that one alone and the
+    queued request goes to another worker.
     """
 
     def __init__(
@@ -96,8 +107,8 @@ class DecodePool:
         if not timeout_s > 0:
             raise ValueError(f"timeout_s must be > 0, got {timeout_s!r}")
         if max_inflight is None:
-            # Two per worker: the next request is ready the moment a worker frees up.
-            max_inflight = max(1, 2 * num_workers)
+            # Three per worker: one decoding, one queued behind it, one ready in the parent.
+            max_inflight = max(1, 3 * num_workers)
         if max_inflight < 1:
             raise ValueError(f"max_inflight must be >= 1, got {max_inflight}")
         self._decode_fn = decode_fn if decode_fn is not None else decode_request
@@ -106,6 +117,8 @@ class DecodePool:
         self._max_inflight = max_inflight
         self._workers: list[_Worker] = []
         self._startup_failures = 0
+        self._messages_per_job: float | None = None  # running mean over finished jobs
+        self._pending: deque = deque()  # the running stream's requests not yet sent
         self._closed = False
         self._running = False
         if num_workers == 0:
@@ -162,7 +175,7 @@ class DecodePool:
         self._closed = True
         for w in self._workers:
             w.conn.close()  # EOF: an idle worker returns from its loop
-            if w.job is not None:
+            if w.jobs:
                 w.kill()  # its result is not wanted any more; do not wait for it
         deadline = time.monotonic() + CLOSE_GRACE_S
         for w in self._workers:
@@ -195,7 +208,7 @@ class DecodePool:
         while len(self._workers) < self._num_workers:
             self._workers.append(self._start_worker())
         source = iter(items)
-        pending: deque[tuple[Hashable, Any]] = deque()  # pulled, not yet sent to a worker
+        pending = self._pending = deque()  # (key, request) pulled, not yet sent to a worker
         results: deque[tuple[Hashable, Any]] = deque()  # finished, not yet yielded
         exhausted = False
         try:
@@ -204,7 +217,7 @@ class DecodePool:
                     raise ValueError("DecodePool was closed during imap")
                 # Refill and hand out work before yielding: the consumer may be slow, and the
                 # workers should be decoding meanwhile. Outstanding = pending + busy + results.
-                busy = sum(w.job is not None for w in self._workers)
+                busy = sum(len(w.jobs) for w in self._workers)
                 while not exhausted and len(pending) + busy + len(results) < self._max_inflight:
                     try:
                         pending.append(next(source))
@@ -213,7 +226,7 @@ class DecodePool:
                 results.extend(self._dispatch(pending))
                 if results:
                     yield results.popleft()
-                elif exhausted and not pending and not any(w.job for w in self._workers):
+                elif exhausted and not pending and not any(w.jobs for w in self._workers):
                     return
                 else:
                     results.extend(self._poll(poll_s))
@@ -224,17 +237,29 @@ class DecodePool:
             if not self._closed:
                 # Abandoned mid-run: results still being computed would reach the next imap.
                 for w in self._workers:
-                    if w.job is not None:
+                    if w.jobs:
                         w.kill()
-                self._workers = [w for w in self._workers if w.job is None]
+                self._workers = [w for w in self._workers if not w.jobs]
+
+    def _depth(self) -> int:
+        """Requests a worker may hold: two while finished jobs were short, else one."""
+        short = self._messages_per_job is not None and self._messages_per_job <= SHORT_JOB_MESSAGES
+        return 2 if short else 1
 
     def _dispatch(self, pending: deque) -> list[tuple[Hashable, Any]]:
-        """Send pending requests to idle workers; return results that are known without a worker."""
+        """Send pending requests to idle workers, then (short jobs) one to queue behind each busy
+        one; return results that are known without a worker."""
+        done = []
+        for depth in range(1, self._depth() + 1):
+            done.extend(self._send(pending, depth))
+        return done
+
+    def _send(self, pending: deque, depth: int) -> list[tuple[Hashable, Any]]:
         done = []
         for i, w in enumerate(self._workers):
             if not pending:
                 break
-            if not w.ready or w.job is not None:
+            if not w.ready or w.broken or len(w.jobs) >= depth:
                 continue
             key, request = pending.popleft()
             try:
@@ -245,16 +270,37 @@ class DecodePool:
             try:
                 w.conn.send_bytes(data)
             except OSError:
-                # The worker died while idle. The request was never received, so it goes back
-                # to the queue rather than failing.
+                # The worker died. The request was never received, so it goes back to the queue
+                # rather than failing.
+                pending.appendleft((key, request))
+                if w.jobs:
+                    # Busy: what it sent before dying is still to be read, and says which of its
+                    # jobs it died on. _poll reads it, then fails that job and replaces the worker.
+                    w.broken = True
+                    continue
                 how = _describe_exit(w.process.exitcode)
                 logger.warning("idle decode worker %s died (%s); replacing it", w.process.pid, how)
-                pending.appendleft((key, request))
                 w.kill()
                 self._workers[i] = self._start_worker()
                 continue
-            w.job = _Job(key, _label(key, request), time.monotonic() + self._timeout_s)
+            # A queued request's timeout starts when the worker gets to it (see _finished).
+            w.jobs.append(_Job(key, _label(key, request), time.monotonic() + self._timeout_s if not w.jobs else math.inf, request))
         return done
+
+    def _finished(self, w: _Worker) -> None:
+        """The worker's current job sent its last message: the queued one (if any) starts now."""
+        job = w.jobs.popleft()
+        m = self._messages_per_job
+        self._messages_per_job = job.messages if m is None else (1 - _MESSAGES_EMA) * m + _MESSAGES_EMA * job.messages
+        if w.jobs:
+            w.jobs[0].deadline = time.monotonic() + self._timeout_s
+
+    def _requeue(self, w: _Worker) -> None:
+        """Requests queued behind a dying worker's current job were never started: back to the
+        front of the queue, in their order, for another worker."""
+        while len(w.jobs) > 1:
+            job = w.jobs.pop()
+            self._pending.appendleft((job.key, job.request))
 
     def _poll(self, poll_s: float | None = None) -> list[tuple[Hashable, Any]]:
         """Wait for results, deaths, readiness or the next deadline; handle whatever happened."""
@@ -282,8 +328,9 @@ class DecodePool:
                         job = w.job
                         if job is not None:
                             done.append((job.key, message))
+                            job.messages += 1
                             if message is END or isinstance(message, WorkerFailure):
-                                w.job = None  # a failure is the job's last message too
+                                self._finished(w)  # a failure is the job's last message too
                             else:
                                 job.deadline = time.monotonic() + self._timeout_s
                     continue
@@ -296,6 +343,7 @@ class DecodePool:
         for i, w in enumerate(self._workers):
             if w.job is not None and w.job.deadline <= now:
                 job = w.job
+                self._requeue(w)
                 w.kill()
                 logger.warning("decode timed out after %gs on %s; worker killed", self._timeout_s, job.label)
                 error = f"DecodeTimeout: decode timed out after {self._timeout_s:g} s on {job.label}"
@@ -317,6 +365,7 @@ class DecodePool:
         if w.job is not None:
             logger.warning("decoder crashed (%s) on %s; replacing the worker", how, w.job.label)
             done.append((w.job.key, WorkerFailure(f"DecoderCrashed: decoder crashed ({how}) on {w.job.label}")))
+            self._requeue(w)
         elif not w.ready:
             self._startup_failed(w, how)
         else:
@@ -362,7 +411,11 @@ def _mp_context(decode_fn: Callable[[Any], Any]):
 class _Job:
     key: Hashable
     label: str  # the request's path, or the key: what error messages name
-    deadline: float
+    deadline: float  # math.inf while queued behind another job
+    request: Any = None  # kept to send it elsewhere should the worker die before starting it
+    messages: int = 0  # received so far
+
+
 
 
 class _Worker:
@@ -371,7 +424,13 @@ class _Worker:
         self.conn = conn
         self.ready = False
         self.started_deadline: float | None = started_deadline
-        self.job: _Job | None = None
+        self.jobs: deque[_Job] = deque()  # the one it decodes, then the one queued behind it
+        self.broken = False  # a send to it failed: it is dying, and is sent nothing more
+
+    @property
+    def job(self) -> _Job | None:
+        """The job the worker is on (its messages are the next to come)."""
+        return self.jobs[0] if self.jobs else None
 
     @property
     def deadline(self) -> float | None:

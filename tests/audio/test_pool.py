@@ -59,6 +59,12 @@ def echo_size(request):
     return np.full(request, 0.25, dtype=np.float32)
 
 
+def chatty(messages: int):
+    """A long file's job: many messages, then END."""
+    for i in range(messages):
+        yield i
+
+
 # --- helpers --------------------------------------------------------------------------------
 
 
@@ -322,3 +328,34 @@ def test_a_streaming_job_times_out_on_silence_not_on_its_length():
     with DecodePool(1, timeout_s=TIMEOUT_S, decode_fn=slow_stream) as p:
         got = [m for _, m in p.stream([(0, 4)])]
     assert got == [0, 1, 2, 3, END]
+
+
+def test_a_worker_holds_a_second_request_only_while_jobs_are_short(tmp_path):
+    """Short jobs (a result and END): the next request waits in the worker's pipe, not in the
+    parent, so the worker does not idle through a round trip. Long jobs: one request at a time."""
+    with DecodePool(1, decode_fn=faulty_decode) as p:
+        held = [len(p._workers[0].jobs) for _ in p.stream((i, Req(str(tmp_path / "pid"))) for i in range(6))]
+    assert max(held) == 2 and held[0] == 1  # one until a job has shown how long jobs are
+    with DecodePool(1, decode_fn=chatty) as p:
+        held = [len(p._workers[0].jobs) for _ in p.stream((i, 6) for i in range(4))]
+    assert max(held) == 1 and len(held) == 4 * 7
+
+
+@pytest.mark.parametrize("fault, error", [("segv", "DecoderCrashed: decoder crashed (signal 11: SIGSEGV) on {}"),
+                                          ("sleep", "DecodeTimeout: decode timed out after 1.5 s on {}")])
+def test_a_request_queued_behind_a_failing_one_is_decoded_by_the_next_worker(tmp_path, fault, error):
+    bad = str(tmp_path / f"{fault}.wav")
+    items = [("first", Req(str(tmp_path / "pid"))), ("second", Req(str(tmp_path / "pid"))), ("bad", Req(bad)),
+             ("queued", Req(str(tmp_path / "pid")))]
+    held_behind_bad = False
+    results = {}
+    with DecodePool(1, timeout_s=TIMEOUT_S, decode_fn=faulty_decode) as p:
+        for key, message in p.stream(items):
+            jobs = [j.key for j in p._workers[0].jobs]
+            held_behind_bad |= jobs == ["bad", "queued"]
+            if message is not END:
+                results[key] = message
+    assert held_behind_bad  # the interleaving under test: "queued" sat in the failing worker's pipe
+    assert results["bad"] == WorkerFailure(error.format(bad))
+    assert results["first"] == results["second"]  # one worker
+    assert isinstance(results["queued"], int) and results["queued"] != results["first"]  # its replacement
