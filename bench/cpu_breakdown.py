@@ -28,7 +28,8 @@ The table gives ms of CPU per audio-second, its multiple of realtime, and the co
 feed --target audio-s/s (issue 10: 6,800 on one H100). Decode workers parallelise over cores; the
 main process's stages share one interpreter (the GIL), so their sum must stay well under one core.
 
-Only the standard library and numpy at module level: DecodePool's fork server imports this file.
+Only the standard library, numpy and shapes.py (which holds to the same) at module level:
+DecodePool's fork server imports this file.
 """
 
 from __future__ import annotations
@@ -51,8 +52,9 @@ for _p in (str(HERE), str(REPO)):
     if _p not in sys.path:
         sys.path.insert(0, _p)
 
+from shapes import descendants_cpu_s, requests_of  # noqa: E402  (after sys.path has bench/)
+
 TARGET_AUDIO_S_PER_S = 6_800.0  # issue 10: what 16 cores must feed one H100 at MFU 0.6
-CLK_TCK = os.sysconf("SC_CLK_TCK")
 
 WORKER_STAGES = ("decode", "downmix", "resample", "cut")
 MAIN_STAGES = ("receive", "pool_windows", "pack", "stage", "rows", "write")
@@ -133,50 +135,12 @@ def stages_of_decode(paths: list[str]) -> dict[str, float]:
     return cpu
 
 
-def requests_of(paths: list[str], durations: list[float]):
-    """Decode requests grouped as pipeline.Producer groups them: REQUEST_AUDIO_S of audio each."""
-    from extractor.audio.decode import DecodeRequest, FileJob
-    from extractor.pipeline import MAX_FILES_PER_REQUEST, REQUEST_AUDIO_S
-
-    mean = sum(durations) / len(durations)
-    per = int(min(MAX_FILES_PER_REQUEST, max(1, REQUEST_AUDIO_S // max(mean, 1e-3))))
-    requests = []
-    for i in range(0, len(paths), per):
-        files = tuple(FileJob(p, (k,), ((None, None),)) for k, p in zip(range(i, i + per), paths[i:i + per]))
-        requests.append(DecodeRequest(files))
-    return requests
-
-
 def decode_in_process(requests) -> tuple[float, list]:
     from extractor.audio.decode import decode_request
 
     t = time.thread_time()
     blocks = [b for r in requests for b in decode_request(r)]
     return time.thread_time() - t, blocks
-
-
-def _tree_cpu_s(exclude: int) -> float:
-    """CPU seconds of this process's descendants (the pool's fork server and worker): schedstat's
-    nanoseconds where the kernel has them, else stat's clock ticks (10 ms)."""
-    from shapes import process_tree
-
-    total = 0.0
-    for pid in process_tree(os.getpid()):
-        if pid == exclude:
-            continue
-        try:
-            with open(f"/proc/{pid}/schedstat") as f:
-                total += int(f.read().split()[0]) / 1e9
-            continue
-        except (OSError, ValueError, IndexError):
-            pass
-        try:
-            with open(f"/proc/{pid}/stat") as f:
-                fields = f.read().rsplit(")", 1)[1].split()
-            total += (int(fields[11]) + int(fields[12])) / CLK_TCK  # utime, stime
-        except (OSError, ValueError, IndexError):
-            pass
-    return total
 
 
 def decode_through_pool(requests) -> tuple[float, float, int]:
@@ -187,59 +151,14 @@ def decode_through_pool(requests) -> tuple[float, float, int]:
         for _ in pool.stream([(0, requests[0])]):  # the worker started and warm: not measured
             pass
         me = os.getpid()
-        child0, t0 = _tree_cpu_s(me), time.process_time()
+        child0, t0 = descendants_cpu_s(me), time.process_time()
         messages = 0
         for _, message in pool.stream(enumerate(requests)):
             if isinstance(message, WorkerFailure):
                 raise RuntimeError(f"decode failed in the pool: {message.error}")
             messages += message is not END
-        parent, child = time.process_time() - t0, _tree_cpu_s(me) - child0
+        parent, child = time.process_time() - t0, descendants_cpu_s(me) - child0
     return child, parent, messages
-
-
-def decode_ceiling(corpus: dict, workers: int | None = None, share: float = 0.9) -> dict:
-    """What the job's decode workers deliver at most: every file of a corpus through
-    DecodePool(workers) (default: the job's own count), this process only receiving, as the job's
-    producer does. The rate is the audio decoded by the time `share` of it was, over that time,
-    so the last files (fewer than workers, some cores idle) do not count. Compared with a job's
-    steady rate it says which side bounds the job: the decode, or the device and its loop.
-    """
-    import pyarrow.parquet as pq
-
-    from extractor.audio.pool import END, DecodePool, WorkerFailure
-    from extractor.options import default_decode_workers
-
-    workers = default_decode_workers() if workers is None else workers
-    paths = pq.read_table(corpus["manifest"], columns=["path"]).column("path").to_pylist()
-    requests = requests_of(paths, [corpus["mean_s"]] * len(paths))
-    expected = corpus["audio_seconds"]
-    with DecodePool(workers) as pool:
-        for _ in pool.stream([(0, requests[0])]):  # every worker started, one of them warm
-            pass
-        me = os.getpid()
-        cpu0, t0 = _tree_cpu_s(me), time.perf_counter()
-        done_s, at_share, cpu_at_share, failures = 0.0, None, None, 0
-        for _, message in pool.stream(enumerate(requests)):
-            if isinstance(message, WorkerFailure):
-                failures += 1
-                continue
-            if message is END:
-                continue
-            done_s += len(message.samples) / 16_000
-            if at_share is None and done_s >= share * expected:
-                at_share, cpu_at_share = time.perf_counter() - t0, _tree_cpu_s(me) - cpu0
-        wall, cpu_all = time.perf_counter() - t0, _tree_cpu_s(me) - cpu0  # before the workers exit
-    if at_share is None:  # failures kept it short of the share: all of it counts
-        at_share, cpu_at_share = wall, cpu_all
-    return {
-        "workers": workers,
-        "audio_seconds": done_s,
-        "wall_s": wall,
-        "share": share,
-        "audio_seconds_per_second": (share * expected if done_s >= share * expected else done_s) / at_share,
-        "worker_cores": cpu_at_share / at_share,  # the pool's processes' CPU over the same span
-        "failures": failures,
-    }
 
 
 def handoff_direct(blocks: list) -> tuple[float, float]:

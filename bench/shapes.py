@@ -260,6 +260,87 @@ def steady_cores(memory: dict, summary: dict) -> dict | None:
 
 
 # ---------------------------------------------------------------------------------------------
+# What the decode workers alone deliver (also bench/cpu_breakdown.py's)
+# ---------------------------------------------------------------------------------------------
+
+
+def descendants_cpu_s(exclude: int) -> float:
+    """CPU seconds of this process's descendants (the pool's fork server and worker): schedstat's
+    nanoseconds where the kernel has them, else stat's clock ticks (10 ms)."""
+    total = 0.0
+    for pid in process_tree(os.getpid()):
+        if pid == exclude:
+            continue
+        try:
+            with open(f"/proc/{pid}/schedstat") as f:
+                total += int(f.read().split()[0]) / 1e9
+            continue
+        except (OSError, ValueError, IndexError):
+            pass
+        total += cpu_seconds(pid) or 0.0
+    return total
+
+
+def requests_of(paths: list[str], durations: list[float]):
+    """Decode requests grouped as pipeline.Producer groups them: REQUEST_AUDIO_S of audio each."""
+    from extractor.audio.decode import DecodeRequest, FileJob
+    from extractor.pipeline import MAX_FILES_PER_REQUEST, REQUEST_AUDIO_S
+
+    mean = sum(durations) / len(durations)
+    per = int(min(MAX_FILES_PER_REQUEST, max(1, REQUEST_AUDIO_S // max(mean, 1e-3))))
+    requests = []
+    for i in range(0, len(paths), per):
+        files = tuple(FileJob(p, (k,), ((None, None),)) for k, p in zip(range(i, i + per), paths[i:i + per]))
+        requests.append(DecodeRequest(files))
+    return requests
+
+
+def decode_ceiling(corpus: dict, workers: int | None = None, share: float = 0.9) -> dict:
+    """What the job's decode workers deliver at most: every file of a corpus through
+    DecodePool(workers) (default: the job's own count), this process only receiving, as the job's
+    producer does. The rate is the audio decoded by the time `share` of it was, over that time,
+    so the last files (fewer than workers, some cores idle) do not count. Compared with a job's
+    steady rate it says which side bounds the job: the decode, or the device and its loop.
+    """
+    import pyarrow.parquet as pq
+
+    from extractor.audio.pool import END, DecodePool, WorkerFailure
+    from extractor.options import default_decode_workers
+
+    workers = default_decode_workers() if workers is None else workers
+    paths = pq.read_table(corpus["manifest"], columns=["path"]).column("path").to_pylist()
+    requests = requests_of(paths, [corpus["mean_s"]] * len(paths))
+    expected = corpus["audio_seconds"]
+    with DecodePool(workers) as pool:
+        for _ in pool.stream([(0, requests[0])]):  # every worker started, one of them warm
+            pass
+        me = os.getpid()
+        cpu0, t0 = descendants_cpu_s(me), time.perf_counter()
+        done_s, at_share, cpu_at_share, failures = 0.0, None, None, 0
+        for _, message in pool.stream(enumerate(requests)):
+            if isinstance(message, WorkerFailure):
+                failures += 1
+                continue
+            if message is END:
+                continue
+            done_s += len(message.samples) / 16_000
+            if at_share is None and done_s >= share * expected:
+                at_share, cpu_at_share = time.perf_counter() - t0, descendants_cpu_s(me) - cpu0
+        wall, cpu_all = time.perf_counter() - t0, descendants_cpu_s(me) - cpu0  # before the workers exit
+    if at_share is None:  # failures kept it short of the share: all of it counts
+        at_share, cpu_at_share = wall, cpu_all
+    return {
+        "workers": workers,
+        "audio_seconds": done_s,
+        "wall_s": wall,
+        "share": share,
+        "audio_seconds_per_second": (share * expected if done_s >= share * expected else done_s) / at_share,
+        "worker_cores": cpu_at_share / at_share,  # the pool's processes' CPU over the same span
+        "failures": failures,
+    }
+
+
+# ---------------------------------------------------------------------------------------------
 # Running the job
 # ---------------------------------------------------------------------------------------------
 
@@ -523,8 +604,6 @@ def run_shape(name: str, corpus: dict, runner: Runner, detail: dict, work: Path,
     try:
         if ceiling:
             # What the decode workers alone deliver on this host, just before the job runs.
-            from cpu_breakdown import decode_ceiling
-
             rec["decode_ceiling"] = c = decode_ceiling(corpus)
             log(f"{name}: decode ceiling {c['audio_seconds_per_second']:,.0f} audio-s/s with {c['workers']} workers "
                 f"({c['worker_cores']:.1f} cores busy; {c['wall_s']:.1f} s)")

@@ -26,7 +26,7 @@ def default_decode_workers(devices: int = 1) -> int:
 
     Not one fewer for the job's own process: it takes 1.0-1.6 cores in the steady phase, so with
     cores - 1 decoders the host still had idle cores, and on 44.1 kHz stereo FLAC, where decoding
-    bounds the job, one more decoder gave 10 % more audio per second (bench/RESULTS.md)."""
+    bounds the job, one more decoder gave 6-11 % more audio per second (bench/RESULTS.md)."""
     cores = os.cpu_count() or 2
     return max(1, min(MAX_DECODE_WORKERS, cores // devices))
 

@@ -44,9 +44,10 @@ MAX_STARTUP_FAILURES = 3  # consecutive workers dying before ready: decode_fn ca
 CLOSE_GRACE_S = 1.0  # idle workers exit on EOF within this; the rest get SIGKILL
 # A worker holds a second request, queued behind the one it decodes, while requests are short
 # (their jobs send at most this many messages on average: a block of clips and END). A short
-# request takes ~40 ms to decode, and the round trip to the parent for the next one cost 15 % of
-# the workers' time on 48 kHz MP3 clips (bench/RESULTS.md). A long file's job streams dozens of
-# messages and takes seconds; one queued behind it could idle another worker at the end of a run.
+# request takes ~40 ms to decode; waiting for the next one from the parent, 15 decoders of 48 kHz
+# MP3 clips were busy 85 % of the time, 91 % with the next request queued (bench/RESULTS.md). A
+# long file's job streams dozens of messages and takes seconds; one queued behind it could idle
+# another worker at the end of a run.
 SHORT_JOB_MESSAGES = 3.0
 _MESSAGES_EMA = 0.2  # weight of the last finished job in the running mean of messages per job
 _READY = b"ready"
@@ -414,8 +415,6 @@ class _Job:
     deadline: float  # math.inf while queued behind another job
     request: Any = None  # kept to send it elsewhere should the worker die before starting it
     messages: int = 0  # received so far
-
-
 
 
 class _Worker:

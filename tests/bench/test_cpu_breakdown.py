@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 
 import cpu_breakdown as cb
+import shapes
 import synth_corpus
 from synth_model import FULL_AUDIO
 
@@ -56,7 +57,7 @@ def test_the_table_names_each_stage_and_the_cores_needed(measured):
 
 def test_the_decode_ceiling_decodes_every_file_through_the_pool(measured):
     corpus = measured["corpora"]["mp3_48k_2_10s"]
-    c = cb.decode_ceiling(corpus, workers=1)
+    c = shapes.decode_ceiling(corpus, workers=1)
     # Every second of the corpus came back as windows (to the 16 kHz sample), and none failed.
     assert c["audio_seconds"] == pytest.approx(corpus["audio_seconds"], abs=2 / 16_000)
     assert c["failures"] == 0 and c["workers"] == 1
