@@ -3,8 +3,10 @@
 Threads and processes, and what each owns:
   decode workers (processes)  read, downmix, resample and cut audio into 30 s windows; a crash or a
                               hang costs only its file (audio.pool)
-  producer thread             sends decode requests, sorts received windows by length in a pool of
-                              a few batches, packs batches into pinned staging slots (numpy)
+  receiver thread             sends decode requests to the workers and takes their windows in, into
+                              a bounded queue (Receiver): a worker gets its next request at once
+  producer thread             sorts received windows by length in a pool of a few batches, packs
+                              batches into pinned staging slots (numpy)
   the caller's thread         the device loop: copies, log-mel, encoder, pooled sums back, pooling
   writer thread               finished rows and failures → committed parts (output.writer)
 Queues between them are bounded (decode requests in flight, the window pool, the batch queue,
@@ -61,6 +63,80 @@ MAX_SEGMENTS_PER_FILE = 64  # rows of one file decoded together (the file is rea
 REQUEST_AUDIO_S = 20.0  # audio per decode request: many short clips in one, a long file alone
 MAX_FILES_PER_REQUEST = 64
 PRODUCER_JOIN_S = 5.0
+RECEIVED_PER_WORKER = 1  # results the receiver holds for the producer, per decode worker (~2 MB each)
+
+
+class _Failed:
+    def __init__(self, error: BaseException):
+        self.error = error
+
+
+_DONE = object()
+
+
+class Receiver:
+    """`pool.stream(requests)` read on a thread of its own, its messages handed over through a
+    bounded queue: iterate it for `(key, message)`, or `(None, None)` every POLL_S without one.
+
+    The producer packs and stages batches between messages, and waits for the device when enough
+    is held. Reading the pool on the producer's thread, those pauses held the workers up too: a
+    worker that finished waited for its next request, and one with a message waited for it to be
+    read. On 48 kHz MP3 clips the workers were busy 10.8 of 16 cores inside the job, against 14.5
+    reading the pool alone (bench/RESULTS.md). Here they wait only once `size` results are queued.
+
+    Leaving the `with` stops the thread (within a poll) and abandons the stream: the pool kills
+    the workers still on its requests, as when the producer stopped reading before. An exception
+    on the thread (a request that cannot be made, a pool error) is raised to whoever iterates.
+    """
+
+    def __init__(self, pool: DecodePool, requests, size: int):
+        self._pool, self._requests = pool, requests
+        self._queue: queue.Queue = queue.Queue(maxsize=max(1, size))
+        self._quit = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="decode-receiver", daemon=True)
+
+    def __enter__(self) -> Receiver:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._quit.set()
+        # Within a poll, unless a decoder is stuck in this very process (--decode-workers 0),
+        # which nothing can stop; the pool's close() then leaves it, as Pipeline.close does.
+        self._thread.join(PRODUCER_JOIN_S)
+
+    def __iter__(self):
+        while True:
+            try:
+                item = self._queue.get(timeout=POLL_S)
+            except queue.Empty:
+                yield None, None
+                continue
+            if item is _DONE:
+                return
+            if isinstance(item, _Failed):
+                raise item.error
+            yield item
+
+    def _run(self) -> None:
+        try:
+            # closing: leaving early abandons the stream here, on this thread (see DecodePool.stream).
+            with closing(self._pool.stream(self._requests, poll_s=POLL_S)) as stream:
+                for item in stream:
+                    if self._quit.is_set() or (item[0] is not None and not self._put(item)):
+                        return
+            self._put(_DONE)
+        except BaseException as e:  # noqa: BLE001  (raised on the iterating thread)
+            self._put(_Failed(e))
+
+    def _put(self, item) -> bool:
+        while True:
+            try:
+                self._queue.put(item, timeout=0.2)
+                return True
+            except queue.Full:
+                if self._quit.is_set():
+                    return False
 
 
 class Producer(threading.Thread):
@@ -142,12 +218,13 @@ class Producer(threading.Thread):
             with DecodePool(self.workers, timeout_s=self.opts.decode_timeout_s, decode_fn=_resolve(self.opts.decode_fn)) as pool:
                 requests = self._requests()
                 while requests is not None:
-                    for key, message in pool.stream(requests, poll_s=POLL_S):
-                        if self.stop.is_set():
-                            return
-                        if key is not None:  # None: nothing from the decoders yet, a moment to feed the device
-                            self._receive(key, message)
-                        self._push()
+                    with Receiver(pool, requests, RECEIVED_PER_WORKER * self.workers) as received:
+                        for key, message in received:
+                            if self.stop.is_set():
+                                return
+                            if key is not None:  # None: nothing from the decoders yet, a moment to feed the device
+                                self._receive(key, message)
+                            self._push()
                     # Files of a request whose worker died are retried one per request, so the
                     # file that killed it is the only one that fails (and its message names it).
                     retry, self._retry = self._retry, []

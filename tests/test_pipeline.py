@@ -1,0 +1,64 @@
+"""extractor.pipeline.Receiver: the decode pool read on a thread of its own, so that the workers
+are fed and read while the producer packs and stages (issue 10)."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+
+from builders import speechlike, write_audio
+from extractor.audio.decode import DecodeRequest, FileJob, WindowBlock
+from extractor.audio.pool import END, DecodePool
+from extractor.pipeline import Receiver
+
+# The decode workers import the decode function's module by name: the repository's tests.hooks,
+# as the job's --decode-fn does (imported by name here, as tests/audio/test_streaming.py does).
+crashy_decode = __import__("tests.hooks", fromlist=["crashy_decode"]).crashy_decode
+
+
+@pytest.fixture(scope="module")
+def clips(tmp_path_factory):
+    d = tmp_path_factory.mktemp("clips")
+    return [str(write_audio(d / f"c{i}.flac", speechlike(1.0, sr=16000, seed=i), 16000)) for i in range(8)]
+
+
+def requests(paths, first=0):
+    return [(first + i, DecodeRequest((FileJob(p, (first + i,), ((None, None),)),))) for i, p in enumerate(paths)]
+
+
+def test_the_thread_reads_the_pool_while_nobody_reads_the_receiver(clips):
+    with DecodePool(1, decode_fn=crashy_decode) as pool, Receiver(pool, iter(requests(clips)), size=3) as received:
+        deadline = time.monotonic() + 60
+        while not received._queue.full():  # nobody iterates yet: the thread alone fills the queue
+            assert time.monotonic() < deadline, "the receiver's thread did not read the pool"
+            time.sleep(0.01)
+        messages = [m for m in received if m[0] is not None]
+    # Every request's block, then its END, in order (one worker), nothing twice and nothing lost.
+    assert [k for k, m in messages] == [k for k in range(8) for _ in (0, 1)]
+    assert all(isinstance(m, WindowBlock) and m.done[0][0] == k for k, m in messages[::2])
+    assert all(m is END for _, m in messages[1::2])
+
+
+def test_an_error_on_the_thread_is_raised_to_the_reader(clips):
+    def broken():
+        yield from requests(clips[:1])
+        raise ValueError("manifest row 1 is broken")
+
+    with DecodePool(1, decode_fn=crashy_decode) as pool, Receiver(pool, broken(), size=2) as received:
+        with pytest.raises(ValueError, match="manifest row 1 is broken"):
+            for _ in received:
+                pass
+
+
+def test_leaving_early_stops_the_thread_and_the_busy_worker(tmp_path, clips):
+    hang = str(write_audio(tmp_path / "HANG.flac", speechlike(1.0, sr=16000, seed=9), 16000))  # tests.hooks.HANG
+    with DecodePool(1, decode_fn=crashy_decode) as pool:
+        t0 = time.monotonic()
+        with Receiver(pool, iter(requests([hang])), size=2) as received:
+            assert next(iter(received)) == (None, None)  # a poll without a message: the worker hangs
+            thread = received._thread
+        assert not thread.is_alive() and time.monotonic() - t0 < 4.0
+        # The hung worker was killed with the abandoned stream; its replacement decodes.
+        (key, block), (_, end) = pool.stream(requests(clips[:1], first=5))
+    assert key == 5 and isinstance(block, WindowBlock) and end is END
