@@ -203,6 +203,7 @@ class TreeMemory(threading.Thread):
         self.samples: list[tuple[float, float, float, float | None, int, float, float]] = []
         self._halt = threading.Event()
         self._t0 = time.monotonic()
+        self._cpu: dict[int, float] = {}  # pid -> CPU s, last seen
 
     def run(self) -> None:
         while not self._halt.wait(self.interval):
@@ -217,9 +218,15 @@ class TreeMemory(threading.Thread):
         pss = [pss_bytes(p) for p in tree]
         tree_rss = sum(r for r in rss if r is not None)
         tree_pss = sum(p for p in pss if p is not None) if all(p is not None for p, r in zip(pss, rss) if r is not None) else None
-        cpu = [cpu_seconds(p) for p in tree]
+        # Each process's CPU as last seen: the decode workers exit when decoding ends, before the
+        # device's last batches, and their CPU must not leave the tree's sum with them.
+        for p in tree:
+            c = cpu_seconds(p)
+            if c is not None:
+                self._cpu[p] = c
         self.samples.append((round(time.monotonic() - self._t0, 2), main / 1e9, tree_rss / 1e9,
-                             None if tree_pss is None else tree_pss / 1e9, len(tree), cpu[0] or 0.0, sum(c for c in cpu if c)))
+                             None if tree_pss is None else tree_pss / 1e9, len(tree), self._cpu.get(self.pid, 0.0),
+                             sum(self._cpu.values())))
 
     def stop(self) -> None:
         self._halt.set()
@@ -254,8 +261,7 @@ def steady_cores(memory: dict, summary: dict) -> dict | None:
     a, b = inside[0], inside[-1]
     span = b[0] - a[0]
     main = (b[5] - a[5]) / span
-    # A worker that exits takes its CPU out of the tree's sum: a negative difference is not a rate.
-    rest = max(0.0, (b[6] - b[5]) - (a[6] - a[5])) / span
+    rest = ((b[6] - b[5]) - (a[6] - a[5])) / span
     return {"span_s": round(span, 2), "main_cores": round(main, 2), "worker_cores": round(rest, 2), "cpus": os.cpu_count()}
 
 
