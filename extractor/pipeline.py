@@ -110,6 +110,8 @@ class Receiver:
             try:
                 item = self._queue.get(timeout=POLL_S)
             except queue.Empty:
+                if not self._thread.is_alive() and self._queue.empty():  # cannot happen: it always says why it ended
+                    raise RuntimeError("the decode receiver ended without a word") from None
                 yield None, None
                 continue
             if item is _DONE:
