@@ -82,7 +82,9 @@ class Receiver:
     is held. Reading the pool on the producer's thread, those pauses held the workers up too: a
     worker that finished waited for its next request, and one with a message waited for it to be
     read. On 48 kHz MP3 clips the workers were busy 10.8 of 16 cores inside the job, against 14.5
-    reading the pool alone (bench/RESULTS.md). Here they wait only once `size` results are queued.
+    reading the pool alone, and the device waited 9.8 % of the time. Here they wait only once
+    `size` results are queued; with it, the device was the bound on that corpus (0.0 % idle; one
+    call, a faster host: bench/RESULTS.md, dea48d3).
 
     Leaving the `with` stops the thread (within a poll) and abandons the stream: the pool kills
     the workers still on its requests, as when the producer stopped reading before. An exception
