@@ -311,6 +311,7 @@ def decode_ceiling(corpus: dict, workers: int | None = None, share: float = 0.9)
     import pyarrow.parquet as pq
 
     from extractor.audio.pool import END, DecodePool, WorkerFailure
+    from extractor.constants import SAMPLE_RATE
     from extractor.options import default_decode_workers
 
     workers = default_decode_workers() if workers is None else workers
@@ -329,7 +330,7 @@ def decode_ceiling(corpus: dict, workers: int | None = None, share: float = 0.9)
                 continue
             if message is END:
                 continue
-            done_s += len(message.samples) / 16_000
+            done_s += len(message.samples) / SAMPLE_RATE
             if at_share is None and done_s >= share * expected:
                 at_share, cpu_at_share = time.perf_counter() - t0, descendants_cpu_s(me) - cpu0
         wall, cpu_all = time.perf_counter() - t0, descendants_cpu_s(me) - cpu0  # before the workers exit
@@ -493,7 +494,7 @@ bench with its own seed (bench/synth_corpus.py: speech-like syllables, noise flo
 - **first batch**: from the process's launch; **tail**: from the last batch's results to the
   summary line. **host GB**: the job's whole process tree (main, fork server, decode workers),
   proportional set size, max over 1 s samples.
-- **decode ceiling**: the same corpus through the job's decode workers alone (bench/cpu_breakdown.py
+- **decode ceiling**: the same corpus through the job's decode workers alone (bench/shapes.py
   `decode_ceiling`), measured just before the run: what the host's cores can feed. **cores**: CPU
   of the job's main process and of its decode workers over the steady phase, from /proc.
 - **nightly**: process wall times (launch to exit): 1 % new rows appended to the manifest of a
