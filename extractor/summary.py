@@ -13,6 +13,7 @@ class DeviceStats:
     time_to_first_batch_s: float | None = None  # from the process's launch
     batches: int = 0
     oom_retries: int = 0
+    fused_batches: int = 0  # run with the fused add + LayerNorm (model/kernels.py); at most one more
     useful_flops: float = 0.0  # the shared cost formula, real audio only
     steady_useful_flops: float = 0.0  # after the first batch is back
     steady_audio_seconds: float = 0.0
@@ -85,7 +86,7 @@ def merge(parts: list[Summary], output: str, shard: str, wall_seconds: float, co
     for p in parts:
         for name in ("rows_total", "skipped", "embedded", "failed", "audio_seconds", "standing_failed"):
             setattr(s, name, getattr(s, name) + getattr(p, name))
-        for name in ("batches", "oom_retries", "useful_flops", "steady_useful_flops", "steady_audio_seconds"):
+        for name in ("batches", "oom_retries", "fused_batches", "useful_flops", "steady_useful_flops", "steady_audio_seconds"):
             setattr(s.stats, name, getattr(s.stats, name) + getattr(p.stats, name))
     s.interrupted = next((p.interrupted for p in parts if p.interrupted), None)
     s.noop = bool(parts) and all(p.noop for p in parts)

@@ -154,3 +154,34 @@ def test_gpu_upload_through_pinned_buffers_equals_safetensors(tiny_model, monkey
     want = checkpoint.read_tower_tensors(tiny_model)
     assert sorted(got) == sorted(want)
     assert all(got[k].is_cuda and got[k].dtype == want[k].dtype and torch.equal(got[k].cpu(), want[k]) for k in want)
+
+
+def test_gpu_fused_add_layer_norm_equals_the_eager_layers_and_canonical(wide, tmp_path):
+    """model/kernels.py: once compiled, the layers with each residual add and LayerNorm fused give
+    the eager layers' numbers within bf16 rounding, leave their input alone, and the embeddings
+    still match the canonical fp32 path."""
+    from extractor.model.encoder import PackedSeqs
+
+    ckpt, adapter, ref = wide
+    model = load_model(ckpt, adapter, torch.device("cuda"), torch.bfloat16)
+    enc = model.encoder
+    lengths = [7, 150, 1500, 33, 1]
+    cu = torch.tensor(np.cumsum([0, *lengths]), dtype=torch.int32, device="cuda")
+    seqs = PackedSeqs(cu, lengths, max(lengths))
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    tokens = (0.5 * torch.randn(sum(lengths), 1280, device="cuda", generator=gen)).to(torch.bfloat16)
+    before = tokens.clone()
+    with torch.inference_mode():
+        eager = tokens
+        for layer in enc.layers:
+            eager = layer(eager, seqs)
+        enc.compile_kernels(wait=True)
+        assert enc.fused_add_layer_norm
+        fused = enc._layers_fused(tokens, seqs)
+    assert torch.equal(tokens, before)
+    rows = torch.nn.functional.cosine_similarity(eager.float(), fused.float(), dim=1)
+    assert rows.min().item() >= 0.9999, rows.min().item()
+    waves = speech(tmp_path)
+    for d, x, e in zip(DURATIONS, waves, embed_packed(model, waves)):  # forward() now takes the fused path
+        c = cosine(e, canonical_embedding(ref, x))
+        assert c >= 0.999, f"{d} s, fused: cosine {c:.6f}"

@@ -94,6 +94,7 @@ class DeviceLoop:
             waves = slot.waves[: B * S].view(B, S)
             flat = slot.index[: batch.meta["n_index"]]
         ix = {k: flat[a : a + n] for k, (a, n) in batch.meta["offsets"].items()}
+        self.stats.fused_batches += self.model.encoder.fused_add_layer_norm  # it turns on, never off
         sums, frames = forward(self.model, batch, waves, ix)
         # Launched: the producer may refill the slot once its copy is done (an out-of-memory error
         # above leaves it held, for _halves to read back).
@@ -178,6 +179,9 @@ class DeviceLoop:
                 last_rss = time.monotonic()
                 st.host_rss_gb_samples.append(round(host_rss_gb(), 3))
             if steady_start is None:
+                # The fused add + LayerNorm compiles now, on its own thread, not before the first
+                # batch: that batch waits for no compiler, and later ones take it once it is ready.
+                self.model.encoder.compile_kernels()
                 st.host_rss_gb_first_batch = host_rss_gb()
                 # Steady state starts once the first batch is back: compilation, warm-up and the
                 # decode pipeline's fill are behind us.

@@ -78,3 +78,24 @@ def test_mel_filter_bank_equals_the_feature_extractors(n_mels):
 
     reference = WhisperFeatureExtractor(feature_size=n_mels).mel_filters.astype(np.float32)
     assert np.array_equal(_mel_filters_np(n_mels), reference)
+
+
+def test_the_fused_add_layer_norm_serves_cuda_bfloat16_only_and_a_failed_compile_stays_eager(merged, caplog):
+    """model/kernels.py: the Triton kernel is for bfloat16 on CUDA (float16 keeps HF's clamps, the
+    CPU has no Triton). A compile that cannot run is logged, and the encoder stays eager."""
+    from extractor.model import kernels
+
+    assert kernels.usable(torch.device("cuda", 0), torch.bfloat16)
+    assert not kernels.usable(torch.device("cuda", 0), torch.float16)
+    assert not kernels.usable(torch.device("cpu"), torch.bfloat16)
+    merged.encoder.compile_kernels(wait=True)  # float32 on the CPU: nothing to compile
+    assert not merged.encoder.fused_add_layer_norm
+    assert not kernels._state.get((torch.device("cpu"), torch.float32, merged.cfg.d_model))
+
+    nowhere = torch.device("cuda", 63)  # no such device, here or on a GPU machine
+    with caplog.at_level("DEBUG", logger="extractor.model.kernels"):
+        kernels.prepare(nowhere, torch.bfloat16, 64, wait=True)
+        kernels.prepare(nowhere, torch.bfloat16, 64, wait=True)  # asked again: not tried again
+    assert not kernels.ready(nowhere, torch.bfloat16, 64) and kernels._state[(nowhere, torch.bfloat16, 64)] == "failed"
+    assert caplog.text.count("fused add + LayerNorm not used on cuda:63") == 1
+    assert "the encoder stays eager" in caplog.text
