@@ -214,12 +214,22 @@ def _distributions(module: str) -> set[str]:
     return {canonicalize_name(d) for d in importlib.metadata.packages_distributions().get(module, [])}
 
 
+# Triton comes with torch's CUDA wheels (PyPI's linux x86_64 torch requires it; the image's lock
+# has it), not with its CPU builds. model/kernels.py imports it only when it compiles, and stays
+# eager without it: the torch requirement is its declaration.
+WITH_TORCH_CUDA = {"triton"}
+
+
 def test_every_module_the_code_imports_is_declared_and_module_level_ones_in_the_base():
     base, every = _declared(), _declared(*PYPROJECT["project"]["optional-dependencies"])
     problems = []
     for root in ("extractor", "jobs"):
         for module, files in _imports(REPO / root).items():
             if module in ("extractor", "jobs"):
+                continue
+            if module in WITH_TORCH_CUDA:
+                if any(files.values()) or f"\n{module}==" not in DOCKER_LOCK.read_text():
+                    problems.append(f"{module} must be imported where it is used ({sorted(files)}) and be in the image's lock")
                 continue
             dists = _distributions(module)
             if not dists:
