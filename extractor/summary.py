@@ -13,7 +13,7 @@ class DeviceStats:
     time_to_first_batch_s: float | None = None  # from the process's launch
     batches: int = 0
     oom_retries: int = 0
-    fused_batches: int = 0  # run with the fused add + LayerNorm (model/kernels.py); at most one more
+    fused_batches: int = 0  # with the fused add + LayerNorm (model/kernels.py), but maybe the one as it turned on
     useful_flops: float = 0.0  # the shared cost formula, real audio only
     steady_useful_flops: float = 0.0  # after the first batch is back
     steady_audio_seconds: float = 0.0

@@ -185,3 +185,24 @@ def test_gpu_fused_add_layer_norm_equals_the_eager_layers_and_canonical(wide, tm
     for d, x, e in zip(DURATIONS, waves, embed_packed(model, waves)):  # forward() now takes the fused path
         c = cosine(e, canonical_embedding(ref, x))
         assert c >= 0.999, f"{d} s, fused: cosine {c:.6f}"
+
+
+def test_gpu_log_mel_makes_one_cufft_plan_for_every_batch_shape():
+    """model/logmel.py: a cuFFT plan made for a new shape waited for the GPU's whole queue (~30 ms
+    per batch on an H100, with the interpreter held). The FFTs now run in fixed chunks, so batches
+    of any shape add no plan after the first, and the spectrum is still torch.stft's."""
+    from extractor.model.logmel import LogMel
+
+    lm = LogMel(128, "cuda")
+    lm(torch.zeros(1, 1_600, device="cuda"), torch.tensor([10], device="cuda"))  # makes the one plan
+    cache = torch.backends.cuda.cufft_plan_cache[torch.cuda.current_device()]
+    before = cache.size
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    shapes = [(48, 320_000), (51, 310_400), (111, 160_000), (3, 480_000)]
+    waves = [0.3 * torch.randn(rows, samples, device="cuda", generator=gen) for rows, samples in shapes]
+    spectra = [lm.stft(w) for w in waves]
+    for w in waves:
+        lm(w, torch.full((w.shape[0],), w.shape[1] // 160, device="cuda"))
+    assert cache.size == before
+    for w, got in zip(waves, spectra):
+        assert torch.equal(got, torch.stft(w, 400, 160, window=lm.window, center=True, pad_mode="reflect", return_complex=True))

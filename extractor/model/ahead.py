@@ -89,7 +89,8 @@ def read_tower(model_dir: Path) -> int:
 
 def warm_device(device: str) -> None:
     """Make the CUDA context of `device` and do the first call of each library the encoder uses
-    (cuBLAS/cuBLASLt, cuFFT, cuDNN), each on a tiny input: the libraries load once per process."""
+    (cuBLAS/cuBLASLt, cuFFT, cuDNN), each on a tiny input but cuFFT, which makes the one plan that
+    LogMel.stft uses for every batch: the libraries load once per process."""
     import torch
 
     if not device.startswith(("cuda", "auto")) or not torch.cuda.is_available():
@@ -102,8 +103,10 @@ def warm_device(device: str) -> None:
         w = torch.ones(64, 64, device=cuda, dtype=torch.bfloat16)
         x @ w  # cuBLAS
         torch._addmm_activation(w[0], x, w.t(), use_gelu=True)  # cuBLASLt, with the GELU epilogue
-        wave = torch.zeros(1, 1600, device=cuda)
-        torch.stft(wave, 400, 160, window=torch.hann_window(400, device=cuda), return_complex=True)  # cuFFT
+        # cuFFT, with the one plan LogMel.stft uses for every batch: made here, not on the first batch
+        from .logmel import FFT_FRAMES, N_FFT
+
+        wave = torch.fft.rfft(torch.zeros(FFT_FRAMES, N_FFT, device=cuda))
         conv = torch.nn.functional.conv1d(torch.zeros(1, 8, 16, device=cuda, dtype=torch.bfloat16),
                                           torch.zeros(8, 8, 3, device=cuda, dtype=torch.bfloat16), padding=1)  # cuDNN
         torch.cuda.synchronize(index)

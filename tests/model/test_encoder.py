@@ -99,3 +99,18 @@ def test_the_fused_add_layer_norm_serves_cuda_bfloat16_only_and_a_failed_compile
     assert not kernels.ready(nowhere, torch.bfloat16, 64) and kernels._state[(nowhere, torch.bfloat16, 64)] == "failed"
     assert caplog.text.count("fused add + LayerNorm not used on cuda:63") == 1
     assert "the encoder stays eager" in caplog.text
+
+
+@pytest.mark.parametrize("frames_per_fft", [None, 1000, 7], ids=["one-call", "chunks-of-1000", "chunks-of-7"])
+def test_the_log_mel_stft_in_fixed_chunks_is_torch_stft_bit_for_bit(frames_per_fft):
+    """LogMel.stft runs its FFTs in chunks of one size (on CUDA, so that cuFFT makes one plan, not
+    one per batch shape, each of which waited for the GPU's queue): the same numbers as torch.stft,
+    whatever the chunk, including a last chunk padded with unused frames."""
+    from extractor.model.logmel import LogMel
+
+    lm = LogMel(128)
+    gen = torch.Generator().manual_seed(0)
+    for rows, samples in [(1, 480_000), (3, 16_000), (7, 99_999), (2, 401), (1, 1_600)]:
+        waves = 0.3 * torch.randn(rows, samples, generator=gen)
+        want = torch.stft(waves, 400, 160, window=lm.window, center=True, pad_mode="reflect", return_complex=True)
+        assert torch.equal(lm.stft(waves, frames_per_fft), want), (rows, samples, frames_per_fft)
