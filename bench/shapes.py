@@ -290,10 +290,9 @@ def descendants_cpu_s(exclude: int) -> float:
 def requests_of(paths: list[str], durations: list[float]):
     """Decode requests grouped as pipeline.Producer groups them: REQUEST_AUDIO_S of audio each."""
     from extractor.audio.decode import DecodeRequest, FileJob
-    from extractor.pipeline import MAX_FILES_PER_REQUEST, REQUEST_AUDIO_S
+    from extractor.pipeline import files_per_request
 
-    mean = sum(durations) / len(durations)
-    per = int(min(MAX_FILES_PER_REQUEST, max(1, REQUEST_AUDIO_S // max(mean, 1e-3))))
+    per = files_per_request(sum(durations) / len(durations))
     requests = []
     for i in range(0, len(paths), per):
         files = tuple(FileJob(p, (k,), ((None, None),)) for k, p in zip(range(i, i + per), paths[i:i + per]))

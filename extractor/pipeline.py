@@ -66,6 +66,22 @@ PRODUCER_JOIN_S = 5.0
 RECEIVED_PER_WORKER = 1  # results the receiver holds for the producer, per decode worker (~2 MB each)
 
 
+def files_per_request(mean_audio_s: float) -> int:
+    """Files per decode request, for files of `mean_audio_s` on average: REQUEST_AUDIO_S of audio."""
+    return int(min(MAX_FILES_PER_REQUEST, max(1, REQUEST_AUDIO_S // max(mean_audio_s, 1e-3))))
+
+
+def _put_unless(q: queue.Queue, item, stop: threading.Event) -> bool:
+    """Put `item` on `q`, waiting for room; False, with nothing put, once `stop` is set."""
+    while True:
+        try:
+            q.put(item, timeout=0.2)
+            return True
+        except queue.Full:
+            if stop.is_set():
+                return False
+
+
 class _Failed:
     def __init__(self, error: BaseException):
         self.error = error
@@ -134,13 +150,7 @@ class Receiver:
             self._put(_Failed(e))
 
     def _put(self, item) -> bool:
-        while True:
-            try:
-                self._queue.put(item, timeout=0.2)
-                return True
-            except queue.Full:
-                if self._quit.is_set():
-                    return False
+        return _put_unless(self._queue, item, self._quit)
 
 
 class Producer(threading.Thread):
@@ -205,8 +215,7 @@ class Producer(threading.Thread):
             # As many files per request as make REQUEST_AUDIO_S, by the rows seen so far: a
             # request of 0.5 s clips holds dozens (few messages), a podcast goes alone (no tail).
             per_row = self._audio_seen / self._rows_seen if self._rows_seen else REQUEST_AUDIO_S
-            want = int(min(MAX_FILES_PER_REQUEST, max(1, REQUEST_AUDIO_S // max(per_row, 1e-3))))
-            group = [f for _, f in zip(range(want), files)]
+            group = [f for _, f in zip(range(files_per_request(per_row)), files)]
             if not group:
                 return
             yield self._request(group)
@@ -337,13 +346,8 @@ class Producer(threading.Thread):
     def _put(self, item) -> None:
         # Gives up once stopped: a blocking put on a full queue nobody reads any more (the device
         # loop died on a write fault, or the run was refused) would hold the exit forever.
-        while True:
-            try:
-                self.batches.put(item, timeout=0.2)
-                return
-            except queue.Full:
-                if self.stop.is_set():
-                    raise Stopped from None
+        if not _put_unless(self.batches, item, self.stop):
+            raise Stopped
 
 
 def _resolve(spec: str | None):

@@ -104,11 +104,12 @@ def warm_device(device: str) -> None:
         x @ w  # cuBLAS
         torch._addmm_activation(w[0], x, w.t(), use_gelu=True)  # cuBLASLt, with the GELU epilogue
         # cuFFT, with the one plan LogMel.stft uses for every batch: made here, not on the first batch
-        from .logmel import FFT_FRAMES, N_FFT
+        from ..constants import N_FFT
+        from .logmel import FFT_FRAMES
 
-        wave = torch.fft.rfft(torch.zeros(FFT_FRAMES, N_FFT, device=cuda))
+        spectrum = torch.fft.rfft(torch.zeros(FFT_FRAMES, N_FFT, device=cuda))
         conv = torch.nn.functional.conv1d(torch.zeros(1, 8, 16, device=cuda, dtype=torch.bfloat16),
                                           torch.zeros(8, 8, 3, device=cuda, dtype=torch.bfloat16), padding=1)  # cuDNN
         torch.cuda.synchronize(index)
-        del x, w, wave, conv
+        del x, w, spectrum, conv
     logger.debug("start-up: %s warmed up", cuda)
