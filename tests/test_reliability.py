@@ -531,10 +531,10 @@ COLD_KILLS = 4  # cold `python -m jobs.extract`, SIGKILLed during its startup
 KILL_PLAN = ["startup"] * 4 + ["after-commit"] * 9 + ["in-commit"] * 3  # zygote runs, SIGKILL
 # Issue 11: at least 10 of each; each signal's share has a cold start, and one more of each is
 # sent near the end of the job (see the torture fixture and _wait_for_instant).
-# "prepared" is held by a hook where the run has read its configuration and not yet taken the
-# lock, so that stage is always covered, however the machine's load shifts the random instants.
-SIGNAL_PLAN = ["cold-startup"] + ["prepared"] * 2 + ["startup"] * 3 + ["after-commit"] * 4  # one spare: a run may finish before its signal
-PAUSE = {"EXTRACTOR_TEST_HOOK": "tests.hooks:pause_at", "HOOK_PAUSE": "prepared"}  # for "prepared" runs, with HOOK_DIR
+# "held-POINT" runs are held by a hook at that point of extractor.hooks (prepared: configuration
+# read, no lock yet; planned: lock held, pending rows known, nothing loaded), so those stages are
+# always covered, however the machine's load shifts the random instants.
+SIGNAL_PLAN = ["cold-startup", "held-prepared", "held-prepared", "held-planned", "startup", "startup"] + ["after-commit"] * 4  # one spare: a run may finish before its signal
 SIGNAL_EXIT_S = 10.0  # issue 11: a stopped run is gone within this on CPU (Kubernetes' grace is 30 s)
 INTERRUPTED = re.compile(r"interrupted by (SIGTERM|SIGINT): kept (\d+) embedded and (\d+) failed rows")
 
@@ -604,8 +604,8 @@ def _wait_for_instant(kind: str, run: Run, out: Path, before: int, pending: int,
       cold-startup  a cold process, anywhere in [0, its first commit): interpreter and imports,
                     prepare, lock, model load, decode pool start
       startup       a zygote child, anywhere before its first commit
-      prepared      a zygote child held by tests.hooks:pause_at where its configuration is read and
-                    checked and no lock is taken yet (the caller releases it once it has signalled)
+      held-POINT    a zygote child held by tests.hooks:pause_at at extractor.hooks' POINT (the
+                    caller releases it once it has signalled)
       after-commit  1-2 commits into the run, then anywhere in the next two part intervals:
                     mid-batch, mid-part, during the next write/fsync/rename
       in-commit     the moment a temporary appears in _tmp/: between write and rename
@@ -630,8 +630,8 @@ def _wait_for_instant(kind: str, run: Run, out: Path, before: int, pending: int,
         # the commit itself also ends the wait: a "startup" signal never lets a run get far.
         delay = rng.uniform(0, reference.first_commit_s if kind == "cold-startup" else clock["warm_first_commit"])
         wait_until(lambda: run.elapsed >= delay or committed(), RUN_TIMEOUT_S, poll=0.002, run=run)
-    elif kind == "prepared":
-        wait_until(lambda: (flags / f"at-prepared-{run.pid}").exists(), RUN_TIMEOUT_S, poll=0.002, run=run)
+    elif kind.startswith("held-"):
+        wait_until(lambda: (flags / f"at-{kind[5:]}-{run.pid}").exists(), RUN_TIMEOUT_S, poll=0.002, run=run)
     elif kind == "after-commit":
         m = rng.choice([1, 2])
         wait_until(lambda: committed(m), RUN_TIMEOUT_S, poll=0.002, run=run)
@@ -691,14 +691,15 @@ def torture(corpus, reference, zygote, tiny_model, tiny_adapter, tmp_path_factor
         if kind == "cold-startup":
             run = Run(args, log_path=root / f"log-{n}.txt")
         else:
-            run = Run(args, zygote=zygote, env={**PAUSE, "HOOK_DIR": str(flags)} if kind == "prepared" else None)
+            held = {"EXTRACTOR_TEST_HOOK": "tests.hooks:pause_at", "HOOK_PAUSE": kind[5:], "HOOK_DIR": str(flags)}
+            run = Run(args, zygote=zygote, env=held if kind.startswith("held-") else None)
         k.pid = run.pid
         k.kind = _wait_for_instant(kind, run, out, before, k.pending, rng, reference, clock, flags)
         k.at_s = run.elapsed
         k.graceful = catches(run.pid, signal.SIGTERM)
         sent = time.monotonic()
         k.killed = run.kill(signum)
-        if kind == "prepared":
+        if kind.startswith("held-"):
             # The signal is pending in the run before this returns, and CPython runs the handler
             # before the hook's next look for this file: the run sees it stopped once released.
             (flags / f"release-{run.pid}").touch()
@@ -862,8 +863,8 @@ def test_sigterm_and_sigint_stop_within_10_s_with_their_code_and_line(torture):
         assert sum(k.killed and k.signum == s for k in runs) >= 10, _describe(torture.kills)
         assert sum(k.rc == 128 + s for k in runs) >= 5, _describe(torture.kills)
     stages = [_stage(k) for k in runs]
-    held = [_stage(k) for k in runs if k.kind == "prepared"]
-    assert held == ["before the lock"] * 4, held  # the hook held them there: graceful, nothing planned
+    held = {kind: [_stage(k) for k in runs if k.kind == kind] for kind in ("held-prepared", "held-planned")}
+    assert held == {"held-prepared": ["before the lock"] * 4, "held-planned": ["model load, first batches"] * 2}, held
     assert stages.count("before the lock") + stages.count("before the handlers") >= 3, stages
     assert stages.count("model load, first batches") >= 1, stages
     assert sum(k.rc == 128 + k.signum and k.new_rows[0] > 0 for k in runs) >= 5, _describe(torture.kills)  # kept embedded rows
