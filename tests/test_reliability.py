@@ -7,9 +7,11 @@ readers and the next night's run see it (OUT/embeddings/, OUT/failures/, OUT/_sh
 Most runs start from a *zygote*: one Python process that has imported torch (2-3 s of a tiny
 job's start on 2 shared cores) and forks a child per run; the child calls `jobs.extract.main()`
 with the run's argv, exactly what `python -m jobs.extract` does after its imports. That makes
-the torture's 43 kills and signals affordable in CI (about a second each). The uninterrupted
+the torture's 45 kills and signals affordable in CI (about a second each). The uninterrupted
 reference run and a share of the kills and signals are cold `python -m jobs.extract`
-processes, so startup from a bare interpreter is interrupted too.
+processes, so startup from a bare interpreter is interrupted too. Most instants are random; the
+stages that the tests count on seeing are also reached every run by runs that a hook holds there
+(tests.hooks:pause_at), since on a loaded machine random instants may all miss a short stage.
 
 Every job process gets OMP_NUM_THREADS=1: on 2 shared cores the decode worker and OpenMP's
 spinning threads fight, and the encoder's per-batch time swings from 15 to 750 ms (measured).
