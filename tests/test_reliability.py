@@ -693,9 +693,10 @@ def torture(corpus, reference, zygote, tiny_model, tiny_adapter, tmp_path_factor
         before = len(committed_files(out))
         if kind == "cold-startup":
             run = Run(args, log_path=root / f"log-{n}.txt")
+        elif kind.startswith("held-"):
+            run = Run(args, zygote=zygote, env={"EXTRACTOR_TEST_HOOK": "tests.hooks:pause_at", "HOOK_PAUSE": kind[5:], "HOOK_DIR": str(flags)})
         else:
-            held = {"EXTRACTOR_TEST_HOOK": "tests.hooks:pause_at", "HOOK_PAUSE": kind[5:], "HOOK_DIR": str(flags)}
-            run = Run(args, zygote=zygote, env=held if kind.startswith("held-") else None)
+            run = Run(args, zygote=zygote)
         k.pid = run.pid
         k.kind = _wait_for_instant(kind, run, out, before, k.pending, rng, reference, clock, flags)
         k.at_s = run.elapsed
