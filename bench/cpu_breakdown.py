@@ -168,22 +168,23 @@ def handoff_direct(blocks: list) -> tuple[float, float]:
     import multiprocessing as mp
     import threading
 
-    from extractor.audio.pool import _recv_result, _send_result  # the wire format DecodePool uses
+    from extractor.audio.pool import Reader, decode, encode, write_all  # the wire DecodePool uses
 
-    sender, receiver = mp.Pipe(duplex=True)
+    receiver, sender = mp.Pipe(duplex=False)
     received: list[float] = []
 
     def read() -> None:
         t = time.thread_time()
+        wire = Reader(receiver.fileno())
         for _ in blocks:
-            _recv_result(receiver)
+            decode(*wire.read_one())
         received.append(time.thread_time() - t)
 
     reader = threading.Thread(target=read, name="receiver")
     reader.start()
     t = time.thread_time()
     for block in blocks:
-        _send_result(sender, block)
+        write_all(sender.fileno(), encode(block))
     send = time.thread_time() - t
     reader.join()
     sender.close()

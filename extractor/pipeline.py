@@ -37,6 +37,7 @@ from .batching.packing import Batch, plan_batches, window_flops, window_shapes
 from .batching.staging import GPU_TOKEN_BUDGET, Budget, Staging, Stopped, default_max_windows, default_token_budget, stage
 from .batching.pooling import RowPooling
 from .constants import HOP_LENGTH, SAMPLE_RATE
+from .ledger import Failure
 from .manifest.embedded import EmbeddedAudio
 from .manifest.read import ROW
 from .model.config import EncoderConfig
@@ -175,6 +176,8 @@ class Producer(threading.Thread):
         self.workers = opts.decode_workers if opts.decode_workers is not None else default_decode_workers()
         self._outstanding: dict[int, tuple[list[FileJob], set[int]]] = {}
         self._retry: list[tuple[int, DecodeRequest]] = []
+        self._killed: set[int] = set()  # rows whose decode worker was killed from outside once
+        self._streamed: set[int] = set()  # requests that sent windows (a retry would send them again)
         self._keys = iter(range(1 << 62))
         self._pool: list[tuple] = []  # (items, index, lengths, [sample views]) per received block
         self._pool_tokens = 0
@@ -260,18 +263,27 @@ class Producer(threading.Thread):
         if message is END:
             del self._outstanding[key]
             if items:  # cannot happen: every row is reported done or failed; guard it loudly
-                self._fail(sorted(items), [f"DecodeError: the decoder reported nothing for {self.pending['path'][i]}" for i in sorted(items)])
+                self._fail(sorted(items), [Failure("DecodeError", f"the decoder reported nothing for {self.pending['path'][i]}") for i in sorted(items)])
             return
         if isinstance(message, WorkerFailure):
             del self._outstanding[key]
             left = [FileJob(f.name, tuple(i for i in f.items if i in items), tuple(s for i, s in zip(f.items, f.segments) if i in items), f.data)
                     for f in files if any(i in items for i in f.items)]
-            if len(files) == 1:
-                self._fail(sorted(items), [message.error] * len(items))
+            retried = items & self._killed
+            if message.killed and not retried and key not in self._streamed:
+                # Killed from outside (the OOM killer, an operator): that says nothing about the
+                # files, so they get one more try each, on another worker.
+                self._killed.update(items)
+                logger.warning("retrying %d row(s) of %s once on another decode worker", len(items), files[0].name)
+                self._retry.extend(self._request([f]) for f in left)
+            elif len(files) == 1:
+                self._fail(sorted(items), [message.failure] * len(items))
             else:
                 self._retry.extend(self._request([f]) for f in left)
             return
         block: WindowBlock = message
+        if len(block.items):
+            self._streamed.add(key)
         if block.failed:
             self._fail([i for i, _ in block.failed], [e for _, e in block.failed])
             items.difference_update(i for i, _ in block.failed)
@@ -300,7 +312,7 @@ class Producer(threading.Thread):
             if self.stop.is_set():
                 raise Stopped
 
-    def _fail(self, items: list[int], errors: list[str]) -> None:
+    def _fail(self, items: list[int], errors: list[Failure]) -> None:
         self._ready.append(("failed", np.asarray(items, dtype=np.int64), errors))
 
     def _push(self, block: bool = False, one: bool = False) -> None:
@@ -404,7 +416,7 @@ class Pipeline:
             writer.put_rows(rows)
             progress.update(len(rows.items), 0, float(rows.durations.sum()))
 
-        def emit_failures(items: np.ndarray, errors: list[str]) -> None:
+        def emit_failures(items: np.ndarray, errors: list[Failure]) -> None:
             writer.put_failures(items, errors)
             progress.update(len(items), len(items), 0.0)
 

@@ -54,6 +54,19 @@ def crashy_decode(request: DecodeRequest):
     return decode_request(request)
 
 
+KILL_ME = "KILLME"  # decode_awaiting_a_kill: the worker on such a file waits to be killed from outside, once
+
+
+def decode_awaiting_a_kill(request: DecodeRequest):
+    """The real decoder; but the first worker given a file named KILL_ME says so (a flag
+    `decoding-PID` in HOOK_DIR) and sleeps, for the test to SIGKILL it from outside as the OOM killer
+    would. Once the test has left `killed-once`, the file decodes normally on any worker."""
+    if any(KILL_ME in os.path.basename(f.name) for f in request.files) and not os.path.exists(_flag("killed-once")):
+        open(_flag(f"decoding-{os.getpid()}"), "w").close()
+        time.sleep(HANG_SECONDS)
+    return decode_request(request)
+
+
 # --- run hooks: EXTRACTOR_TEST_HOOK=tests.hooks:<name>, with HOOK_DIR set to a folder ---------------
 # The job calls extractor.hooks.point(name, **info) at fixed points; these make a test's race
 # happen at exactly that point: they leave a file saying where the run is, and wait for the test.

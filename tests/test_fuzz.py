@@ -171,7 +171,7 @@ def embed_like_the_job(embedder: Embedder, path: Path, segment=(None, None)) -> 
                 failed += message.failed
     assert ended and len(done) + len(failed) == 1, (done, failed)  # every row reported exactly once
     if failed:
-        return failed[0][1]
+        return str(failed[0][1])
     ((_, count, duration),) = done
     assert sorted(windows) == list(range(count)), "a row's windows are 0..count-1"
     samples = np.concatenate([windows[i] for i in range(count)])

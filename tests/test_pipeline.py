@@ -62,3 +62,38 @@ def test_leaving_early_stops_the_thread_and_the_busy_worker(tmp_path, clips):
         # The hung worker was killed with the abandoned stream; its replacement decodes.
         (key, block), (_, end) = pool.stream(requests(clips[:1], first=5))
     assert key == 5 and isinstance(block, WindowBlock) and end is END
+
+
+def test_a_decode_worker_killed_from_outside_costs_its_row_one_more_try(tmp_path, clips, tiny_model):
+    """SIGKILL of a busy decode worker (the OOM killer, an operator) says nothing about its file:
+    the job goes on, the row is tried once more on another worker and embedded, and the log names
+    the worker."""
+    import os
+    import signal
+    import subprocess
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from jobrun import job_cmd, job_env, read_output, wait_for
+
+    victim = str(write_audio(tmp_path / "KILLME.flac", speechlike(1.5, sr=16000, seed=11), 16000))  # tests.hooks.KILL_ME
+    paths = clips[:4] + [victim] + clips[4:]
+    manifest = tmp_path / "m.parquet"
+    pq.write_table(pa.table({"path": paths}), manifest)
+    flags, out = tmp_path / "flags", tmp_path / "out"
+    flags.mkdir()
+    cmd = job_cmd(manifest, out, tiny_model, "--device", "cpu", "--decode-workers", "2", "--decode-fn", "tests.hooks:decode_awaiting_a_kill")
+    proc = subprocess.Popen(cmd, env=job_env(HOOK_DIR=str(flags)), stderr=subprocess.PIPE, text=True)
+    try:
+        wait_for(lambda: any(f.name.startswith("decoding-") for f in flags.iterdir()), 60, proc)
+        pid = int(next(f.name for f in flags.iterdir() if f.name.startswith("decoding-")).split("-")[1])
+        (flags / "killed-once").touch()
+        os.kill(pid, signal.SIGKILL)
+        _, log = proc.communicate(timeout=120)
+    finally:
+        proc.kill()
+    assert proc.returncode == 0 and f"{len(paths)} embedded, 0 failed" in log, log
+    assert f"decode worker {pid} was killed (signal 9: SIGKILL) from outside while on {victim}" in log, log
+    assert "retrying 1 row(s) of" in log, log
+    assert sorted(read_output(out)["id"].to_list()) == sorted(paths)

@@ -32,6 +32,7 @@ import numpy as np
 import soundfile as sf
 import soxr
 
+from ..ledger import Failure
 from ..constants import N_SAMPLES, SAMPLE_RATE, encoder_tokens, mel_frames, output_frames
 from ..options import DEFAULT_MAX_DURATION_S, DEFAULT_READ_TIMEOUT_S
 from . import mp3
@@ -110,7 +111,7 @@ class WindowBlock:
     items: np.ndarray  # (W,) int64 the row of each window
     index: np.ndarray  # (W,) int64 the window's position within its row
     done: list[tuple[int, int, float]] = field(default_factory=list)  # (item, windows, duration_s)
-    failed: list[tuple[int, str]] = field(default_factory=list)  # (item, "Kind: message")
+    failed: list[tuple[int, Failure]] = field(default_factory=list)  # (item, why)
 
 
 @dataclass(frozen=True)
@@ -146,7 +147,7 @@ class _Blocks:
         self.parts: list[np.ndarray] = []
         self.meta: list[tuple[int, int, int]] = []  # (item, index, length)
         self.done: list[tuple[int, int, float]] = []
-        self.failed: list[tuple[int, str]] = []
+        self.failed: list[tuple[int, Failure]] = []
         self.samples = 0
 
     @property
@@ -166,11 +167,11 @@ class _Blocks:
 
     def row_done(self, item: int, windows: int, duration_s: float, name: str) -> None:
         if windows == 0:
-            self.row_failed(item, f"TooShort: {name} is too short ({duration_s * 1000:.1f} ms) for one output frame")
+            self.row_failed(item, Failure("TooShort", f"{name} is too short ({duration_s * 1000:.1f} ms) for one output frame"))
         else:
             self.done.append((item, windows, duration_s))
 
-    def row_failed(self, item: int, error: str) -> None:
+    def row_failed(self, item: int, error: Failure) -> None:
         self.failed.append((item, error))
 
     def ready(self) -> list[WindowBlock]:
@@ -247,7 +248,7 @@ def _decode_job(job: FileJob, sink, max_duration_s: float, storage_options: Mapp
 
 
 def _fail(sink, item: int, error: AudioError) -> None:
-    sink.row_failed(item, error if isinstance(sink, _Collect) else f"{type(error).__name__}: {error}")
+    sink.row_failed(item, error if isinstance(sink, _Collect) else Failure.of(error))
 
 
 def load_audio(path: str | os.PathLike, *, start_s: float | None = None, end_s: float | None = None,

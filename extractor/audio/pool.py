@@ -1,4 +1,4 @@
-"""Decoding in isolated worker processes.
+"""Decoding in isolated worker processes, over a wire that cannot wedge.
 
 Native decoders (libsndfile, FFmpeg) can segfault, abort or spin forever on a malformed file.
 Out of millions of files some will, so every decode runs in a worker process: a crash or a
@@ -9,14 +9,21 @@ parent may hold CUDA contexts and threads, which a forked child would inherit ha
 Like any spawn-style start, the parent's `__main__` module is imported in each worker, so a
 script must keep its work under `if __name__ == "__main__":`.
 
-Results come back over a pipe as a small pickled header plus the raw bytes of every array
-(pickle protocol 5 out-of-band buffers), received straight into writable buffers, so 16
-workers can stream ~500 MB/s of float32 audio to one parent without pickling arrays in-band.
+The wire. Each worker has two pipes, one per direction. The parent's ends are non-blocking and
+it never waits on a write: a request (which may carry megabytes of audio stored in the manifest)
+goes into the worker's outbox and is written as the pipe takes it, while the parent goes on
+reading every worker's results. A worker writes its results with blocking writes, which always
+complete because the parent always reads. So neither side can be blocked writing while the other
+is blocked writing too (the deadlock of one duplex pipe with a large request queued behind a
+worker that is sending a large result), and every wait of the parent has a deadline. A message is
+a small pickled header plus the raw bytes of every array or buffer (pickle protocol 5
+out-of-band buffers), read straight into writable buffers, never pickled in-band.
 """
 
 from __future__ import annotations
 
 import ctypes
+import fcntl
 import gc
 import inspect
 import logging
@@ -24,16 +31,19 @@ import math
 import multiprocessing as mp
 import os
 import pickle
+import select
 import signal
 import struct
 import sys
 import time
 from collections import deque
 from dataclasses import dataclass
-from multiprocessing.connection import Connection, wait
+from itertools import islice
+from multiprocessing.connection import Connection
 from typing import Any, Callable, Hashable, Iterable, Iterator
 
-from extractor.audio.decode import DecodeRequest, decode_request
+from ..ledger import Failure
+from .decode import DecodeRequest, decode_request
 
 logger = logging.getLogger(__name__)
 
@@ -43,15 +53,19 @@ STARTUP_TIMEOUT_S = 60.0  # a worker that is not ready by then (import deadlock,
 MAX_STARTUP_FAILURES = 3  # consecutive workers dying before ready: decode_fn cannot run at all
 CLOSE_GRACE_S = 1.0  # idle workers exit on EOF within this; the rest get SIGKILL
 # A worker holds a second request, queued behind the one it decodes, while requests are short
-# (their jobs send at most this many messages on average: a block of clips and END). A short
-# request takes ~40 ms to decode; waiting for the next one from the parent, 15 decoders of 48 kHz
-# MP3 clips were busy 85 % of the time, 91 % with the next request queued (bench/RESULTS.md). A
-# long file's job streams dozens of messages and takes seconds; one queued behind it could idle
-# another worker at the end of a run.
+# (their jobs send at most this many messages on average: a block of clips and END): it then
+# never idles through a round trip to the parent. A long file's job streams dozens of messages
+# and takes seconds; one queued behind it could idle another worker at the end of a run.
 SHORT_JOB_MESSAGES = 3.0
 _MESSAGES_EMA = 0.2  # weight of the last finished job in the running mean of messages per job
-_READY = b"ready"
+# Request bytes (audio stored in the manifest) the parent holds for requests not yet answered:
+# past it no request is pulled, whatever max_inflight allows (at least one always is).
+INFLIGHT_BYTES = 256 << 20
+PIPE_BYTES = 1 << 20  # each pipe's kernel buffer (Linux allows 1 MB unprivileged): fewer wake-ups
+_F_SETPIPE_SZ = 1031  # from <linux/fcntl.h>
 _PR_SET_PDEATHSIG = 1  # from <linux/prctl.h>
+_READY = "ready"
+_IOV_MAX = 64  # buffers per writev
 
 
 class _End:
@@ -67,15 +81,175 @@ END = _End()  # stream(): a job's last message, after all it yielded
 
 @dataclass(frozen=True)
 class WorkerFailure:
-    """The result for a request whose decode did not return normally.
+    """The result for a request whose decode did not return normally: `failure` says why
+    (DecoderCrashed, DecodeTimeout, or the exception that escaped decode_fn). `killed`: its
+    worker was killed by SIGKILL from outside the pool (the OOM killer, an operator), which says
+    nothing about the file: the caller may try it once more on another worker."""
 
-    `error` reads like the pipeline's other failures, "<Kind>: <message>":
-    "DecoderCrashed: decoder crashed (signal 11: SIGSEGV) on /x/a.mp3",
-    "DecodeTimeout: decode timed out after 120 s on /x/a.mp3", or
-    "<ExceptionType>: <message>" for an exception that escaped decode_fn.
-    """
+    failure: Failure
+    killed: bool = False
 
-    error: str
+    @property
+    def error(self) -> str:
+        return str(self.failure)
+
+
+# --- the wire: framing over raw pipe descriptors ------------------------------------------------
+#
+# A message is a head (body length, buffer count), each buffer's length, the pickled body, then
+# each out-of-band buffer, back to back.
+
+_HEAD = struct.Struct("<QI")
+_SIZE = struct.Struct("<Q")
+MAX_MESSAGE_BYTES = 1 << 40  # a length past this is a broken stream, not a message
+
+
+def encode(obj: Any) -> list[memoryview]:
+    """`obj` as the views a writer sends in order; raises what pickle raises."""
+    buffers: list[pickle.PickleBuffer] = []
+    body = pickle.dumps(obj, protocol=5, buffer_callback=buffers.append)
+    raws = [b.raw() for b in buffers]
+    head = _HEAD.pack(len(body), len(raws)) + b"".join(_SIZE.pack(r.nbytes) for r in raws)
+    return [memoryview(head), memoryview(body), *raws]
+
+
+def _message_parts():
+    """A generator that yields each buffer to fill, in wire order, and returns the message."""
+    head = bytearray(_HEAD.size)
+    yield head
+    body_len, count = _HEAD.unpack(head)
+    sizes = bytearray(_SIZE.size * count)
+    if count:
+        yield sizes
+    lengths = struct.unpack(f"<{count}Q", sizes)
+    if body_len > MAX_MESSAGE_BYTES or any(n > MAX_MESSAGE_BYTES for n in lengths):
+        raise EOFError("protocol error: an implausible message length")
+    body = bytearray(body_len)
+    yield body
+    # bytearrays keep the arrays writable and avoid a copy in pickle.loads.
+    buffers = [bytearray(n) for n in lengths]
+    for buf in buffers:
+        if buf:
+            yield buf
+    return body, buffers
+
+
+def decode(body: bytearray, buffers: list[bytearray]) -> Any:
+    """A message read by Reader, unpickled (its arrays are views of the received buffers)."""
+    return pickle.loads(body, buffers=buffers)
+
+
+class Reader:
+    """Messages from a descriptor. Non-blocking: `read()` takes what is there and returns the
+    messages completed by it, never waiting for the rest of one. Blocking: `read_one()`."""
+
+    def __init__(self, fd: int):
+        self.fd = fd
+        self._parts = None
+        self._target: memoryview | None = None
+        self._got = 0
+        self.bytes_read = 0
+
+    def _advance(self, value=None):
+        """The next buffer to fill, or (None, message) once the message is complete."""
+        try:
+            buf = self._parts.send(value) if value is not None else next(self._parts)
+        except StopIteration as done:
+            self._parts = None
+            return None, done.value
+        return memoryview(buf), None
+
+    def _fill(self) -> tuple[bool, Any]:
+        """Read into the current buffer; (True, message) when one completed, (True, None) when a
+        buffer filled, (False, None) when nothing more is there now. EOFError at the end."""
+        if self._parts is None:
+            self._parts = _message_parts()
+            self._target, _ = self._advance()
+            self._got = 0
+        n = os.readv(self.fd, [self._target[self._got :]])  # BlockingIOError when non-blocking and empty
+        if n == 0:
+            raise EOFError("the pipe closed")
+        self._got += n
+        self.bytes_read += n
+        if self._got < len(self._target):
+            return True, None
+        self._target, done = self._advance()
+        self._got = 0
+        if self._target is None:
+            return True, done
+        return True, None
+
+    def read(self) -> list[Any]:
+        """Messages completed by what is readable now (raw: (body, buffers))."""
+        out = []
+        while True:
+            try:
+                _, message = self._fill()
+            except BlockingIOError:
+                return out
+            if message is not None:
+                out.append(message)
+
+    def read_one(self) -> Any:
+        """The next whole message, waiting for it (blocking descriptors only)."""
+        while True:
+            _, message = self._fill()
+            if message is not None:
+                return message
+
+
+class Outbox:
+    """Messages waiting to be written to a non-blocking descriptor, written as it takes them."""
+
+    def __init__(self, fd: int):
+        self.fd = fd
+        self._views: deque[memoryview] = deque()
+        self.bytes = 0
+
+    def __bool__(self) -> bool:
+        return bool(self._views)
+
+    def put(self, views: list[memoryview]) -> None:
+        for v in views:
+            v = v.cast("B") if v.format != "B" or v.ndim != 1 else v
+            if len(v):
+                self._views.append(v)
+                self.bytes += len(v)
+
+    def flush(self) -> None:
+        """Write what the pipe takes now; BrokenPipeError if the reader is gone."""
+        while self._views:
+            try:
+                n = os.writev(self.fd, list(islice(self._views, _IOV_MAX)))
+            except BlockingIOError:
+                return
+            self.bytes -= n
+            while n:
+                v = self._views[0]
+                if n >= len(v):
+                    n -= len(v)
+                    self._views.popleft()
+                else:
+                    self._views[0] = v[n:]
+                    n = 0
+
+
+def write_all(fd: int, views: list[memoryview]) -> None:
+    """Write every view to a blocking descriptor."""
+    box = Outbox(fd)
+    box.put(views)
+    while box:
+        box.flush()
+
+
+def _set_pipe_size(fd: int) -> None:
+    try:
+        fcntl.fcntl(fd, _F_SETPIPE_SZ, PIPE_BYTES)
+    except OSError:
+        pass  # not Linux, or over this system's pipe-max-size: the default buffer works, with more wake-ups
+
+
+# --- the pool -----------------------------------------------------------------------------------
 
 
 class DecodePool:
@@ -84,15 +258,14 @@ class DecodePool:
     `stream(items)` takes `(key, request)` pairs and yields `(key, message)`: each item that
     decode_fn yields (a generator streams: a long file's first windows arrive while it decodes),
     or its return value, then END; or a WorkerFailure in their place when the decode did not
-    finish. `imap(items)` yields one `(key, result)` per request, for plain functions.
-    `num_workers=0` runs decode_fn in the calling thread: no processes and no isolation, for
-    notebooks and tiny runs.
+    finish. `num_workers=0` runs decode_fn in the calling thread: no processes and no isolation,
+    for notebooks and tiny runs.
 
-    A job's timeout counts from its last message, so a long file that streams steadily is not
-    cut off, and a decoder that stops making progress is. While jobs are short, a worker is sent
-    its next request before it finishes the current one (SHORT_JOB_MESSAGES): the queued request
-    is not started, so a crash or a timeout of the current one fails that one alone and the
-    queued request goes to another worker.
+    A job's timeout counts from its worker's last progress (bytes of a message), so a long file
+    that streams steadily is not cut off, and a decoder that stops making progress is. While jobs
+    are short, a worker is sent its next request before it finishes the current one
+    (SHORT_JOB_MESSAGES): the queued request is not started, so a crash or a timeout of the
+    current one fails that one alone and the queued request goes to another worker.
     """
 
     def __init__(
@@ -102,6 +275,7 @@ class DecodePool:
         timeout_s: float = 120.0,
         decode_fn: Callable[[Any], Any] | None = None,
         max_inflight: int | None = None,
+        max_inflight_bytes: int = INFLIGHT_BYTES,
     ):
         if num_workers < 0:
             raise ValueError(f"num_workers must be >= 0, got {num_workers}")
@@ -116,10 +290,12 @@ class DecodePool:
         self._num_workers = num_workers
         self._timeout_s = float(timeout_s)
         self._max_inflight = max_inflight
+        self._max_inflight_bytes = max_inflight_bytes
         self._workers: list[_Worker] = []
         self._startup_failures = 0
         self._messages_per_job: float | None = None  # running mean over finished jobs
-        self._pending: deque = deque()  # the running stream's requests not yet sent
+        self._pending: deque[_Job] = deque()  # the running stream's requests not yet sent
+        self._inflight_bytes = 0  # request bytes of jobs pulled and not yet finished
         self._closed = False
         self._running = False
         if num_workers == 0:
@@ -141,10 +317,10 @@ class DecodePool:
     def stream(self, items: Iterable[tuple[Hashable, Any]], *, poll_s: float | None = None) -> Iterator[tuple[Hashable, Any]]:
         """Yield `(key, message)` for every `(key, request)` of `items` (see the class doc).
 
-        At most max_inflight requests are outstanding; `items` is pulled lazily. Stopping the
-        iteration early kills the workers still busy with requests of it (they are replaced).
-        With poll_s, `(None, None)` comes whenever that long passes without a message, so the
-        caller can do other work while the workers decode.
+        At most max_inflight requests (and max_inflight_bytes of them) are outstanding; `items`
+        is pulled lazily. Stopping the iteration early kills the workers still busy with requests
+        of it (they are replaced). With poll_s, `(None, None)` comes whenever that long passes
+        without a message, so the caller can do other work while the workers decode.
         """
         if self._closed:
             raise ValueError("DecodePool is closed")
@@ -152,37 +328,19 @@ class DecodePool:
             return self._stream_inline(items)
         return self._stream_workers(items, poll_s)
 
-    def imap(self, items: Iterable[tuple[Hashable, Any]]) -> Iterator[tuple[Hashable, Any]]:
-        """Yield `(key, result)` once per request, in completion order: decode_fn's return value
-        (the last item, for a generator) or a WorkerFailure."""
-        return self._results(self.stream(items))
-
-    @staticmethod
-    def _results(stream: Iterator[tuple[Hashable, Any]]) -> Iterator[tuple[Hashable, Any]]:
-        last: dict[Hashable, Any] = {}
-        for key, message in stream:
-            if message is END:
-                yield key, last.pop(key, None)
-            elif isinstance(message, WorkerFailure):
-                last.pop(key, None)
-                yield key, message
-            else:
-                last[key] = message
-
     def close(self) -> None:
         """Stop all workers: idle ones exit on EOF, busy or stuck ones are killed."""
         if self._closed:
             return
         self._closed = True
         for w in self._workers:
-            w.conn.close()  # EOF: an idle worker returns from its loop
+            w.hang_up()  # EOF: an idle worker returns from its loop
             if w.jobs:
                 w.kill()  # its result is not wanted any more; do not wait for it
         deadline = time.monotonic() + CLOSE_GRACE_S
         for w in self._workers:
             w.process.join(max(0.0, deadline - time.monotonic()))
-            if w.process.exitcode is None:
-                w.kill()
+            w.kill()
         self._workers.clear()
 
     def __enter__(self) -> DecodePool:
@@ -209,22 +367,29 @@ class DecodePool:
         while len(self._workers) < self._num_workers:
             self._workers.append(self._start_worker())
         source = iter(items)
-        pending = self._pending = deque()  # (key, request) pulled, not yet sent to a worker
+        pending = self._pending = deque()
         results: deque[tuple[Hashable, Any]] = deque()  # finished, not yet yielded
         exhausted = False
         try:
             while True:
                 if self._closed:
-                    raise ValueError("DecodePool was closed during imap")
+                    raise ValueError("DecodePool was closed during stream")
                 # Refill and hand out work before yielding: the consumer may be slow, and the
                 # workers should be decoding meanwhile. Outstanding = pending + busy + results.
                 busy = sum(len(w.jobs) for w in self._workers)
-                while not exhausted and len(pending) + busy + len(results) < self._max_inflight:
+                while (not exhausted and len(pending) + busy + len(results) < self._max_inflight
+                       and (self._inflight_bytes < self._max_inflight_bytes or not (pending or busy or results))):
                     try:
-                        pending.append(next(source))
+                        key, request = next(source)
                     except StopIteration:
                         exhausted = True
-                results.extend(self._dispatch(pending))
+                        break
+                    job = self._job(key, request)
+                    if isinstance(job, WorkerFailure):
+                        results.append((key, job))
+                    else:
+                        pending.append(job)
+                self._dispatch(pending)
                 if results:
                     yield results.popleft()
                 elif exhausted and not pending and not any(w.jobs for w in self._workers):
@@ -235,62 +400,55 @@ class DecodePool:
                         yield None, None
         finally:
             self._running = False
+            self._inflight_bytes = 0
             if not self._closed:
-                # Abandoned mid-run: results still being computed would reach the next imap.
+                # Abandoned mid-run: results still being computed would reach the next stream.
                 for w in self._workers:
                     if w.jobs:
                         w.kill()
                 self._workers = [w for w in self._workers if not w.jobs]
+
+    def _job(self, key: Hashable, request: Any) -> _Job | WorkerFailure:
+        try:
+            views = encode(request)
+        except Exception as e:
+            return WorkerFailure(Failure(type(e).__name__, f"cannot send request: {e}"))
+        size = sum(len(v) for v in views)
+        self._inflight_bytes += size
+        return _Job(key, _label(key, request), views, size)
 
     def _depth(self) -> int:
         """Requests a worker may hold: two while finished jobs were short, else one."""
         short = self._messages_per_job is not None and self._messages_per_job <= SHORT_JOB_MESSAGES
         return 2 if short else 1
 
-    def _dispatch(self, pending: deque) -> list[tuple[Hashable, Any]]:
-        """Send pending requests to idle workers, then (short jobs) one to queue behind each busy
-        one; return results that are known without a worker."""
-        done = []
+    def _dispatch(self, pending: deque) -> None:
+        """Hand pending requests to idle workers, then (short jobs) one to queue behind each busy one."""
         for depth in range(1, self._depth() + 1):
-            done.extend(self._send(pending, depth))
-        return done
+            for w in self._workers:
+                if not pending:
+                    return
+                if w.ready and not w.broken and len(w.jobs) < depth:
+                    job = pending.popleft()
+                    # A queued request's timeout starts when the worker gets to it (see _finished).
+                    job.deadline = time.monotonic() + self._timeout_s if not w.jobs else math.inf
+                    w.jobs.append(job)
+                    w.outbox.put(job.views)
+                    self._write(w)
 
-    def _send(self, pending: deque, depth: int) -> list[tuple[Hashable, Any]]:
-        done = []
-        for i, w in enumerate(self._workers):
-            if not pending:
-                break
-            if not w.ready or w.broken or len(w.jobs) >= depth:
-                continue
-            key, request = pending.popleft()
-            try:
-                data = pickle.dumps(request, protocol=pickle.HIGHEST_PROTOCOL)
-            except Exception as e:
-                done.append((key, WorkerFailure(f"{type(e).__name__}: cannot send request: {e}")))
-                continue
-            try:
-                w.conn.send_bytes(data)
-            except OSError:
-                # The worker died. The request was never received, so it goes back to the queue
-                # rather than failing.
-                pending.appendleft((key, request))
-                if w.jobs:
-                    # Busy: what it sent before dying is still to be read, and says which of its
-                    # jobs it died on. _poll reads it, then fails that job and replaces the worker.
-                    w.broken = True
-                    continue
-                how = _describe_exit(w.process.exitcode)
-                logger.warning("idle decode worker %s died (%s); replacing it", w.process.pid, how)
-                w.kill()
-                self._workers[i] = self._start_worker()
-                continue
-            # A queued request's timeout starts when the worker gets to it (see _finished).
-            w.jobs.append(_Job(key, _label(key, request), time.monotonic() + self._timeout_s if not w.jobs else math.inf, request))
-        return done
+    def _write(self, w: _Worker) -> None:
+        try:
+            w.outbox.flush()
+        except OSError:
+            # The worker is gone (EPIPE). What it sent before dying is still to be read, and its
+            # death is judged by _poll with the rest: its current job fails, queued ones go back.
+            w.broken = True
 
     def _finished(self, w: _Worker) -> None:
         """The worker's current job sent its last message: the queued one (if any) starts now."""
         job = w.jobs.popleft()
+        self._inflight_bytes -= job.size
+        job.views = []
         m = self._messages_per_job
         self._messages_per_job = job.messages if m is None else (1 - _MESSAGES_EMA) * m + _MESSAGES_EMA * job.messages
         if w.jobs:
@@ -301,54 +459,51 @@ class DecodePool:
         front of the queue, in their order, for another worker."""
         while len(w.jobs) > 1:
             job = w.jobs.pop()
-            self._pending.appendleft((job.key, job.request))
+            job.deadline = math.inf
+            self._pending.appendleft(job)
+
+    def _fail_current(self, w: _Worker, failure: WorkerFailure) -> tuple[Hashable, WorkerFailure]:
+        job = w.jobs[0]
+        self._requeue(w)
+        self._finished(w)
+        return job.key, failure
 
     def _poll(self, poll_s: float | None = None) -> list[tuple[Hashable, Any]]:
-        """Wait for results, deaths, readiness or the next deadline; handle whatever happened."""
+        """Wait for results, writable pipes, deaths or the next deadline; handle what happened."""
         deadlines = [w.deadline for w in self._workers if w.deadline is not None]
         timeout = max(0.0, min(deadlines) - time.monotonic()) if deadlines else None
         if poll_s is not None:
             timeout = poll_s if timeout is None else min(timeout, poll_s)
-        conns = {w.conn: w for w in self._workers}
-        sentinels = {w.process.sentinel: w for w in self._workers}
-        ready = set(wait(list(conns) + list(sentinels), timeout))
+        poller = select.poll()
+        for w in self._workers:
+            poller.register(w.reader.fd, select.POLLIN)
+            poller.register(w.process.sentinel, select.POLLIN)
+            if w.outbox and not w.broken:
+                poller.register(w.outbox.fd, select.POLLOUT)
+        events = dict(poller.poll(None if timeout is None else math.ceil(timeout * 1000)))
         done: list[tuple[Hashable, Any]] = []
         # Read results before judging deaths and deadlines: a worker may have finished just in
         # time, or sent its result and then died.
         for i, w in enumerate(self._workers):
-            if w.conn in ready:
+            if w.outbox and not w.broken and events.get(w.outbox.fd):
+                self._write(w)
+            if events.get(w.reader.fd):
                 try:
-                    if not w.ready:
-                        if w.conn.recv_bytes() != _READY:
-                            raise EOFError("unexpected first message")
-                        w.ready = True
-                        w.started_deadline = None
-                        self._startup_failures = 0
-                    else:
-                        message = _recv_result(w.conn)
-                        job = w.job
-                        if job is not None:
-                            done.append((job.key, message))
-                            job.messages += 1
-                            if message is END or isinstance(message, WorkerFailure):
-                                self._finished(w)  # a failure is the job's last message too
-                            else:
-                                job.deadline = time.monotonic() + self._timeout_s
+                    done.extend(self._receive(w))
                     continue
                 except (EOFError, OSError):
-                    pass  # the pipe broke: treat as a death, below
-            elif w.process.sentinel not in ready:
+                    pass  # the pipe broke: a death, judged below
+            elif not events.get(w.process.sentinel):
                 continue
             done.extend(self._replace_dead(i))
         now = time.monotonic()
         for i, w in enumerate(self._workers):
             if w.job is not None and w.job.deadline <= now:
                 job = w.job
-                self._requeue(w)
+                logger.warning("decode timed out after %gs on %s; worker %s killed", self._timeout_s, job.label, w.process.pid)
+                failure = Failure("DecodeTimeout", f"decode timed out after {self._timeout_s:g} s on {job.label}")
+                done.append(self._fail_current(w, WorkerFailure(failure)))
                 w.kill()
-                logger.warning("decode timed out after %gs on %s; worker killed", self._timeout_s, job.label)
-                error = f"DecodeTimeout: decode timed out after {self._timeout_s:g} s on {job.label}"
-                done.append((job.key, WorkerFailure(error)))
                 self._workers[i] = self._start_worker()
             elif w.started_deadline is not None and w.started_deadline <= now:
                 w.kill()
@@ -356,22 +511,55 @@ class DecodePool:
                 self._workers[i] = self._start_worker()
         return done
 
+    def _receive(self, w: _Worker) -> list[tuple[Hashable, Any]]:
+        before = w.reader.bytes_read
+        raw = w.reader.read()
+        if w.reader.bytes_read > before and w.job is not None:
+            w.job.deadline = time.monotonic() + self._timeout_s  # progress, if not yet a whole message
+        done = []
+        for body, buffers in raw:
+            try:
+                message = decode(body, buffers)
+            except Exception as e:  # e.g. a class the parent cannot import; the worker itself is fine
+                message = WorkerFailure(Failure(type(e).__name__, f"cannot unpickle the result: {e}"))
+            if not w.ready:
+                if message != _READY:
+                    raise EOFError("unexpected first message")
+                w.ready = True
+                w.started_deadline = None
+                self._startup_failures = 0
+                continue
+            job = w.job
+            if job is None:
+                raise EOFError("a message for no job")
+            done.append((job.key, message))
+            job.messages += 1
+            if message is END or isinstance(message, WorkerFailure):
+                self._finished(w)  # a failure is the job's last message too
+        return done
+
     def _replace_dead(self, i: int) -> list[tuple[Hashable, Any]]:
         w = self._workers[i]
         w.process.join(5.0)  # the pipe closes a moment before the process is reaped
         if w.process.exitcode is None:
             w.kill()  # it closed its pipe but lives on: not a usable worker
-        how = _describe_exit(w.process.exitcode)
+        code = w.process.exitcode
+        how = _describe_exit(code)
         done = []
         if w.job is not None:
-            logger.warning("decoder crashed (%s) on %s; replacing the worker", how, w.job.label)
-            done.append((w.job.key, WorkerFailure(f"DecoderCrashed: decoder crashed ({how}) on {w.job.label}")))
-            self._requeue(w)
+            killed = code == -signal.SIGKILL
+            if killed:
+                logger.warning("decode worker %s was killed (%s) from outside while on %s", w.process.pid, how, w.job.label)
+                failure = Failure("DecoderKilled", f"decode worker {w.process.pid} was killed ({how}) on {w.job.label}")
+            else:
+                logger.warning("decoder crashed (%s) on %s; replacing the worker", how, w.job.label)
+                failure = Failure("DecoderCrashed", f"decoder crashed ({how}) on {w.job.label}")
+            done.append(self._fail_current(w, WorkerFailure(failure, killed=killed)))
         elif not w.ready:
             self._startup_failed(w, how)
         else:
             logger.warning("idle decode worker %s died (%s); replacing it", w.process.pid, how)
-        w.conn.close()
+        w.kill()
         self._workers[i] = self._start_worker()
         return done
 
@@ -385,13 +573,19 @@ class DecodePool:
             )
 
     def _start_worker(self) -> _Worker:
-        parent_conn, child_conn = self._ctx.Pipe(duplex=True)
-        process = self._ctx.Process(
-            target=_worker_main, args=(child_conn, self._decode_fn), name="decode-worker", daemon=True
-        )
-        process.start()
-        child_conn.close()  # else the parent holds the worker's end open and never sees EOF
-        return _Worker(process, parent_conn, time.monotonic() + STARTUP_TIMEOUT_S)
+        requests_r, requests_w = self._ctx.Pipe(duplex=False)
+        results_r, results_w = self._ctx.Pipe(duplex=False)
+        process = self._ctx.Process(target=_worker_main, args=(requests_r, results_w, self._decode_fn), name="decode-worker",
+                                    daemon=True)
+        try:
+            process.start()  # the worker's ends travel with it (multiprocessing passes their descriptors)
+        finally:
+            requests_r.close()  # else the parent holds the worker's ends open and never sees EOF or EPIPE
+            results_w.close()
+        for conn in (requests_w, results_r):
+            _set_pipe_size(conn.fileno())
+            os.set_blocking(conn.fileno(), False)
+        return _Worker(process, results_r, requests_w, time.monotonic() + STARTUP_TIMEOUT_S)
 
 
 def _mp_context(decode_fn: Callable[[Any], Any]):
@@ -408,23 +602,27 @@ def _mp_context(decode_fn: Callable[[Any], Any]):
     return ctx
 
 
-@dataclass
+@dataclass(eq=False)
 class _Job:
     key: Hashable
     label: str  # the request's path, or the key: what error messages name
-    deadline: float  # math.inf while queued behind another job
-    request: Any = None  # kept to send it elsewhere should the worker die before starting it
+    views: list  # the encoded request, kept to send it elsewhere should its worker die first
+    size: int  # its bytes
+    deadline: float = math.inf  # math.inf while queued behind another job
     messages: int = 0  # received so far
 
 
 class _Worker:
-    def __init__(self, process, conn: Connection, started_deadline: float):
+    def __init__(self, process, results: Connection, requests: Connection, started_deadline: float):
         self.process = process
-        self.conn = conn
+        # The parent's ends, read and written raw (non-blocking); the Connections own the descriptors.
+        self._conns = (results, requests)
+        self.reader = Reader(results.fileno())
+        self.outbox = Outbox(requests.fileno())
         self.ready = False
         self.started_deadline: float | None = started_deadline
         self.jobs: deque[_Job] = deque()  # the one it decodes, then the one queued behind it
-        self.broken = False  # a send to it failed: it is dying, and is sent nothing more
+        self.broken = False  # a write to it failed: it is dying, and is sent nothing more
 
     @property
     def job(self) -> _Job | None:
@@ -435,11 +633,17 @@ class _Worker:
     def deadline(self) -> float | None:
         return self.job.deadline if self.job is not None else self.started_deadline
 
+    def hang_up(self) -> None:
+        """Close the request pipe: an idle worker sees EOF and exits."""
+        self._conns[1].close()
+        self.broken = True
+
     def kill(self) -> None:
         if self.process.exitcode is None:
             self.process.kill()
         self.process.join(5.0)
-        self.conn.close()
+        for conn in self._conns:
+            conn.close()
 
 
 def _label(key: Hashable, request: Any) -> str:
@@ -475,75 +679,15 @@ def _messages(decode_fn: Callable[[Any], Any], request: Any) -> Iterator[Any]:
         else:
             yield result
     except Exception as e:
-        yield WorkerFailure(f"{type(e).__name__}: {e}")
+        yield WorkerFailure(Failure.of(e))
         return
     yield END
-
-
-# --- the wire: a pickled header, then each out-of-band buffer as its own message ----------------
-
-
-def _send_result(conn: Connection, result: Any) -> None:
-    buffers: list[pickle.PickleBuffer] = []
-    try:
-        body = pickle.dumps(result, protocol=5, buffer_callback=buffers.append)
-        raws = [b.raw() for b in buffers]
-    except Exception as e:
-        failure = WorkerFailure(f"{type(e).__name__}: cannot send the result to the parent: {e}")
-        body, raws = pickle.dumps(failure, protocol=5), []
-    conn.send_bytes(pickle.dumps((body, [r.nbytes for r in raws]), protocol=5))
-    for raw in raws:
-        conn.send_bytes(raw)
-
-
-def _recv_result(conn: Connection) -> Any:
-    body, sizes = pickle.loads(conn.recv_bytes())
-    # bytearrays keep the arrays writable and avoid a copy in pickle.loads.
-    buffers = [bytearray(n) for n in sizes]
-    for buf in buffers:
-        _recv_bytes_into(conn, buf)
-    try:
-        return pickle.loads(body, buffers=buffers)
-    except Exception as e:  # e.g. a class the parent cannot import; the worker itself is fine
-        return WorkerFailure(f"{type(e).__name__}: cannot unpickle the result: {e}")
-
-
-def _recv_bytes_into(conn: Connection, buf: bytearray) -> None:
-    """Connection.recv_bytes_into without its two intermediate copies (via BytesIO).
-
-    Reads one message in Connection's framing (a 4-byte big-endian length, or -1 and an 8-byte
-    length) straight into `buf` with readv. Connection keeps no read buffer, so mixing this with
-    its own recv_bytes on the same pipe is safe.
-    """
-    fd = conn.fileno()
-    (size,) = struct.unpack("!i", _read_exact(fd, 4))
-    if size == -1:
-        (size,) = struct.unpack("!Q", _read_exact(fd, 8))
-    if size != len(buf):
-        raise EOFError(f"protocol error: expected {len(buf)} bytes, got a message of {size}")
-    view = memoryview(buf)
-    got = 0
-    while got < size:
-        n = os.readv(fd, [view[got:]])
-        if n == 0:
-            raise EOFError("worker pipe closed mid-message")
-        got += n
-
-
-def _read_exact(fd: int, n: int) -> bytes:
-    data = b""
-    while len(data) < n:
-        chunk = os.read(fd, n - len(data))
-        if not chunk:
-            raise EOFError("worker pipe closed mid-message")
-        data += chunk
-    return data
 
 
 # --- the worker process ---------------------------------------------------------------------
 
 
-def _worker_main(conn: Connection, decode_fn: Callable[[Any], Any]) -> None:
+def _worker_main(requests: Connection, results: Connection, decode_fn: Callable[[Any], Any]) -> None:
     die_with_parent()
     # Everything inherited from the fork server (torch and all) is long-lived: keep the garbage
     # collector from walking it, which costs time and copies the shared pages into this process.
@@ -551,25 +695,31 @@ def _worker_main(conn: Connection, decode_fn: Callable[[Any], Any]) -> None:
     # Ctrl-C goes to the whole process group; the parent decides how the run ends.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     _no_core_dumps()
+    reader, results_fd = Reader(requests.fileno()), results.fileno()
     try:
-        conn.send_bytes(_READY)
+        write_all(results_fd, encode(_READY))
     except OSError:
         return  # the pool was closed before this worker got going
     while True:
         try:
-            data = conn.recv_bytes()
+            body, buffers = reader.read_one()
         except (EOFError, OSError):
             return  # the parent closed the pool or died
         try:
-            request = pickle.loads(data)
+            request = decode(body, buffers)
         except Exception as e:  # e.g. the request's class is not importable here
-            messages = iter([WorkerFailure(f"{type(e).__name__}: cannot unpickle the request: {e}")])
+            messages = iter([WorkerFailure(Failure(type(e).__name__, f"cannot unpickle the request: {e}"))])
         else:
             messages = _messages(decode_fn, request)
+        del body, buffers
         try:
             for message in messages:
-                _send_result(conn, message)
-        except (EOFError, OSError):
+                try:
+                    views = encode(message)
+                except Exception as e:
+                    views = encode(WorkerFailure(Failure(type(e).__name__, f"cannot send the result to the parent: {e}")))
+                write_all(results_fd, views)
+        except OSError:
             return
 
 

@@ -35,7 +35,7 @@ class RowPooling:
     """
 
     def __init__(self, d_model: int, keep_frames: bool, emit_rows: Callable[[Rows], None],
-                 emit_failures: Callable[[np.ndarray, list[str]], None]):
+                 emit_failures: Callable[[np.ndarray, list], None]):
         self.d_model, self.keep_frames = d_model, keep_frames
         self.emit_rows, self.emit_failures = emit_rows, emit_failures
         self._rows: dict[int, _Row] = {}  # rows with windows back, or several windows
@@ -60,7 +60,7 @@ class RowPooling:
                 finished.append(item)
         self._finish(finished)
 
-    def fail(self, items: np.ndarray, errors: list[str]) -> None:
+    def fail(self, items: np.ndarray, errors: list[Failure]) -> None:
         for item in items:
             self._rows.pop(int(item), None)
             self._single.pop(int(item), None)

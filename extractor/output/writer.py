@@ -20,6 +20,7 @@ import pyarrow as pa
 from ..constants import OUTPUT_FRAME_RATE_HZ
 from .. import hooks
 from ..errors import Interrupted
+from ..ledger import Failure
 from ..manifest.read import Manifest
 from ..options import Shard
 from ..recipe import METADATA_KEY, Recipe
@@ -68,7 +69,7 @@ class PartWriter:
         self._kept = list(keep_columns)
         self._meta = {METADATA_KEY: recipe.to_json().encode(), **(metadata or {})}
         self._rows: list[Rows] = []
-        self._failures: list[tuple[np.ndarray, list[str]]] = []
+        self._failures: list[tuple[np.ndarray, list[Failure]]] = []
         self._n = self._bytes = 0
         self._first_at: float | None = None
         self.embedded = self.failed = self.parts = 0
@@ -93,7 +94,7 @@ class PartWriter:
         self.check()
         self._q.put(("rows", rows))
 
-    def put_failures(self, items: np.ndarray, errors: list[str]) -> None:
+    def put_failures(self, items: np.ndarray, errors: list[Failure]) -> None:
         self.check()
         if len(items):
             self._q.put(("fail", (np.asarray(items, dtype=np.int64), list(errors))))
@@ -142,7 +143,8 @@ class PartWriter:
         bad = nonfinite(rows)
         if bad.any():
             paths = self.pending["path"].gather(rows.items[bad]).to_list()
-            self._add_failures(rows.items[bad], [f"NonFiniteEmbedding: the encoder gave NaN/Inf for {p} (samples too large for float32?)" for p in paths])
+            self._add_failures(rows.items[bad], [Failure("NonFiniteEmbedding", f"the encoder gave NaN/Inf for {p} (samples too large for float32?)")
+                                                 for p in paths])
             keep = ~bad
             rows = Rows(rows.items[keep], rows.embeddings[keep], rows.durations[keep],
                         None if rows.frames is None else [f for f, k in zip(rows.frames, keep) if k])
@@ -152,7 +154,7 @@ class PartWriter:
             self._bytes += rows.embeddings.nbytes + (sum(f.nbytes for f in rows.frames) if rows.frames is not None else 0)
             self._first_at = self._first_at or time.monotonic()
 
-    def _add_failures(self, items: np.ndarray, errors: list[str]) -> None:
+    def _add_failures(self, items: np.ndarray, errors: list[Failure]) -> None:
         self._failures.append((items, errors))
         self._n += len(items)
         self._first_at = self._first_at or time.monotonic()
@@ -200,9 +202,10 @@ class PartWriter:
     def _failures_table(self) -> pa.Table:
         items = np.concatenate([f[0] for f in self._failures])
         base = self.pending[items]
-        errors = [e for f in self._failures for e in f[1]]
+        failures = [e for f in self._failures for e in f[1]]
         return pa.table({
             "id": self.manifest.to_arrow("id", base["id"]),
             "path": self.manifest.to_arrow("path", base["path"]),
-            "error": pa.array(errors, type=pa.large_string()),
+            "error": pa.array([str(f) for f in failures], type=pa.large_string()),
+            "error_kind": pa.array([f.kind for f in failures], type=pa.large_string()),
         }).replace_schema_metadata(self._meta)

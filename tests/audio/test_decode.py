@@ -412,7 +412,7 @@ def test_decode_request_streams_windows_that_make_up_load_segments(tmp_path):
         for item, count, duration in block.done:
             assert item not in done and item not in failed
             done[item] = (count, duration)
-        failed.update(block.failed)
+        failed.update((i, str(e)) for i, e in block.failed)
     assert set(done) == {0, 2} and set(failed) == {1} and failed[1].startswith("SegmentError: ")
     np.testing.assert_array_equal(windows[0][0], load_audio(a, end_s=1.0).samples)
     whole = load_audio(b).samples
@@ -425,7 +425,7 @@ def test_a_too_short_row_is_a_failure_and_a_too_short_tail_window_adds_nothing(t
     sf.write(short, noisy_tone(SAMPLE_RATE, 0.015), SAMPLE_RATE)  # 240 samples: no output frame
     sf.write(tail, noisy_tone(SAMPLE_RATE, 30.01), SAMPLE_RATE)  # 30 s + 160 samples
     blocks = list(decode_request(DecodeRequest((FileJob(str(short), (0,), ((None, None),)), FileJob(str(tail), (1,), ((None, None),))))))
-    failed = dict(f for blk in blocks for f in blk.failed)
+    failed = {i: str(e) for blk in blocks for i, e in blk.failed}
     done = {d[0]: d for blk in blocks for d in blk.done}
     assert failed[0].startswith("TooShort: ") and str(short) in failed[0] and "15.0 ms" in failed[0]
     assert done[1][1] == 1 and done[1][2] == pytest.approx(30.01)  # one window; duration counts the tail

@@ -31,7 +31,7 @@ def decode_record(path) -> tuple[str | None, float | None]:
     failed, done = None, None
     for m in decode_request(request):
         assert isinstance(m, WindowBlock)
-        failed = next((e for _, e in m.failed), failed)
+        failed = next((str(e) for _, e in m.failed), failed)
         done = next((d for _, _, d in m.done), done)
     return failed, done
 

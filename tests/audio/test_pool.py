@@ -20,6 +20,7 @@ from dataclasses import dataclass
 
 from extractor.audio.decode import AudioError, Decoded, load_segments
 from extractor.audio.pool import END, DecodePool, WorkerFailure
+from extractor.ledger import Failure
 
 TIMEOUT_S = 1.5
 REPO = Path(__file__).resolve().parents[2]
@@ -68,6 +69,20 @@ def chatty(messages: int):
 # --- helpers --------------------------------------------------------------------------------
 
 
+def imap(pool: DecodePool, items):
+    """(key, result) once per request, in completion order: decode_fn's return value (the last
+    message, for a generator) or a WorkerFailure."""
+    last = {}
+    for key, message in pool.stream(items):
+        if message is END:
+            yield key, last.pop(key, None)
+        elif isinstance(message, WorkerFailure):
+            last.pop(key, None)
+            yield key, message
+        else:
+            last[key] = message
+
+
 def _our_children() -> list:
     return [p for p in mp.active_children() if p.name == "decode-worker"]
 
@@ -81,7 +96,7 @@ def _alive(pid: int) -> bool:
     try:
         with open(f"/proc/{pid}/stat") as f:
             return f.read().split(")")[-1].split()[0] != "Z"
-    except FileNotFoundError:
+    except (FileNotFoundError, ProcessLookupError):  # gone between the two looks
         return False
 
 
@@ -131,7 +146,7 @@ def _assert_same(got, want):
 def test_results_equal_in_process_decode(audio_files):
     items = _requests(audio_files)
     with DecodePool(2, decode_fn=decode_segments) as p:
-        results = dict(p.imap(items))
+        results = dict(imap(p, items))
     assert sorted(results) == [k for k, _ in items]
     for key, request in items:
         _assert_same(results[key], decode_segments(request))
@@ -140,12 +155,12 @@ def test_results_equal_in_process_decode(audio_files):
 def test_num_workers_zero_runs_inline(audio_files):
     items = _requests(audio_files)
     with DecodePool(0, decode_fn=faulty_decode) as p:
-        results = list(p.imap(items + [(99, Req("/x/raise.wav"))]))
+        results = list(imap(p, items + [(99, Req("/x/raise.wav"))]))
         assert not _our_children()
     assert [k for k, _ in results] == [k for k, _ in items] + [99]  # in order, in this thread
     for (_, request), (_, got) in zip(items, results[:-1], strict=True):
         _assert_same(got, decode_segments(request))
-    assert results[-1][1] == WorkerFailure("ValueError: boom on /x/raise.wav")
+    assert results[-1][1] == WorkerFailure(Failure("ValueError", "boom on /x/raise.wav"))
 
 
 def test_segfault_fails_only_that_item(pool, audio_files, tmp_path):
@@ -154,9 +169,9 @@ def test_segfault_fails_only_that_item(pool, audio_files, tmp_path):
     items.insert(2, ("crash", Req(segv)))
     before = set(_our_children())
 
-    results = dict(pool.imap(items))
+    results = dict(imap(pool, items))
 
-    assert results["crash"] == WorkerFailure(f"DecoderCrashed: decoder crashed (signal 11: SIGSEGV) on {segv}")
+    assert results["crash"].error == f"DecoderCrashed: decoder crashed (signal 11: SIGSEGV) on {segv}"
     for key, request in items:
         if key != "crash":
             _assert_same(results[key], decode_segments(request))
@@ -170,9 +185,9 @@ def test_timeout_kills_and_replaces(pool, audio_files, tmp_path):
     sleepy = str(tmp_path / "sleep.wav")
     items = [("hang", Req(sleepy))] + _requests(audio_files[:3])
     t0 = time.monotonic()
-    results = dict(pool.imap(items))
+    results = dict(imap(pool, items))
     elapsed = time.monotonic() - t0
-    assert results["hang"] == WorkerFailure(f"DecodeTimeout: decode timed out after 1.5 s on {sleepy}")
+    assert results["hang"].error == f"DecodeTimeout: decode timed out after 1.5 s on {sleepy}"
     assert TIMEOUT_S <= elapsed < TIMEOUT_S + 3
     for key, request in items[1:]:
         _assert_same(results[key], decode_segments(request))
@@ -187,19 +202,19 @@ def test_exception_becomes_failure_without_killing_worker(tmp_path):
             ("bad", Req(bad)),
             ("pid2", Req(str(tmp_path / "pid"))),
         ]
-        results = dict(p.imap(items))
-        assert results["bad"] == WorkerFailure(f"ValueError: boom on {bad}")
+        results = dict(imap(p, items))
+        assert results["bad"].error == f"ValueError: boom on {bad}"
         assert results["pid1"] == results["pid2"]  # the same worker served all three
 
         # Ctrl-C reaches the whole process group; workers ignore it and keep serving.
         os.kill(results["pid1"], signal.SIGINT)
         time.sleep(0.1)
-        assert dict(p.imap(items[:1]))["pid1"] == results["pid1"]
+        assert dict(imap(p, items[:1]))["pid1"] == results["pid1"]
 
 
 def test_key_names_failure_when_request_has_no_path():
     with DecodePool(1, timeout_s=TIMEOUT_S, decode_fn=echo_size) as p:
-        ((key, result),) = list(p.imap([("item-7", -1)]))  # np.full(-1) raises ValueError
+        ((key, result),) = list(imap(p, [("item-7", -1)]))  # np.full(-1) raises ValueError
     assert key == "item-7" and isinstance(result, WorkerFailure)
     assert result.error.startswith("ValueError: ")
 
@@ -216,7 +231,7 @@ def test_imap_is_lazy_and_bounded():
             yield i, 1000 + i
 
     with DecodePool(2, decode_fn=echo_size, max_inflight=3) as p:
-        for key, result in p.imap(items()):
+        for key, result in imap(p, items()):
             yielded += 1
             max_outstanding = max(max_outstanding, pulled - yielded)
             assert isinstance(result, np.ndarray) and len(result) == 1000 + key
@@ -227,7 +242,7 @@ def test_imap_is_lazy_and_bounded():
 def test_large_arrays_round_trip():
     n = 16000 * 60 * 10  # ten minutes of 16 kHz float32: 38 MB
     with DecodePool(2, decode_fn=echo_size) as p:
-        results = dict(p.imap((i, n + i) for i in range(4)))
+        results = dict(imap(p, ((i, n + i) for i in range(4))))
     for i, arr in results.items():
         assert arr.dtype == np.float32 and arr.shape == (n + i,) and arr.flags.writeable
         assert arr[0] == 0.25 and arr[-1] == 0.25
@@ -236,7 +251,7 @@ def test_large_arrays_round_trip():
 def test_close_stops_busy_workers_promptly(tmp_path):
     before = set(_our_children())
     p = DecodePool(2, timeout_s=60, decode_fn=faulty_decode)
-    it = p.imap([(1, Req(str(tmp_path / "pid"))), (2, Req(str(tmp_path / "sleep")))])
+    it = imap(p, [(1, Req(str(tmp_path / "pid"))), (2, Req(str(tmp_path / "sleep")))])
     assert next(it)[0] == 1  # the other worker is now asleep in decode_fn
     ours = set(_our_children()) - before
     assert len(ours) == 2
@@ -247,15 +262,15 @@ def test_close_stops_busy_workers_promptly(tmp_path):
     assert not set(_our_children()) - before
     assert not any(_alive(c.pid) for c in ours)
     with pytest.raises(ValueError, match="closed"):
-        p.imap([])
+        list(p.stream([]))
 
 
 def test_abandoned_imap_does_not_leak_results(tmp_path, audio_files):
     with DecodePool(1, timeout_s=60, decode_fn=faulty_decode) as p:
-        it = p.imap([(1, Req(str(tmp_path / "pid"))), (2, Req(str(tmp_path / "sleep")))])
+        it = imap(p, [(1, Req(str(tmp_path / "pid"))), (2, Req(str(tmp_path / "sleep")))])
         next(it)
         it.close()  # the sleeping worker is killed and replaced
-        results = list(p.imap(_requests(audio_files[:1])))
+        results = list(imap(p, _requests(audio_files[:1])))
         assert [k for k, _ in results] == [0]
         _assert_same(results[0][1], decode_segments(_requests(audio_files[:1])[0][1]))
 
@@ -334,8 +349,9 @@ def test_a_worker_holds_a_second_request_only_while_jobs_are_short(tmp_path):
     """Short jobs (a result and END): the next request waits in the worker's pipe, not in the
     parent, so the worker does not idle through a round trip. Long jobs: one request at a time."""
     with DecodePool(1, decode_fn=faulty_decode) as p:
+        assert p._depth() == 1  # one until a job has shown how long jobs are
         held = [len(p._workers[0].jobs) for _ in p.stream((i, Req(str(tmp_path / "pid"))) for i in range(6))]
-    assert max(held) == 2 and held[0] == 1  # one until a job has shown how long jobs are
+    assert max(held) == 2
     with DecodePool(1, decode_fn=chatty) as p:
         held = [len(p._workers[0].jobs) for _ in p.stream((i, 6) for i in range(4))]
     assert max(held) == 1 and len(held) == 4 * 7
@@ -356,6 +372,50 @@ def test_a_request_queued_behind_a_failing_one_is_decoded_by_the_next_worker(tmp
             if message is not END:
                 results[key] = message
     assert held_behind_bad  # the interleaving under test: "queued" sat in the failing worker's pipe
-    assert results["bad"] == WorkerFailure(error.format(bad))
+    assert results["bad"].error == error.format(bad)
     assert results["first"] == results["second"]  # one worker
     assert isinstance(results["queued"], int) and results["queued"] != results["first"]  # its replacement
+
+
+def echo_megabytes(request: bytes):
+    """A result as large as the request: 10 MB in, 10 MB out."""
+    return np.frombuffer(request, dtype=np.uint8).copy()
+
+
+def test_large_requests_and_results_cross_at_once_without_wedging():
+    """While a worker sends a 10 MB result, the parent writes it the next 10 MB request (a short
+    job's queued one): on one duplex pipe both writes blocked for good. Neither side waits on the
+    other here, and it all comes back, within the decode timeout."""
+    payloads = [bytes([i]) * (10 << 20) for i in range(6)]
+    t0 = time.monotonic()
+    with DecodePool(1, timeout_s=30, decode_fn=echo_megabytes) as p:
+        results = dict(imap(p, enumerate(payloads)))
+        assert p._depth() == 2  # requests were queued behind a result being sent: the interleaving under test
+    assert time.monotonic() - t0 < 30
+    assert sorted(results) == list(range(6))
+    for i, got in results.items():
+        assert isinstance(got, np.ndarray) and len(got) == 10 << 20 and got[0] == i and got[-1] == i
+
+
+def sleep_then_pid(request: str):
+    if request == "sleep":
+        time.sleep(60)
+    return os.getpid()
+
+
+def test_a_worker_killed_from_outside_is_reported_as_such():
+    with DecodePool(2, timeout_s=60, decode_fn=sleep_then_pid) as p:
+        stream = p.stream([("a", "pid"), ("b", "sleep")], poll_s=0.05)
+        results = {}
+        for key, message in stream:
+            if key is None:
+                if "a" in results and len(results) == 1:
+                    busy = next(w for w in p._workers if w.job is not None and w.job.key == "b")
+                    os.kill(busy.process.pid, signal.SIGKILL)  # the OOM killer, an operator
+                    results["pid"] = busy.process.pid
+                continue
+            if message is not END:
+                results[key] = message
+    failure = results["b"]
+    assert isinstance(failure, WorkerFailure) and failure.killed and failure.failure.kind == "DecoderKilled"
+    assert failure.error == f"DecoderKilled: decode worker {results['pid']} was killed (signal 9: SIGKILL) on b"

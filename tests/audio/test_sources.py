@@ -190,7 +190,7 @@ def failures(names, *, max_duration_s=60.0, read_timeout_s=5.0, storage_options=
     failed, done, other = {}, {}, []
     for m in messages:
         if isinstance(m, WindowBlock):
-            failed.update({names[i]: e for i, e in m.failed})
+            failed.update({names[i]: str(e) for i, e in m.failed})
             done.update({names[i]: d for i, _, d in m.done})
         elif m is not END:
             other.append(m)

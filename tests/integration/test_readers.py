@@ -143,7 +143,7 @@ def test_every_reader_reads_the_embeddings(night1, reader):
 def test_every_reader_reads_the_failures(night1, reader):
     folder = night1["out"] / "failures"
     want = expected(folder)
-    assert want.column("id").to_pylist() == [FAILING] and want.column_names == ["id", "path", "error"]
+    assert want.column("id").to_pylist() == [FAILING] and want.column_names == ["id", "path", "error", "error_kind"]
     assert_same_rows(READERS[reader](folder), want, reader)
 
 
