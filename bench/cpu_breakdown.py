@@ -199,66 +199,50 @@ def main_process_stages(blocks: list, d_model: int, layers: int, staging) -> tup
     import pyarrow.parquet as pq
     import threading
 
+    from extractor.batching.policy import BatchPolicy
+    from extractor.batching.rows import RowPooling
     from extractor.batching.staging import GPU_MAX_WINDOWS, GPU_TOKEN_BUDGET, stage
-    from extractor.batching.packing import Batch, plan_batches, window_flops, window_shapes
-    from extractor.batching.pooling import RowPooling
-    from extractor.constants import HOP_LENGTH, SAMPLE_RATE
     from extractor.output.layout import ROW_GROUP_BYTES
-    from extractor.pipeline import POOL_BATCHES
+    from extractor.pooling import POOLINGS
 
     cpu = dict.fromkeys(MAIN_STAGES[1:], 0.0)
     clock = time.thread_time
     finished: list = []
-    pooling = RowPooling(d_model, False, finished.append, lambda items, errors: None)
+    rows = RowPooling(POOLINGS["mean"], finished.append, lambda items, failures: None)
+    policy = BatchPolicy((d_model, layers, 128), padding_mask=True)
     never = threading.Event()
-    pool: list[tuple] = []
-    pool_tokens, windows, batches = 0, 0, 0
+    windows, batches = 0, 0
     budget = GPU_TOKEN_BUDGET  # the GPU's batches, as the job packs them on the device
 
     def emit() -> None:
-        nonlocal pool, pool_tokens, batches
+        nonlocal batches
         t = clock()
-        items = np.concatenate([p[0] for p in pool])
-        index = np.concatenate([p[1] for p in pool])
-        lengths = np.concatenate([p[2] for p in pool])
-        samples = [s for p in pool for s in p[3]]
-        pool, pool_tokens = [], 0
-        tokens, outs = window_shapes(lengths, padding_mask=True)
-        n_mel = -(-lengths // HOP_LENGTH)
-        flops = window_flops(np.minimum(tokens, (n_mel - 1) // 2 + 1), n_mel, d_model, layers, 128)
-        made = []
-        for sel in plan_batches(tokens, (items, index), token_budget=budget, max_windows=GPU_MAX_WINDOWS):
-            made.append(Batch(items[sel], index[sel], tokens[sel], outs[sel], [samples[k] for k in sel],
-                              audio_samples=int(lengths[sel].sum()), flops=float(flops[sel].sum())))
+        made = policy.take(budget, GPU_MAX_WINDOWS)
         cpu["pack"] += clock() - t
         for batch in made:
             t = clock()
             stage(batch, staging, never)
-            staging.release(batch.meta["slot"], None)
+            staging.release(batch.staged.slot, None)
             t1 = clock()
             cpu["stage"] += t1 - t
-            pooling.add(batch, np.zeros((batch.size, d_model), np.float32), None, None)
+            rows.add(batch, np.zeros((batch.size, d_model), np.float32), None)
             cpu["rows"] += clock() - t1
             batches += 1
 
     for block in blocks:
         t = clock()
         if len(block.items):
-            bounds = np.cumsum(block.lengths)[:-1]
-            pool.append((block.items, block.index, block.lengths, np.split(block.samples, bounds)))
-            tokens, _ = window_shapes(block.lengths, padding_mask=True)
-            pool_tokens += int(tokens.sum())
+            policy.add(block.items, block.index, block.lengths, np.split(block.samples, np.cumsum(block.lengths)[:-1]))
             windows += len(block.items)
         cpu["pool_windows"] += clock() - t
-        if pool_tokens >= POOL_BATCHES * budget:
+        if policy.ready(budget):
             emit()
         t = clock()
-        pooling.done(block.done)  # the device loop hands "done" entries to the pooling stage
+        rows.decoded(block.done)  # the device loop hands "decoded" records to the rows stage
         cpu["rows"] += clock() - t
-    if pool:
-        emit()
-    if len(pooling):
-        raise RuntimeError(f"{len(pooling)} rows were not finished: the mirror of the pipeline is out of date")
+    emit()
+    if len(rows):
+        raise RuntimeError(f"{len(rows)} rows were not finished: the mirror of the pipeline is out of date")
 
     # The writer's part, as PartWriter._rows_table and OutputDir.commit_table build and write it.
     # A real model's embeddings are not zeros, which zstd would make light work of.

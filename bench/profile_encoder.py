@@ -18,6 +18,9 @@ import numpy as np
 import torch
 
 from extractor.batching.device import forward
+from extractor.pooling import POOLINGS
+
+MEAN = POOLINGS["mean"]
 from extractor.batching.packing import Batch, plan_batches, split_windows, window_flops, window_shapes
 from extractor.model.config import EncoderConfig
 from extractor.model.encoder import AudioEncoder
@@ -106,11 +109,11 @@ def main() -> None:
         staged = [on_device(b, dev) for b in batches]
         with torch.inference_mode():
             for b, (w, ix) in list(zip(batches, staged))[:2]:
-                forward(model, b, w, ix)
+                forward(model, b, w, ix, MEAN)
             torch.cuda.synchronize()
             t = time.perf_counter()
             for b, (w, ix) in zip(batches, staged):
-                forward(model, b, w, ix)
+                forward(model, b, w, ix, MEAN)
             torch.cuda.synchronize()
             el = time.perf_counter() - t
         results[name] = {"batches": len(batches), "windows/batch": round(np.mean([b.size for b in batches]), 1),
@@ -120,7 +123,7 @@ def main() -> None:
             b, (w, ix) = batches[len(batches) // 2], staged[len(batches) // 2]
             with torch.inference_mode(), torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
                 for _ in range(3):
-                    forward(model, b, w, ix)
+                    forward(model, b, w, ix, MEAN)
                 torch.cuda.synchronize()
             print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=14, max_name_column_width=60), flush=True)
     print(json.dumps(results), flush=True)

@@ -288,9 +288,9 @@ def descendants_cpu_s(exclude: int) -> float:
 
 
 def requests_of(paths: list[str], durations: list[float]):
-    """Decode requests grouped as pipeline.Producer groups them: REQUEST_AUDIO_S of audio each."""
+    """Decode requests grouped as the job groups them (audio.requests): REQUEST_AUDIO_S of audio each."""
     from extractor.audio.decode import DecodeRequest, FileJob
-    from extractor.pipeline import files_per_request
+    from extractor.audio.requests import files_per_request
 
     per = files_per_request(sum(durations) / len(durations))
     requests = []

@@ -1,6 +1,6 @@
 """Batch audio embeddings from Qwen2-Audio's audio tower, with a LoRA adapter merged in."""
 
-__version__ = "0.2.0"  # 0.2: the output layout of embeddings/ and failures/ (tools/migrate.py moves a 0.1 output)
+from .version import __version__
 
 __all__ = ["Embedder", "__version__"]
 

@@ -15,11 +15,12 @@ import numpy as np
 from .audio.decode import load_audio
 from .batching.device import run_batch
 from .batching.packing import Batch, plan_batches, split_windows, window_shapes
-from .batching.pooling import RowPooling
+from .batching.rows import RowPooling
 from .batching.staging import default_max_windows, default_token_budget
 from .constants import SAMPLE_RATE
 from .model.load import load_model, resolve_device, resolve_dtype
 from .options import DEFAULT_MAX_DURATION_S
+from .pooling import POOLINGS
 
 
 class Embedder:
@@ -62,14 +63,15 @@ class Embedder:
         def emit(rows) -> None:
             out[rows.items] = rows.embeddings
 
-        pooling = RowPooling(self.d_model, False, emit, lambda items, errors: None)
-        pooling.done(done)
+        mean = POOLINGS["mean"]
+        pooling = RowPooling(mean, emit, lambda items, errors: None)
+        pooling.decoded(done)
         items_a, index_a = np.array(items, dtype=np.int64), np.array(index, dtype=np.int64)
         tokens, outs = window_shapes(np.array([len(w) for w in windows]), padding_mask=self.padding_mask)
         device = self.model.device
         budget = token_budget or default_token_budget(device)
         for sel in plan_batches(tokens, (items_a, index_a), token_budget=budget, max_windows=default_max_windows(device)):
             batch = Batch(items_a[sel], index_a[sel], tokens[sel], outs[sel], [windows[k] for k in sel])
-            sums, _ = run_batch(self.model, batch)
-            pooling.add(batch, sums, None, None)
+            sums, _ = run_batch(self.model, batch, mean)
+            pooling.add(batch, sums, None)
         return out

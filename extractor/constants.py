@@ -16,20 +16,22 @@ LOG_MEL_DYNAMIC_RANGE = 8.0  # log10 units kept below the window's maximum
 CONV_STRIDE = 2  # conv2 halves the mel frames into encoder tokens
 POOL_STRIDE = 2  # avg_pooler halves the tokens into output frames
 MAX_TOKENS = N_FRAMES // CONV_STRIDE  # 1500 encoder tokens per window
-MAX_OUTPUT_FRAMES = MAX_TOKENS // POOL_STRIDE  # 750 output frames per window
 OUTPUT_FRAME_RATE_HZ = SAMPLE_RATE / (HOP_LENGTH * CONV_STRIDE * POOL_STRIDE)  # 25.0 frames/s (40 ms)
 
 
-def mel_frames(num_samples: int) -> int:
+# The window-shape formulas: each works on an int or elementwise on a numpy integer array.
+
+
+def mel_frames(num_samples):
     """Mel frames the feature extractor marks valid: its attention mask is `[::HOP_LENGTH]`."""
     return -(-num_samples // HOP_LENGTH)
 
 
-def encoder_tokens(n_mel: int) -> int:
-    """Tokens after conv2 (stride 2, pad 1) for `n_mel` valid mel frames."""
-    return (n_mel - 1) // 2 + 1
+def encoder_tokens(n_mel):
+    """Tokens after conv2 (stride 2, pad 1) for `n_mel` valid mel frames (n_mel >= 1)."""
+    return (n_mel - 1) // CONV_STRIDE + 1
 
 
-def output_frames(n_tokens: int) -> int:
-    """Output frames after avg_pooler (kernel 2, stride 2); 0 for a single token."""
-    return (n_tokens - 2) // 2 + 1 if n_tokens >= 1 else 0
+def output_frames(n_tokens):
+    """Output frames after avg_pooler (kernel 2, stride 2): floor division makes it 0 for 0 or 1 token."""
+    return (n_tokens - POOL_STRIDE) // POOL_STRIDE + 1

@@ -42,6 +42,9 @@ class Interrupted(BaseException):
         super().__init__(signal.Signals(signum).name)
         self.signum = signum
 
+    def __reduce__(self):
+        return type(self), (self.signum,)  # crosses to a --devices parent as itself
+
     @property
     def exit_code(self) -> int:
         return 128 + self.signum

@@ -56,3 +56,19 @@ class FailedRows:
 
     def __len__(self) -> int:
         return len(self.items)
+
+
+@dataclass
+class Decoded:
+    """Rows whose decode finished: (item, windows, duration_s) each. A row is finished once its
+    windows are back and its entry here says how many it has."""
+
+    entries: list[tuple[int, int, float]]
+
+
+@dataclass
+class Retrying:
+    """Rows decoded again from their start (their worker was killed mid-file): what came of
+    their earlier windows is void."""
+
+    items: list[int]

@@ -9,6 +9,8 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field
 
+from .pooling import POOLINGS  # noqa: F401  --pooling's choices: the strategies' names (imports no numpy)
+
 DEFAULT_PART_ROWS = 10_000  # rows per committed part: at most what a kill loses
 DEFAULT_PART_BYTES = 256 << 20  # a part is also committed once its vectors reach this size
 DEFAULT_COMMIT_SECONDS = 60.0  # ... or once its oldest row has waited this long
@@ -31,7 +33,6 @@ def default_decode_workers(devices: int = 1) -> int:
     return max(1, min(MAX_DECODE_WORKERS, cores // devices))
 
 
-POOLINGS = ("mean", "none")  # --pooling: one vector per row; or also every 40 ms frame
 DTYPES = ("auto", "float32", "bfloat16", "float16")  # --dtype; auto: bfloat16 on CUDA, float32 on CPU
 OUTPUT_DTYPES = ("float32", "float16")  # --output-dtype
 MANIFEST_FORMATS = ("parquet", "csv", "jsonl", "lhotse")  # --manifest-format; None: by extension (manifest.formats)
@@ -93,9 +94,6 @@ class JobOptions:
     token_budget: int | None = None  # None: the device's default (batching.packing)
     shard: Shard = field(default_factory=Shard)
     progress: bool = True  # a bar on a terminal, periodic lines in a log
-    # "module:function" run in the decode workers instead of the decoder; for tests that need a
-    # decoder which really crashes or hangs. Not a user-facing knob.
-    decode_fn: str | None = None
     # fsspec options (credentials, endpoint) for "://" manifest, audio and output; None: the
     # filesystem's defaults, e.g. AWS_* environment variables for s3://.
     storage_options: dict | None = None

@@ -5,7 +5,9 @@ from __future__ import annotations
 import json
 from dataclasses import asdict, dataclass, fields
 
+from .version import __version__
 from .constants import CHUNK_SECONDS, SAMPLE_RATE
+from .pooling import POOLINGS
 
 RECIPE_VERSION = 1
 METADATA_KEY = b"qwen2_audio_embeddings.recipe"
@@ -47,3 +49,19 @@ class Recipe:
         """'field: old → new' for each of this run's `values` that differs from this recipe (the
         output's); also for what a run knows before its model is loaded."""
         return [f"{k}: {getattr(self, k)!r} (existing output) → {v!r} (this run)" for k, v in values.items() if getattr(self, k) != v]
+
+
+def build_recipe(model, opts) -> Recipe:
+    """The recipe of a loaded model (model.load.LoadedModel) run with these options."""
+    return Recipe(
+        model_fingerprint=model.model_fingerprint,
+        adapter_fingerprint=model.adapter.fingerprint if model.adapter else None,
+        d_model=model.cfg.d_model,
+        padding_mask=opts.padding_mask,
+        dtype=str(model.dtype).removeprefix("torch."),
+        pooling=opts.pooling,
+        output_dtype=opts.output_dtype,
+        gelu="tanh-epilogue" if model.encoder.fused_gelu else "erf",
+        frame_pooling=POOLINGS[opts.pooling].recipe,
+        package_version=__version__,
+    )

@@ -1,22 +1,23 @@
-"""One shard of a job: the function every engine runs (datatrove's `_run_for_rank`).
+"""One shard of a job, from its checks to its marker: the sequence every engine runs.
 
-    read  →  lock  →  plan from what is committed  →  embed  →  commit  →  mark
+    check  →  nothing to do?  →  lock  →  plan from what is committed  →  embed  →  mark
 
-`prepare` reads and refuses: a `--model`/`--adapter` given as a Hub repo id is first resolved to a
-local snapshot (model/hub.py: only the tower's files are downloaded), then the model's and
-adapter's JSON, the manifest, the output's layout and recipe, all before anything is written
-(exit 2). When the shard's marker names this manifest and these inputs and `_SUCCESS` stands,
-there is nothing to do: no lock, no torch, about a second.
+`ShardRun` owns the sequence (datatrove's `_run_for_rank`). Engines supply the middle step only:
+an `Embed`, a function that embeds given pending rows under the lock the run holds, in this
+process (engines/local.py) or in worker processes on the devices of a host (engines/devices.py);
+Ray launches ShardRuns on its nodes (engines/ray.py). A new engine is one such function.
 
-`run_shard` takes the shard's lock (exit 75 if a live run holds it), and only then plans: the
-pending rows are the shard's rows minus the ids in committed parts (and failure records), read
-under the lock, never a plan made before it. Decoding starts while the model loads; the first
-write is `_run.json` (created, or compared), after the model is loaded and checked. Parts are
-committed by a writer that is closed before the lock is let go, on every path. The shard's marker
-is written last, and `_SUCCESS` once every shard's marker names the same manifest.
+Checking reads and refuses (exit 2) before anything is written: a `--model`/`--adapter` given as
+a Hub repo id is resolved to a local snapshot (only the tower's files are downloaded), then the
+model's and adapter's JSON, the manifest, the output's layout and recipe. When the shard's marker
+names this manifest and these inputs and `_SUCCESS` stands, there is nothing to do: no lock, no
+torch, about a second.
 
-`embed_locked` is the part that runs under a held lock; `--devices` runs it in each of its
-worker processes, on a sub-shard, under the lock its parent holds (engines/devices.py).
+Under the lock, and only then, the run plans: the pending rows are the shard's rows minus the
+ids in committed parts (and failure records), read once. Nothing is written until the engine has
+loaded its model and checked the recipe (`_run.json`, created or compared); then `begin` clears
+the shard's markers before the first part. The shard's marker is written last, and `_SUCCESS`
+once every shard's marker names the same manifest.
 """
 
 from __future__ import annotations
@@ -25,30 +26,35 @@ import hashlib
 import json
 import logging
 import os
+import signal
 import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
-from pathlib import Path
 
 import polars as pl
 import pyarrow as pa
 
-from . import __version__, hooks
+from .version import __version__
 from .errors import ConfigError
-from .manifest.read import Manifest, read_manifest, shard_of
+from .manifest.embedded import EmbeddedAudio
+from .manifest.read import Manifest, read_manifest
 from .manifest.read import fingerprint as rows_fingerprint
-from .model.config import (EncoderConfig, adapter_weights_file, cached_fingerprint, read_adapter_config, read_config,
-                           stat_signature, tower_files)
-from .model.hub import readable_source, resolve_adapter, resolve_model
-from .options import DTYPES, OUTPUT_DTYPES, POOLINGS, JobOptions, Shard
+from .model.config import EncoderConfig, adapter_weights_file, read_adapter_config, read_config
+from .model.hub import resolve_adapter, resolve_model
+from .model.identity import Identity
+from .options import DTYPES, OUTPUT_DTYPES, JobOptions, Shard
 from .output.layout import OutputDir, RecipeMismatch, RunInfo, layout_differences
 from .output.locks import process_start
-from .recipe import Recipe
-from .signals import StopSignal  # noqa: F401 (engines import it from here)
+from .pooling import POOLINGS
+from .progress import Progress
+from .seams import NONE, Seams
+from .signals import StopSignal
 from .summary import Summary
 
 logger = logging.getLogger(__name__)
+
+__all__ = ["Control", "Embed", "Plan", "ShardRun", "StopSignal", "Work", "launch_clock", "prepare", "run_shard"]
 
 
 def process_age_s() -> float:
@@ -67,17 +73,23 @@ def launch_clock() -> float:
     return time.monotonic() - process_age_s()
 
 
+# ---------------------------------------------------------------------------------------------
+# Checking: what a run knows before its lock; nothing here writes
+# ---------------------------------------------------------------------------------------------
+
+
 @dataclass
-class ShardPlan:
+class Plan:
     """What a shard run knows before it takes its lock; nothing here was written."""
 
-    opts: JobOptions
+    opts: JobOptions  # with --model/--adapter resolved to local directories
     shard: Shard
     cfg: EncoderConfig
     manifest: Manifest
     rows: pl.DataFrame  # this shard's rows of the manifest
     out: OutputDir
     existing: RunInfo | None  # what _run.json holds, if anything
+    identity: Identity
     marker: dict  # what this shard's marker will say when it is done
     t0: float = field(default_factory=launch_clock)
 
@@ -87,7 +99,7 @@ class ShardPlan:
 
 def _check_flags(opts: JobOptions) -> None:
     if opts.pooling not in POOLINGS:
-        raise ConfigError(f"--pooling {opts.pooling!r}: expected one of {POOLINGS}")
+        raise ConfigError(f"--pooling {opts.pooling!r}: expected one of {', '.join(POOLINGS)}")
     if opts.output_dtype not in OUTPUT_DTYPES:
         raise ConfigError(f"--output-dtype {opts.output_dtype!r}: expected one of {OUTPUT_DTYPES}")
     if opts.dtype not in DTYPES:
@@ -96,68 +108,53 @@ def _check_flags(opts: JobOptions) -> None:
         raise ConfigError("--max-duration-s and --decode-timeout-s must be positive")
 
 
-def _files_signature(folder: str, files: list[Path]) -> str:
-    """A Hub snapshot's commit (its files never change; the same on every host, each of which may
-    hold its own copy, as a Ray task's node does), else the files' stat signature."""
-    repo, commit = readable_source(folder)
-    if commit:
-        return f"{repo}@{commit}"
-    # Racy files are fine here: a marker only spares a rerun the planning, never decides what is done.
-    return stat_signature(files, racy_ok=True) or f"missing-{time.time_ns()}"
-
-
-def _inputs_fingerprint(opts: JobOptions) -> str:
+def _inputs(opts: JobOptions, identity: Identity) -> str:
     """What the recipe is computed from, as far as a run can tell without loading the model: the
-    flags and the identities of the checkpoint and adapter files (_files_signature). A marker records it, so
-    a rerun with another model or adapter does not take an old marker for "nothing to do"."""
-    signature = _files_signature(opts.model, [Path(opts.model) / "config.json", *tower_files(Path(opts.model))])
-    if opts.adapter:
-        adapter = Path(opts.adapter)
-        signature += "|" + _files_signature(opts.adapter, [adapter / "adapter_config.json", adapter_weights_file(adapter)])
+    flags and the identity of the checkpoint and adapter files. A marker records it, so a rerun
+    with another model or adapter does not take an old marker for "nothing to do"."""
     flags = dict(padding_mask=opts.padding_mask, pooling=opts.pooling, output_dtype=opts.output_dtype, dtype=opts.dtype,
                  device=opts.device.split(":")[0], version=__version__)
-    return hashlib.sha256(f"{signature}|{json.dumps(flags, sort_keys=True)}".encode()).hexdigest()
+    return hashlib.sha256(f"{identity.signature()}|{json.dumps(flags, sort_keys=True)}".encode()).hexdigest()
 
 
-def _early_recipe_check(opts: JobOptions, cfg: EncoderConfig, existing: RunInfo, shard: Shard, out: OutputDir) -> None:
+def _early_recipe_check(plan: Plan) -> None:
     """Refuse, before any model load, what the existing recipe rules out without one."""
-    old = existing.recipe
-    known = {"padding_mask": opts.padding_mask, "pooling": opts.pooling, "output_dtype": opts.output_dtype, "d_model": cfg.d_model}
+    opts, old = plan.opts, plan.existing.recipe
+    known = {"padding_mask": opts.padding_mask, "pooling": opts.pooling, "output_dtype": opts.output_dtype, "d_model": plan.cfg.d_model}
     if opts.dtype != "auto":
         known["dtype"] = opts.dtype
     if (opts.adapter is None) != (old.adapter_fingerprint is None):
         known["adapter_fingerprint"] = "(an adapter)" if opts.adapter else None
-    fp = cached_fingerprint(tower_files(Path(opts.model)))
-    if fp is not None:
-        known["model_fingerprint"] = fp
-    diff = old.mismatches(known) + layout_differences(existing.num_shards, shard.count)
+    known.update(plan.identity.known_fingerprints())
+    diff = old.mismatches(known) + layout_differences(plan.existing.num_shards, plan.shard.count)
     if diff:
-        raise RecipeMismatch.naming(out.root, diff)
+        raise RecipeMismatch.naming(plan.out.root, diff)
 
 
-def prepare(opts: JobOptions, shard: Shard | None = None) -> ShardPlan:
+def prepare(opts: JobOptions, shard: Shard | None = None) -> Plan:
     """Read and check everything a run needs before it may write; ConfigError (exit 2) if not."""
     t0 = launch_clock()
     shard = shard or opts.shard
     _check_flags(opts)
     # Repo ids become snapshot directories before anything reads them; the plan carries the paths.
     opts = replace(opts, model=resolve_model(opts.model), adapter=resolve_adapter(opts.adapter) if opts.adapter else None)
-    cfg = read_config(Path(opts.model))
+    cfg = read_config(opts.model)
     if opts.adapter:
-        read_adapter_config(Path(opts.adapter))
-        adapter_weights_file(Path(opts.adapter))
+        read_adapter_config(opts.adapter)
+        adapter_weights_file(opts.adapter)
     manifest = read_manifest(opts.manifest, opts.storage_options)
     rows = manifest.shard_rows(shard)
     out = OutputDir(opts.output, opts.storage_options)
-    existing = out.check()
-    if existing is not None:
-        _early_recipe_check(opts, cfg, existing, shard, out)
+    identity = Identity(opts.model, opts.adapter)
     marker = {"manifest": rows_fingerprint(rows), "whole_manifest": rows_fingerprint(manifest.rows),
-              "inputs": _inputs_fingerprint(opts), "rows": len(rows), "num_shards": shard.count}
-    return ShardPlan(opts, shard, cfg, manifest, rows, out, existing, marker, t0)
+              "inputs": _inputs(opts, identity), "rows": len(rows), "num_shards": shard.count}
+    plan = Plan(opts, shard, cfg, manifest, rows, out, out.check(), identity, marker, t0)
+    if plan.existing is not None:
+        _early_recipe_check(plan)
+    return plan
 
 
-def is_noop(plan: ShardPlan) -> bool:
+def is_noop(plan: Plan) -> bool:
     """The shard's marker names this manifest and these inputs, and _SUCCESS stands for the manifest
     (other shards' inputs may differ: they may have run on other hosts, with their own copies)."""
     if plan.opts.retry_failed:
@@ -168,11 +165,20 @@ def is_noop(plan: ShardPlan) -> bool:
     return all(mine.get(k) == plan.marker[k] for k in keys) and done.get("whole_manifest") == plan.marker["whole_manifest"]
 
 
-def pending_rows(plan: ShardPlan, rows: pl.DataFrame) -> tuple[pl.DataFrame, int, int]:
-    """(rows still to do, rows already embedded, rows already failed): from the committed ids."""
+def _id_series(ids: pa.Array, rows: pl.DataFrame) -> pl.Series:
+    return pl.Series("id", ids).cast(rows.schema["id"])
+
+
+def committed(plan: Plan) -> tuple[pl.Series, pl.Series]:
+    """The ids of this output's committed parts and failure records (read once per run)."""
     out, id_type = plan.out, plan.manifest.id_type
-    done = _id_series(out.read_ids(out.part_files(), id_type), rows)
-    failed = _id_series(out.read_ids(out.failure_files(), id_type), rows)
+    return (_id_series(out.read_ids(out.part_files(), id_type), plan.rows),
+            _id_series(out.read_ids(out.failure_files(), id_type), plan.rows))
+
+
+def pending_rows(plan: Plan, done: pl.Series, failed: pl.Series) -> tuple[pl.DataFrame, int, int]:
+    """(rows still to do, rows already embedded, rows already failed) of the shard."""
+    rows = plan.rows
     is_done, is_failed = pl.col("id").is_in(done.implode()), pl.col("id").is_in(failed.implode())
     n_done = rows.filter(is_done).height
     n_failed = rows.filter(is_failed & ~is_done).height
@@ -180,160 +186,16 @@ def pending_rows(plan: ShardPlan, rows: pl.DataFrame) -> tuple[pl.DataFrame, int
     return rows.filter(keep), n_done, n_failed
 
 
-def _id_series(ids: pa.Array, rows: pl.DataFrame) -> pl.Series:
-    return pl.Series("id", ids).cast(rows.schema["id"])
-
-
-def standing_failures(plan: ShardPlan) -> int:
-    """This shard's rows with a failure record (only failure files are read)."""
-    failed = _id_series(plan.out.read_ids(plan.out.failure_files(), plan.manifest.id_type), plan.rows)
-    return plan.rows.filter(pl.col("id").is_in(failed.implode())).height if len(failed) else 0
-
-
-def sub_shard(rows: pl.DataFrame, shard: Shard, part: int, parts: int) -> pl.DataFrame:
-    """Rows of part `part` of `parts` of a shard: sub-shard I + part·N of N·parts, a refinement of
-    the shard (h mod N·P mod N == h mod N), so any number of parts covers the shard exactly."""
-    if parts == 1:
-        return rows
-    return rows.filter(shard_of(rows["id"], shard.count * parts) == shard.index + part * shard.count)
-
-
-def build_recipe(model, opts: JobOptions) -> Recipe:
-    return Recipe(
-        model_fingerprint=model.model_fingerprint,
-        adapter_fingerprint=model.adapter.fingerprint if model.adapter else None,
-        d_model=model.cfg.d_model,
-        padding_mask=opts.padding_mask,
-        dtype=str(model.dtype).removeprefix("torch."),
-        pooling=opts.pooling,
-        output_dtype=opts.output_dtype,
-        gelu="tanh-epilogue" if model.encoder.fused_gelu else "erf",
-        package_version=__version__,
-    )
-
-
-def sources(opts: JobOptions) -> dict:
-    """Readable names of the model and adapter: repo id and commit for a Hub snapshot, else the
-    path (not compared on resume: the same weights may move)."""
-    model, model_revision = readable_source(opts.model)
-    adapter, adapter_revision = readable_source(opts.adapter)
-    return {"model": model, "model_revision": model_revision, "adapter": adapter, "adapter_revision": adapter_revision}
-
-
-def embed_locked(plan: ShardPlan, lock, *, part: tuple[int, int] = (0, 1), first_seq: int | None = None, seq_step: int = 1,
-                 model=None, stop: threading.Event | None = None, on_progress: Callable[[int, int, float], None] | None = None,
-                 ready: Callable[[], None] | None = None) -> Summary:
-    """Embed what is pending for the shard (or one part of it), with `lock` held by the caller.
-
-    `ready`, when given (a --devices worker), is called once the recipe is checked, instead of
-    clearing markers and dropping failures here: the lock's owner does that once for all parts.
-    """
-    opts, out, shard = plan.opts, plan.out, plan.shard
-    stop = stop or threading.Event()
-    rows = sub_shard(plan.rows, shard, *part)
-    summary = plan.summary()
-    summary.rows_total = len(rows)
-    hooks.point("locked", shard=shard.index, part=part[0])
-    pending, n_done, n_failed = pending_rows(plan, rows)
-    summary.skipped = n_done + (0 if opts.retry_failed else n_failed)
-    hooks.point("planned", shard=shard.index, part=part[0], pending=len(pending))
-    if not len(pending):
-        verify_identity(plan)
-        if ready is not None:
-            ready()
-        return summary
-    logger.info("%d rows to embed (%d already embedded, %d failed earlier) → %s", len(pending), n_done, n_failed, out.root)
-    logger.debug("planned %.2f s after launch", process_age_s())
-
-    from .output.writer import PartWriter
-    from .pipeline import Pipeline
-    from .progress import Progress
-
-    # Decoding starts now, while torch is imported and the model loads; nothing is written until
-    # the model is loaded and the recipe checked.
-    with Pipeline(pending, opts, plan.cfg, stop, plan.manifest.audio) as pipe:
-        from .model.load import load_model, resolve_device, resolve_dtype  # torch: only when there is work
-
-        logger.debug("torch imported %.2f s after launch", process_age_s())
-        device = resolve_device(opts.device)
-        if device.type == "cuda" and device.index is not None:
-            import torch
-
-            torch.cuda.set_device(device)  # else cuda:0 gets a context and the default streams
-        pipe.attach(device)
-        if model is None:
-            t = time.monotonic()
-            model = load_model(Path(opts.model), Path(opts.adapter) if opts.adapter else None, device, resolve_dtype(opts.dtype, device))
-            logger.info("model loaded in %.1f s (%.2f s after launch)", time.monotonic() - t, process_age_s())
-        if stop.is_set():
-            summary.interrupted = _signal_name(stop)
-            return summary
-        recipe, names = build_recipe(model, opts), sources(opts)
-        out.create_run(RunInfo(recipe, shard.count, names))  # the first write
-        out.forget_created()
-        if first_seq is None:
-            first_seq = out.next_seq(shard)
-        if ready is not None:
-            ready()
-        else:
-            begin_writes(plan, lock, first_seq)
-        metadata = {b"qwen2_audio_embeddings.sources": json.dumps(names).encode()}
-        with Progress(len(pending), enabled=opts.progress, on_update=on_progress) as progress:
-            with PartWriter(out, lock, shard, plan.manifest, pending, recipe, first_seq=first_seq, seq_step=seq_step,
-                            keep_columns=opts.manifest.keep_columns, part_rows=opts.part_rows, part_bytes=opts.part_bytes,
-                            commit_seconds=opts.commit_seconds, metadata=metadata) as writer:
-                pipe.run(model, writer, progress, summary.stats, plan.t0)
-            summary.embedded, summary.failed, summary.audio_seconds = writer.embedded, writer.failed, writer.audio_s
-    if stop.is_set():
-        summary.interrupted = _signal_name(stop)
-    return summary
-
-
-def verify_identity(plan: ShardPlan) -> None:
+def verify_identity(plan: Plan) -> None:
     """Nothing to embed, but the inputs changed since the shard's marker (another model or adapter
     file): the recipe's fingerprints must still match the output's, or the run is refused as one
     with work would be. Reads the tensors (the tower's fingerprint is cached), loads no model."""
     existing, mine = plan.existing, plan.out.marker(plan.shard) or {}
     if existing is None or mine.get("inputs") == plan.marker["inputs"]:
         return
-    from .model.checkpoint import model_fingerprint
-    from .model.lora import adapter_fingerprint
-
-    found = {"model_fingerprint": model_fingerprint(Path(plan.opts.model)),
-             "adapter_fingerprint": adapter_fingerprint(Path(plan.opts.adapter)) if plan.opts.adapter else None}
-    diff = existing.recipe.mismatches(found)
+    diff = existing.recipe.mismatches(plan.identity.fingerprints())
     if diff:
         raise RecipeMismatch.naming(plan.out.root, diff)
-
-
-def begin_writes(plan: ShardPlan, lock, first_seq: int) -> None:
-    """Under the lock, with the recipe checked, before the first part: the shard is not done any
-    more; --retry-failed drops its old failure records; temporaries of a killed run go."""
-    plan.out.clear_markers(plan.shard, lock)
-    if plan.opts.retry_failed:
-        dropped = plan.out.drop_failures(plan.shard, lock, below_seq=first_seq)
-        if dropped:
-            logger.info("--retry-failed: %d failed rows are pending again", dropped)
-    plan.out.prepare_writes(plan.shard)
-
-
-def _signal_name(stop: threading.Event) -> str:
-    import signal
-
-    signum = getattr(stop, "signum", None)
-    return signal.Signals(signum).name if signum else "stopped"
-
-
-def finish(plan: ShardPlan, summary: Summary) -> Summary:
-    """Wall time, standing failures, and the one line every run ends with."""
-    summary.standing_failed = standing_failures(plan)
-    summary.wall_seconds = time.monotonic() - plan.t0
-    if summary.stats.last_batch_at is not None:
-        summary.tail_s = time.monotonic() - summary.stats.last_batch_at
-    if summary.noop:
-        logger.info("nothing to do: shard %s of the manifest is already in %s", plan.shard, plan.out.root)
-    logger.info(summary.line(), extra={"event": "summary", "summary": summary.to_json()})
-    return summary
 
 
 def start_ahead(opts: JobOptions) -> None:
@@ -345,34 +207,140 @@ def start_ahead(opts: JobOptions) -> None:
     ahead.start(opts.model, opts.device)
 
 
-def run_shard(opts: JobOptions, shard: Shard | None = None, *, model=None, stop: threading.Event | None = None,
-              on_progress: Callable[[int, int, float], None] | None = None) -> Summary:
-    """Run one shard of the job (opts.shard unless given) and return its Summary.
+# ---------------------------------------------------------------------------------------------
+# The seam: what an engine is handed
+# ---------------------------------------------------------------------------------------------
 
-    Raises ConfigError (exit 2) before anything is written, OutputBusy (exit 75) when a live run
-    holds the shard; a Summary with `interrupted` set when `stop` ended it early.
-    """
-    plan = prepare(opts, shard)
-    shard = plan.shard
-    logger.debug("configuration, manifest and output checked %.2f s after launch", process_age_s())
-    hooks.point("prepared", shard=shard.index)
-    if stop is not None and stop.is_set():
+
+@dataclass
+class Work:
+    """What an engine embeds: pending rows of one shard, under a lock that the run holds.
+    Plain data: a worker process can be handed it (with `rows` a slice of the pending rows)."""
+
+    opts: JobOptions
+    shard: Shard
+    cfg: EncoderConfig
+    out: OutputDir
+    rows: pl.DataFrame  # pending rows (the first chunk of them, where more come by Control.more)
+    types: dict[str, pa.DataType]  # each output column's canonical Arrow type
+    audio: EmbeddedAudio | None  # audio stored in the manifest, or None
+    sources: dict  # the model's and adapter's readable names (_run.json, the parts' metadata)
+    first_seq: int  # the first part number to write
+    seq_step: int = 1  # part numbers go first_seq, + seq_step, ...
+    t0: float = field(default_factory=launch_clock)
+
+
+@dataclass
+class Control:
+    """How the run steers its engine; each process makes its own (it holds callables)."""
+
+    lock: object  # held by the run; checked before every write (output.locks)
+    stop: threading.Event
+    progress: Progress
+    begin: Callable[[], None]  # once the recipe is checked, before the first write; idempotent
+    seams: Seams = NONE
+    model: object | None = None  # an already loaded model (the notebook API, tests)
+    more: Callable[[], pl.DataFrame | None] | None = None  # the next chunk of pending rows, None when there is none
+
+
+Embed = Callable[[Work, Control], Summary]
+
+
+def signal_name(stop: threading.Event) -> str:
+    signum = getattr(stop, "signum", None)
+    return signal.Signals(signum).name if signum else "stopped"
+
+
+class ShardRun:
+    """One shard, checked at construction (ConfigError, exit 2, before anything is written);
+    `run(embed)` takes the lock (OutputBusy, exit 75, if a live run holds it), plans, embeds and
+    marks. A Summary with `interrupted` set when `stop` ended it early."""
+
+    def __init__(self, opts: JobOptions, shard: Shard | None = None, *, seams: Seams = NONE, stop: threading.Event | None = None,
+                 on_progress: Callable[[int, int, float], None] | None = None):
+        self.plan = prepare(opts, shard)
+        self.seams, self.stop, self.on_progress = seams, stop or StopSignal(), on_progress
+        self._begun = False
+        logger.debug("configuration, manifest and output checked %.2f s after launch", process_age_s())
+        seams.event("prepared", shard=self.plan.shard.index)
+
+    def run(self, embed: Embed, *, model=None) -> Summary:
+        plan, out, shard = self.plan, self.plan.out, self.plan.shard
         summary = plan.summary()
-        summary.interrupted = _signal_name(stop)
-        return finish(plan, summary)
-    if is_noop(plan):
-        summary = plan.summary()
-        summary.noop = summary.complete = True
-        summary.skipped = len(plan.rows)
-        return finish(plan, summary)
-    start_ahead(plan.opts)
-    try:
-        with plan.out.lock(shard) as lock:
-            summary = embed_locked(plan, lock, model=model, stop=stop, on_progress=on_progress)
-            if summary.interrupted is None:
-                summary.complete = plan.out.write_markers(shard, plan.marker, lock)
-                plan.out.forget_created()
-                hooks.point("marked", shard=shard.index)
-    finally:
-        plan.out.remove_created()
-    return finish(plan, summary)
+        if self.stop.is_set():  # a signal while the command started
+            summary.interrupted = signal_name(self.stop)
+            return self._finish(summary)
+        if is_noop(plan):
+            summary.noop = summary.complete = True
+            summary.skipped = len(plan.rows)
+            return self._finish(summary)
+        start_ahead(plan.opts)
+        try:
+            with out.lock(shard) as lock:
+                self.seams.event("locked", shard=shard.index)
+                done, failed = committed(plan)
+                pending, n_done, n_failed = pending_rows(plan, done, failed)
+                self.seams.event("planned", shard=shard.index, pending=len(pending))
+                summary.skipped = n_done + (0 if plan.opts.retry_failed else n_failed)
+                self._failed_before = n_failed
+                if len(pending):
+                    logger.info("%d rows to embed (%d already embedded, %d failed earlier) → %s", len(pending), n_done, n_failed, out.root)
+                    logger.debug("planned %.2f s after launch", process_age_s())
+                    work = Work(plan.opts, shard, plan.cfg, out, pending, plan.manifest.arrow_types, plan.manifest.audio,
+                                plan.identity.sources(), out.next_seq(shard), t0=plan.t0)
+                    with Progress(len(pending), enabled=plan.opts.progress, on_update=self.on_progress) as progress:
+                        control = Control(lock, self.stop, progress, lambda: self._begin(lock, work.first_seq), self.seams, model)
+                        ran = embed(work, control)
+                    summary.embedded, summary.failed, summary.audio_seconds = ran.embedded, ran.failed, ran.audio_seconds
+                    summary.stats, summary.interrupted = ran.stats, ran.interrupted
+                else:
+                    verify_identity(plan)
+                if summary.interrupted is None:
+                    summary.complete = out.write_markers(shard, plan.marker, lock)
+                    out.forget_created()
+                    self.seams.event("marked", shard=shard.index)
+        finally:
+            out.remove_created()
+        return self._finish(summary)
+
+    def _begin(self, lock, first_seq: int) -> None:
+        """Under the lock, with the recipe checked, before the first part: the shard is not done any
+        more; --retry-failed drops its old failure records; temporaries of a killed run go."""
+        if self._begun:
+            return
+        self._begun = True
+        plan = self.plan
+        plan.out.clear_markers(plan.shard, lock)
+        if plan.opts.retry_failed:
+            dropped = plan.out.drop_failures(plan.shard, lock, below_seq=first_seq)
+            if dropped:
+                logger.info("--retry-failed: %d failed rows are pending again", dropped)
+        plan.out.prepare_writes(plan.shard)
+
+    def _finish(self, summary: Summary) -> Summary:
+        """Wall time, standing failures, and the one line every run ends with."""
+        plan = self.plan
+        if summary.noop or not hasattr(self, "_failed_before"):
+            summary.standing_failed = standing_failures(plan)
+        else:  # known without reading the failure records again
+            dropped = plan.opts.retry_failed and self._begun
+            summary.standing_failed = (0 if dropped else self._failed_before) + summary.failed
+        summary.wall_seconds = time.monotonic() - plan.t0
+        if summary.stats.last_batch_at is not None:
+            summary.tail_s = time.monotonic() - summary.stats.last_batch_at
+        if summary.noop:
+            logger.info("nothing to do: shard %s of the manifest is already in %s", plan.shard, plan.out.root)
+        logger.info(summary.line(), extra={"event": "summary", "summary": summary.to_json()})
+        return summary
+
+
+def run_shard(opts: JobOptions, embed: Embed, shard: Shard | None = None, *, model=None, stop: threading.Event | None = None,
+              seams: Seams = NONE, on_progress: Callable[[int, int, float], None] | None = None) -> Summary:
+    """One shard (opts.shard unless given), its pending rows embedded by `embed`: ShardRun's contract."""
+    return ShardRun(opts, shard, seams=seams, stop=stop, on_progress=on_progress).run(embed, model=model)
+
+
+def standing_failures(plan: Plan) -> int:
+    """This shard's rows with a failure record (only failure files are read)."""
+    failed = _id_series(plan.out.read_ids(plan.out.failure_files(), plan.manifest.id_type), plan.rows)
+    return plan.rows.filter(pl.col("id").is_in(failed.implode())).height if len(failed) else 0

@@ -131,9 +131,10 @@ def _extract(stop: StopSignal, kw: dict) -> None:
         part_rows=kw["part_rows"], max_failure_rate=kw["max_failure_rate"], retry_failed=kw["retry_failed"],
         decode_workers=kw["decode_workers"], decode_timeout_s=kw["decode_timeout_s"], read_timeout_s=kw["read_timeout_s"],
         max_duration_s=kw["max_duration_s"],
-        token_budget=kw["token_budget"], shard=Shard(kw["shard_index"], kw["num_shards"]), decode_fn=kw["decode_fn"],
+        token_budget=kw["token_budget"], shard=Shard(kw["shard_index"], kw["num_shards"]),
         storage_options=kw["storage_options"],
     )
+    seams = _seams(kw["decode_fn"])
     summary, code, error = None, EXIT_OK, None
     try:
         if kw["dry_run"]:
@@ -146,15 +147,15 @@ def _extract(stop: StopSignal, kw: dict) -> None:
 
             if kw["devices"]:
                 raise click.UsageError("--devices is for --engine local; Ray places one task per GPU")
-            summary = run_ray(opts, stop)
+            summary = run_ray(opts, stop, seams=seams)
         elif kw["devices"]:
             from extractor.engines.devices import run_on_devices
 
-            summary = run_on_devices(opts, kw["devices"], stop)
+            summary = run_on_devices(opts, kw["devices"], stop, seams=seams)
         else:
             from extractor.engines.local import run_local
 
-            summary = run_local(opts, stop=stop)
+            summary = run_local(opts, stop=stop, seams=seams)
     except click.UsageError:
         raise
     except Interrupted as e:
@@ -181,6 +182,23 @@ def _extract(stop: StopSignal, kw: dict) -> None:
         with open(kw["summary_json"], "w") as f:
             json.dump(payload, f, indent=2, default=str)
     sys.exit(code)
+
+
+def _named(spec: str):
+    """`module:function`, imported."""
+    import importlib
+
+    module, _, name = spec.partition(":")
+    return getattr(importlib.import_module(module), name)
+
+
+def _seams(decode_fn: str | None):
+    """Test seams, from the command line only: EXTRACTOR_TEST_HOOK=module:function is called at the
+    run's named events (extractor.seams), --decode-fn module:function replaces the decoder."""
+    from extractor.seams import Seams
+
+    hook = os.environ.get("EXTRACTOR_TEST_HOOK")
+    return Seams(on_event=_named(hook) if hook else None, decode_fn=_named(decode_fn) if decode_fn else None)
 
 
 def main() -> None:

@@ -8,6 +8,7 @@ import numpy as np
 from builders import speechlike
 from extractor.batching.device import run_batch
 from extractor.batching.packing import Batch, plan_batches, split_windows, window_shapes
+from extractor.pooling import POOLINGS
 
 SR = 16_000
 # Under a second, around one window, exactly 30 s, over 30 s (2 and 3 windows), and the
@@ -32,7 +33,7 @@ def ours(model, waves, *, padding_mask=True, token_budget=1500, max_windows=1):
     frames: dict[tuple[int, int], np.ndarray] = {}
     for sel in plan_batches(tokens, (items, index), token_budget=token_budget, max_windows=max_windows):
         batch = Batch(items[sel], index[sel], tokens[sel], outs[sel], [windows[k] for k in sel])
-        _, out = run_batch(model, batch)
+        _, out = run_batch(model, batch, POOLINGS["mean"])
         bounds = np.concatenate([[0], np.cumsum(batch.outs)])
         for j, k in enumerate(sel):
             frames[(int(items[k]), int(index[k]))] = out[bounds[j] : bounds[j + 1]]

@@ -42,8 +42,9 @@ from extractor.batching.packing import split_windows
 from extractor.manifest.read import ManifestError, read_manifest
 from extractor.model.load import load_model
 from extractor.options import JobOptions, ManifestSpec
-from extractor.output.writer import Rows, nonfinite
-from extractor.shard import run_shard
+from extractor.ledger import Rows
+from extractor.output.writer import nonfinite
+from extractor.engines.local import run_shard
 from jobrun import failure_parts, parts
 from jobs.extract import extract
 

@@ -19,7 +19,7 @@ from canonical import canonical_embedding, cosine, load_canonical
 from embedding import ours
 from extractor.model.load import load_model
 from extractor.options import JobOptions, ManifestSpec
-from extractor.shard import run_shard
+from extractor.engines.local import run_shard
 
 pytestmark = pytest.mark.gpu
 SR = 16_000

@@ -19,7 +19,7 @@ import pytest
 from builders import speechlike, write_audio
 from extractor.options import ManifestSpec
 from extractor.options import JobOptions
-from extractor.shard import run_shard
+from extractor.engines.local import run_shard
 from jobrun import REPO, SR, job_cmd, job_env, parts, read_failures, read_output, snapshot, wait_for, write_manifest
 
 N = 12

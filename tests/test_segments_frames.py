@@ -28,7 +28,7 @@ from canonical import WINDOW_SAMPLES, canonical_frames, cosine
 
 from extractor.options import ManifestSpec
 from extractor.options import JobOptions
-from extractor.shard import run_shard
+from extractor.engines.local import run_shard
 from extractor.recipe import METADATA_KEY
 
 SR = 16_000

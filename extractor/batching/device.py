@@ -23,7 +23,7 @@ from ..model.encoder import PackedSeqs
 from ..model.load import LoadedModel
 from ..summary import DeviceStats
 from .packing import Batch
-from .staging import MAX_TOKENS, Budget, Staging, stage  # noqa: F401 (re-exported for the device loop's users)
+from .staging import Lane, Staging, stage
 
 logger = logging.getLogger(__name__)
 
@@ -38,9 +38,10 @@ def host_rss_gb() -> float:
 
 
 @torch.inference_mode()
-def forward(model: LoadedModel, batch: Batch, waves: torch.Tensor, ix: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-    """(sums (B, D) float32, frames (N, D) float32) on the device, for a batch's (B, S) waveforms
-    and index arrays already there."""
+def forward(model: LoadedModel, batch: Batch, waves: torch.Tensor, ix: dict[str, torch.Tensor], pooling) -> tuple[torch.Tensor, torch.Tensor]:
+    """(values (B, D) float32, frames (N, D) float32) on the device, for a batch's (B, S) waveforms
+    and index arrays already there: each window's valid output frames, and the pooling
+    strategy's reduction of them (extractor.pooling)."""
     mel = model.logmel(waves, ix["keep_frames"]).to(model.dtype)  # (B, n_mels, F)
     tokens = model.encoder.embed_tokens(mel, ix["token_index"], ix["position_index"])  # (T, D)
     lengths = batch.tokens.tolist()
@@ -48,27 +49,26 @@ def forward(model: LoadedModel, batch: Batch, waves: torch.Tensor, ix: dict[str,
     dense = waves.is_cuda and batch.size > 1 and min(lengths) == MAX_TOKENS
     seqs = PackedSeqs(ix["cu_seqlens"].to(torch.int32), lengths, batch.max_tokens, dense)
     frames = model.encoder(tokens, seqs, ix["pool_index"]).float()  # (N, D)
-    sums = torch.zeros(batch.size, frames.shape[1], device=frames.device, dtype=torch.float32)
-    sums.index_add_(0, ix["frame_window"], frames)  # (B, D)
-    return sums, frames
+    return pooling.reduce(frames, ix["frame_window"], batch.size), frames
 
 
-def run_batch(model: LoadedModel, batch: Batch) -> tuple[np.ndarray, np.ndarray]:
-    """One batch, synchronously, no staging: (sums (B, D), frames (N, D)) on the host. For the
+def run_batch(model: LoadedModel, batch: Batch, pooling) -> tuple[np.ndarray, np.ndarray]:
+    """One batch, synchronously, no staging: (values (B, D), frames (N, D)) on the host. For the
     notebook API and tests; the job's device loop overlaps this with the next batch."""
     waves = batch.fill_waves(np.empty(batch.size * batch.padded_samples(), np.float32))
     ix = {k: torch.from_numpy(v).to(model.device) for k, v in batch.indices().items()}
-    sums, frames = forward(model, batch, torch.from_numpy(waves).to(model.device), ix)
-    return sums.cpu().numpy(), frames.cpu().numpy()
+    values, frames = forward(model, batch, torch.from_numpy(waves).to(model.device), ix, pooling)
+    return values.cpu().numpy(), frames.cpu().numpy()
 
 
 class DeviceLoop:
     """Runs batches from a queue; the one thread that touches the device."""
 
-    def __init__(self, model: LoadedModel, budget: Budget, staging: Staging, stats: DeviceStats,
-                 on_batch: Callable[[Batch, np.ndarray, np.ndarray | None], None], keep_frames: bool):
-        self.model, self.budget, self.staging, self.stats = model, budget, staging, stats
-        self.on_batch, self.keep_frames = on_batch, keep_frames
+    def __init__(self, model: LoadedModel, lane: Lane, stats: DeviceStats, pooling,
+                 on_batch: Callable[[Batch, np.ndarray, np.ndarray | None], None]):
+        self.model, self.budget, self.staging, self.stats = model, lane.budget, lane.staging, stats
+        self.pooling, self.on_batch = pooling, on_batch
+        self.keep_frames = pooling.keeps_frames
         self.cuda = model.device.type == "cuda"
         self._stream = torch.cuda.current_stream(model.device) if self.cuda else None
         # Host → device copies on their own stream, so the next batch's ~40 MB of waveforms cross
@@ -78,12 +78,12 @@ class DeviceLoop:
     @torch.inference_mode()
     def _launch(self, batch: Batch):
         dev = self.model.device
-        slot = batch.meta["slot"]
-        B, S = batch.meta["waves_shape"]
+        staged = batch.staged
+        slot, (B, S) = staged.slot, staged.waves_shape
         if self.cuda:
             with torch.cuda.stream(self._copies):
                 waves = slot.waves[: B * S].view(B, S).to(dev, non_blocking=True)
-                flat = slot.index[: batch.meta["n_index"]].to(dev, non_blocking=True)
+                flat = slot.index[: staged.n_index].to(dev, non_blocking=True)
                 copied = torch.cuda.Event()
                 copied.record(self._copies)
             self._stream.wait_event(copied)
@@ -92,10 +92,10 @@ class DeviceLoop:
             flat.record_stream(self._stream)
         else:
             waves = slot.waves[: B * S].view(B, S)
-            flat = slot.index[: batch.meta["n_index"]]
-        ix = {k: flat[a : a + n] for k, (a, n) in batch.meta["offsets"].items()}
+            flat = slot.index[: staged.n_index]
+        ix = {k: flat[a : a + n] for k, (a, n) in staged.offsets.items()}
         self.stats.fused_batches += self.model.encoder.fused_add_layer_norm  # it turns on, never off
-        sums, frames = forward(self.model, batch, waves, ix)
+        sums, frames = forward(self.model, batch, waves, ix, self.pooling)
         # Launched: the producer may refill the slot once its copy is done (an out-of-memory error
         # above leaves it held, for _halves to read back).
         self.staging.release(slot, copied if self.cuda else None)
@@ -134,7 +134,7 @@ class DeviceLoop:
                            batch.size, batch.num_tokens, self.budget.tokens)
             out = []
             halves = _halves(batch, self.staging)
-            self.staging.release(batch.meta["slot"], None)
+            self.staging.release(batch.staged.slot, None)
             for half in halves:
                 out.extend(self._launch_with_backoff(half))
                 while len(out) > 1:  # halves must not pile up on a full device
@@ -142,7 +142,8 @@ class DeviceLoop:
             return out
 
     def run(self, batches: queue.Queue, handle: Callable[[object], None], stop: threading.Event, t0: float) -> None:
-        """Consume `batches` until None (or `stop`); other queue items go to `handle`.
+        """Consume `batches` until None (or `stop`); other queue items (the rows' records) go to
+        `handle`, in their order among the batches.
 
         t0: the process's launch on the monotonic clock, for time to first batch."""
         inflight: list = []
@@ -205,9 +206,8 @@ class DeviceLoop:
 
 def _halves(batch: Batch, staging: Staging) -> list[Batch]:
     """Split a staged batch in two, restaged (its waveforms are read back from its slot)."""
-    slot = batch.meta["slot"]
-    B, S = batch.meta["waves_shape"]
-    waves = slot.waves[: B * S].view(B, S).numpy().copy()
+    B, S = batch.staged.waves_shape
+    waves = batch.staged.slot.waves[: B * S].view(B, S).numpy().copy()
     never = threading.Event()
     out = []
     for sel in (slice(0, B // 2), slice(B // 2, B)):

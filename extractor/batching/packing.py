@@ -12,21 +12,30 @@ stay free to launch work (issue 10: per-window Python work starved the GPU on sh
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 
-from ..constants import CONV_STRIDE, HOP_LENGTH, MAX_TOKENS, N_FRAMES, N_SAMPLES, POOL_STRIDE
+from ..constants import CONV_STRIDE, HOP_LENGTH, MAX_TOKENS, N_FRAMES, N_SAMPLES, POOL_STRIDE, encoder_tokens, mel_frames, output_frames
+
+
+@dataclass(frozen=True)
+class Staged:
+    """A batch in its staging slot (batching.staging): waves (B, S), then the index arrays, flat,
+    each at its (offset, length)."""
+
+    slot: object  # staging's _Slot
+    waves_shape: tuple[int, int]  # (B, S)
+    offsets: dict[str, tuple[int, int]]
+    n_index: int
 
 
 def window_shapes(lengths: np.ndarray, *, padding_mask: bool) -> tuple[np.ndarray, np.ndarray]:
-    """(tokens computed, valid output frames) per window of `lengths` samples (constants' formulas,
-    vectorised). Without the padding mask every window is the full 30 s the HF encoder sees, all
-    1500 tokens attending to each other, and only the valid output frames are kept."""
-    lengths = np.asarray(lengths, dtype=np.int64)
-    mel = -(-lengths // HOP_LENGTH)  # constants.mel_frames
-    tokens = (mel - 1) // CONV_STRIDE + 1  # constants.encoder_tokens
-    outs = np.where(tokens >= 1, (tokens - 2) // POOL_STRIDE + 1, 0)  # constants.output_frames
+    """(tokens computed, valid output frames) per window of `lengths` samples. Without the
+    padding mask every window is the full 30 s the HF encoder sees, all 1500 tokens attending to
+    each other, and only the valid output frames are kept."""
+    tokens = encoder_tokens(mel_frames(np.asarray(lengths, dtype=np.int64)))
+    outs = output_frames(tokens)
     if not padding_mask:
         tokens = np.full_like(tokens, MAX_TOKENS)
     return tokens, outs
@@ -50,7 +59,7 @@ class Batch:
     samples: list[np.ndarray]  # B arrays of each window's samples (views into received blocks)
     audio_samples: int = 0  # real samples in the batch (throughput)
     flops: float = 0.0  # useful FLOPs by the shared cost formula (MFU)
-    meta: dict = field(default_factory=dict)  # the device loop's own (staging slot)
+    staged: Staged | None = None  # where the producer copied it for the device (batching.staging)
 
     @property
     def size(self) -> int:
@@ -87,7 +96,7 @@ class Batch:
     def indices(self) -> dict[str, np.ndarray]:
         """Every index array the device needs, from the (B,) shapes alone (vectorised)."""
         B, S = self.size, self.padded_samples()
-        conv_len = (S // HOP_LENGTH - 1) // CONV_STRIDE + 1  # conv2 output length (k3, s2, p1)
+        conv_len = encoder_tokens(S // HOP_LENGTH)  # conv2 output length (k3, s2, p1) over the padded rows
         T, N = int(self.tokens.sum()), int(self.outs.sum())
         starts = np.zeros(B + 1, dtype=np.int64)
         np.cumsum(self.tokens, out=starts[1:])

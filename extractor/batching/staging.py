@@ -8,9 +8,10 @@ from __future__ import annotations
 
 import queue
 import threading
+from dataclasses import dataclass
 
 from ..constants import MAX_TOKENS
-from .packing import Batch
+from .packing import Batch, Staged
 
 GPU_TOKEN_BUDGET = 32_768  # ~32k tokens fill an H100's GEMMs (M ≥ 16k) while fc1's activation stays
 # well under 1 GB in bf16; 16k and 64k measured slower on an H200.
@@ -34,6 +35,20 @@ class Budget:
 
     def __init__(self, tokens: int):
         self.tokens = tokens
+
+
+@dataclass(frozen=True)
+class Lane:
+    """What the producer needs of the device, handed over once it is known: the token budget
+    (which the device loop halves on out-of-memory), the staging slots, the windows a batch may hold."""
+
+    budget: Budget
+    staging: Staging
+    max_windows: int
+
+    @classmethod
+    def for_device(cls, device, token_budget: int | None, slots: int) -> Lane:
+        return cls(Budget(token_budget or default_token_budget(device)), Staging(device, slots), default_max_windows(device))
 
 
 class Staging:
@@ -104,7 +119,7 @@ def stage(batch: Batch, staging: Staging, stop: threading.Event) -> None:
         flat[pos : pos + len(idx[k])] = idx[k]
         offsets[k] = (pos, len(idx[k]))
         pos += len(idx[k])
-    batch.meta.update(slot=slot, waves_shape=waves.shape, offsets=offsets, n_index=pos)
+    batch.staged = Staged(slot, waves.shape, offsets, pos)
     batch.samples = []  # the received blocks they point into can go
 
 

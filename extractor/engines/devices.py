@@ -1,20 +1,21 @@
 """Every device of one host: one worker process per device over one shard, under one lock.
 
 `--devices cuda:0,cuda:1,...` (or `all`) runs the shard an orchestrator gave this host, I of N
-(default 0 of 1), as D parts: worker d embeds sub-shard I + d·N of N·D (shard.sub_shard) on its
-own device. The parent takes the shard's lock before any worker starts, and each worker inherits
-it (output.locks.SharedLock), so the lock stays held until the parent and every worker are gone,
-and a run beside a live one is refused (exit 75) with nothing written. Part numbers are dealt out
-by the parent (worker d writes first_seq + d, + D, ...), so workers never collide, and a later run
-with another number of devices, or on one device, resumes from the same parts.
+(default 0 of 1). The parent runs the shard's lifecycle (shard.ShardRun: the checks, the lock,
+the plan from what is committed, the markers) once; its Embed starts one worker per device and
+hands out the pending rows in chunks, each to whichever worker asks first, so a slower device
+takes fewer of them and none waits for another at the end. Workers read neither the manifest
+nor the committed ids: they are handed their rows, their part numbers (worker d of D writes
+first_seq + d, + D, ...) and a share of the parent's lock (output.locks.SharedLock), so the lock
+stays held until the parent and every worker are gone, and a later run with another number of
+devices, or on one, resumes from the same parts.
 
-The parent does what must be done once: it checks the configuration before any worker starts,
-waits until every worker has loaded its model and checked the recipe, then clears the shard's
-markers (and with --retry-failed drops its old failure records) before any worker writes. It
-shows one progress bar fed by the workers, logs their records as one stream, and when every
-worker has succeeded writes the shard's marker (and `_SUCCESS` once all shards are done). A worker
-that fails stops the others; what they committed stays valid, and rerunning completes the shard.
-SIGTERM or SIGINT is passed to the workers, which stop as one run does (engines/local.py).
+The first worker to load its model and check the recipe makes the parent begin (the shard's
+markers go) before any worker writes. The parent shows one progress bar fed by the workers, logs
+their records as one stream, and merges their summaries. A worker that fails stops the others;
+what they committed stays valid, and rerunning completes the shard. SIGTERM or SIGINT is passed
+on to the workers, which stop as one run does (engines/local.py); workers start with both signals
+blocked until their handlers are in place, so a signal during their start-up is a graceful stop too.
 """
 
 from __future__ import annotations
@@ -34,17 +35,24 @@ import traceback
 from collections import Counter
 from dataclasses import replace
 
+import polars as pl
+
 from ..audio.pool import die_with_parent
-from ..errors import ConfigError
+from ..errors import ConfigError, Interrupted
 from ..options import JobOptions, default_decode_workers
-from ..shard import StopSignal, begin_writes, embed_locked, finish, is_noop, pending_rows, prepare, start_ahead
+from ..progress import Progress
+from ..seams import NONE, Seams
+from ..shard import Control, ShardRun, StopSignal, Work, signal_name, start_ahead
+from ..signals import SIGNALS, graceful_signals
 from ..summary import Summary, merge
-from .local import graceful_signals
+from .local import embed as embed_here
 
 logger = logging.getLogger(__name__)
 
 POLL_S = 0.2  # how often the parent looks at its workers between messages
 STOP_GRACE_S = 20.0  # SIGTERM (a graceful stop), then SIGKILL
+CHUNKS_PER_WORKER = 8  # the pending rows are handed out in about this many chunks per worker, smaller towards the end
+MIN_CHUNK_ROWS = 1
 
 
 def cuda_device_count() -> int:
@@ -95,81 +103,81 @@ def parse_devices(spec: str) -> list[str]:
     return devices
 
 
-def run_on_devices(opts: JobOptions, devices: str | list[str], stop: StopSignal | None = None) -> Summary:
-    """Run one shard with one worker process per device; the same contract as run_shard."""
+def chunk_sizes(rows: int, workers: int) -> list[int]:
+    """Sizes of the chunks `rows` are handed out in: each a share of what is left (guided
+    self-scheduling), so the last chunks are small and the workers finish together."""
+    sizes, left = [], rows
+    while left > 0:
+        size = min(left, max(MIN_CHUNK_ROWS, -(-left // (CHUNKS_PER_WORKER * workers // 2 or 1))))
+        sizes.append(size)
+        left -= size
+    return sizes
+
+
+def run_on_devices(opts: JobOptions, devices: str | list[str], stop: StopSignal | None = None, *, seams: Seams = NONE) -> Summary:
+    """Run one shard with one worker process per device; the same contract as ShardRun.run."""
     if isinstance(devices, str):
         devices = parse_devices(devices)
-    plan = prepare(opts)
-    if is_noop(plan):
-        summary = plan.summary()
-        summary.noop = summary.complete = True
-        summary.skipped = len(plan.rows)
-        return finish(plan, summary)
     stop = StopSignal() if stop is None else stop
-    if stop.is_set():  # a signal while the command started
-        summary = plan.summary()
-        summary.interrupted = signal.Signals(stop.signum).name
-        return finish(plan, summary)
     with graceful_signals(stop):
-        try:
-            with plan.out.lock(plan.shard) as lock:
-                pending, n_done, n_failed = pending_rows(plan, plan.rows)
-                if not len(pending):
-                    summary = plan.summary()
-                    summary.skipped = n_done + (0 if opts.retry_failed else n_failed)
-                else:
-                    logger.info("%d rows to embed on %d devices (%s), %d already embedded, %d failed earlier → %s",
-                                len(pending), len(devices), ", ".join(devices), n_done, n_failed, plan.out.root)
-                    summary = _run_workers(plan, lock, devices, stop)
-                if summary.interrupted is None:
-                    summary.complete = plan.out.write_markers(plan.shard, plan.marker, lock)
-                    plan.out.forget_created()
-        finally:
-            plan.out.remove_created()
-    return finish(plan, summary)
+        run = ShardRun(opts, seams=seams, stop=stop)
+        return run.run(lambda work, control: _embed_on_devices(work, control, devices))
 
 
-def _run_workers(plan, lock, devices: list[str], stop: StopSignal) -> Summary:
-    from ..progress import Progress
-
-    opts, n = plan.opts, len(devices)
-    first_seq = plan.out.next_seq(plan.shard)
+def _embed_on_devices(work: Work, control: Control, devices: list[str]) -> Summary:
+    opts, n = work.opts, len(devices)
+    logger.info("%d rows to embed on %d devices (%s)", len(work.rows), n, ", ".join(devices))
     decode = opts.decode_workers if opts.decode_workers is not None else default_decode_workers(n)
     tags = [dev if devices.count(dev) == 1 else f"{dev}#{d}" for d, dev in enumerate(devices)]
     # spawn, never fork: this process may hold CUDA state, which a forked child inherits broken.
     ctx = mp.get_context("spawn")
-    messages, go = ctx.Queue(), ctx.Event()
+    messages, chunks, go = ctx.Queue(), ctx.Queue(), ctx.Event()
+    offset = 0
+    for size in chunk_sizes(len(work.rows), n):
+        chunks.put(work.rows.slice(offset, size))
+        offset += size
+    for _ in devices:
+        chunks.put(None)  # one end for each worker
     level = logging.getLogger().getEffectiveLevel()
+    empty = work.rows.clear()
     procs = []
     for d, dev in enumerate(devices):
-        # plan.opts: a Hub repo id is resolved once, here, and every worker loads the same files.
-        job = replace(plan.opts, device=dev, progress=False, decode_workers=decode)
-        args = (d, n, tags[d], job, lock.share(), first_seq, plan.t0, messages, go, level, os.getpid())
+        job = replace(work, opts=replace(opts, device=dev, progress=False, decode_workers=decode), rows=empty,
+                      first_seq=work.first_seq + d, seq_step=n)
+        args = (d, tags[d], job, control.lock.share(), chunks, messages, go, level, os.getpid(), control.seams)
         procs.append(ctx.Process(target=_worker_main, args=args, name=f"embed-{tags[d]}"))
-    with Progress(len(pending_rows(plan, plan.rows)[0]), enabled=opts.progress) as progress:
+    try:
+        # Started with SIGINT and SIGTERM blocked, which they inherit until their handlers are in.
+        old = signal.pthread_sigmask(signal.SIG_BLOCK, SIGNALS)
         try:
             for p in procs:
                 p.start()
-            lock.add_holders([p.pid for p in procs])
-            summaries = _supervise(plan, lock, procs, tags, messages, go, progress, first_seq, stop)
         finally:
-            _stop(procs)
-    return merge(summaries, str(plan.out.root), str(plan.shard), time.monotonic() - plan.t0, False)
+            signal.pthread_sigmask(signal.SIG_SETMASK, old)
+        control.lock.add_holders([p.pid for p in procs])
+        summaries = _supervise(procs, tags, messages, go, control)
+    finally:
+        _stop(procs)
+        chunks.cancel_join_thread()  # chunks never taken (a stopped run) must not hold this process's exit
+    summary = merge(summaries, str(work.out.root), str(work.shard), time.monotonic() - work.t0, False)
+    if control.stop.is_set():
+        summary.interrupted = signal_name(control.stop)
+    return summary
 
 
-def _supervise(plan, lock, procs: list, tags: list[str], messages, go, progress, first_seq: int, stop: StopSignal) -> list[Summary]:
+def _supervise(procs: list, tags: list[str], messages, go, control: Control) -> list[Summary]:
     """Relay the workers' messages until all have exited; stop them all at the first failure."""
     summaries: dict[int, Summary] = {}
     errors: list[tuple[int, BaseException]] = []
-    ready: set[int] = set()
     first_failed: int | None = None
     forwarded = False
+    stop = control.stop
     while True:
         if stop.is_set() and not forwarded:
             forwarded = True
             for p in procs:
                 if p.exitcode is None and p.pid is not None:
-                    os.kill(p.pid, stop.signum or signal.SIGTERM)
+                    os.kill(p.pid, getattr(stop, "signum", None) or signal.SIGTERM)
         exited = all(p.exitcode is not None for p in procs)
         try:
             # Once all have exited, whatever they sent is already in the pipe: drain without waiting.
@@ -181,23 +189,24 @@ def _supervise(plan, lock, procs: list, tags: list[str], messages, go, progress,
         if message is not None:
             kind, *payload = message
             if kind == "progress":
-                progress.update(*payload)
+                control.progress.update(*payload)
             elif kind == "log":
                 _relog(*payload)
             elif kind == "ready":
-                ready.add(payload[0])
-                if len(ready) == len(procs) and first_failed is None and not stop.is_set():
-                    # Every worker has checked the recipe; nothing is written before this.
-                    begin_writes(plan, lock, first_seq)
+                if first_failed is None and not stop.is_set() and not go.is_set():
+                    control.begin()  # the first worker has checked the recipe; nothing is written before this
                     go.set()
             elif kind == "done":
                 summaries[payload[0]] = payload[1]
             elif kind == "error":
                 index, error, remote_tb = payload
-                error.__cause__ = _RemoteTraceback(remote_tb)
-                errors.append((index, error))
+                if not (stop.is_set() and isinstance(error, Interrupted)):  # stopped before it wrote: not a failure
+                    error.__cause__ = _RemoteTraceback(remote_tb)
+                    errors.append((index, error))
         if first_failed is None:
-            failed = [i for i, _ in errors] + [d for d, p in enumerate(procs) if p.exitcode not in (None, 0)]
+            # A worker stopped by the run's own signal is not a failure: it ends as an interrupted run.
+            failed = [i for i, _ in errors] + [d for d, p in enumerate(procs) if p.exitcode not in (None, 0)
+                                              and not (stop.is_set() and -p.exitcode in SIGNALS)]
             if failed:
                 first_failed = failed[0]
                 if any(p.exitcode is None for p in procs):
@@ -210,9 +219,9 @@ def _supervise(plan, lock, procs: list, tags: list[str], messages, go, progress,
         code = procs[first_failed].exitcode  # died without a word: a signal, or os._exit in native code
         raise RuntimeError(f"worker {tags[first_failed]} {_describe_exit(code)}; committed parts are intact, rerun to resume")
     missing = [tags[d] for d in range(len(procs)) if d not in summaries]
-    if missing:
+    if missing and not stop.is_set():
         raise RuntimeError(f"worker {missing[0]} exited without a summary; committed parts are intact, rerun to resume")
-    return [summaries[d] for d in range(len(procs))]
+    return [summaries[d] for d in sorted(summaries)]
 
 
 def _stop(procs: list) -> None:
@@ -241,34 +250,40 @@ def _describe_exit(code: int) -> str:
 # ---------------------------------------------------------------------------------------------
 
 
-def _worker_main(index: int, parts: int, tag: str, opts: JobOptions, lock, first_seq: int, t0: float, messages, go,
-                 log_level: int, parent_pid: int) -> None:
+def _worker_main(index: int, tag: str, work: Work, lock, chunks, messages, go, log_level: int, parent_pid: int, seams: Seams) -> None:
+    stop = StopSignal()
+    for s in SIGNALS:
+        signal.signal(s, lambda signum, frame: stop.stop(signum))
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, SIGNALS)  # blocked by the parent while it started us
     die_with_parent()
     if os.getppid() != parent_pid:  # the parent died before the line above took effect
         return
     root = logging.getLogger()
     root.handlers[:] = [_ForwardLogs(messages, tag)]
     root.setLevel(log_level)
-    stop = StopSignal()
-    signal.signal(signal.SIGTERM, lambda s, f: stop.stop(s))
-    signal.signal(signal.SIGINT, lambda s, f: stop.stop(s))
     code = 0
     try:
         # torch is imported, the tower read ahead and this worker's GPU warmed up on a thread while
-        # the plan is made and decoding starts; embed_locked makes the GPU the current one (else
-        # pinned buffers and events would belong to cuda:0) before anything is put on it.
-        start_ahead(opts)
-        plan = prepare(opts)
-        plan.t0 = t0  # times from the command's launch, as one device's run counts them
+        # decoding starts; local.embed makes the GPU the current one before anything is put on it.
+        start_ahead(work.opts)
 
-        def ready() -> None:
+        def begin() -> None:
             messages.put(("ready", index))
             while not go.wait(POLL_S):
                 if stop.is_set() or os.getppid() != parent_pid:
-                    raise SystemExit(1)
+                    raise Interrupted(stop.signum or signal.SIGTERM)  # nothing written: the parent never began
 
-        summary = embed_locked(plan, lock, part=(index, parts), first_seq=first_seq + index, seq_step=parts, stop=stop,
-                               on_progress=lambda rows, failed, audio_s: messages.put(("progress", rows, failed, audio_s)), ready=ready)
+        def more() -> pl.DataFrame | None:
+            while True:
+                try:
+                    return chunks.get(timeout=POLL_S)
+                except queue.Empty:
+                    if stop.is_set() or os.getppid() != parent_pid:
+                        return None
+
+        progress = Progress(0, enabled=False, on_update=lambda rows, failed, audio_s: messages.put(("progress", rows, failed, audio_s)))
+        control = Control(lock, stop, progress, begin, seams, more=more)
+        summary = embed_here(work, control)
     except BaseException as e:
         messages.put(("error", index, _portable(e), traceback.format_exc()))
         code = 1

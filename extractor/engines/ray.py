@@ -6,7 +6,7 @@ What runs where:
              starts. Then it submits one task per shard of `--num-shards`, shows the tasks' progress
              as one bar (or one log stream), passes a SIGTERM/SIGINT on to them, and merges their
              summaries. It writes nothing: no embedding and no file.
-  shard task run_shard, the local engine's code, on the node Ray places it on (one GPU each on a
+  shard task a ShardRun with the local engine's embed, on the node Ray places it on (one GPU each on a
              GPU cluster): its own lock, decode workers for the whole shard, parts, failure records
              and marker; the shard that finds every marker in place writes `_SUCCESS`. So the rows
              are the local engine's, bit for bit.
@@ -44,9 +44,11 @@ from ..errors import ConfigError, Interrupted
 from ..model.hub import pinned_spec
 from ..options import MAX_DECODE_WORKERS, JobOptions, Shard
 from ..output.storage import is_url
-from ..shard import ShardPlan, StopSignal, prepare, run_shard, standing_failures
+from ..seams import NONE, Seams
+from ..shard import Plan, StopSignal, prepare, standing_failures
 from ..signals import graceful_signals
 from ..summary import Summary, merge
+from .local import run_shard
 
 try:
     import ray
@@ -117,7 +119,7 @@ def driver_signals(stop: _DriverStop):
     return graceful_signals(stop, on_second=lambda signum: setattr(stop, "again", signum), what="stopping every shard")
 
 
-def portable(opts: JobOptions, plan: ShardPlan) -> JobOptions:
+def portable(opts: JobOptions, plan: Plan) -> JobOptions:
     """The options as every node must read them: Hub repo ids pinned to the commit the driver
     resolved (`org/name@<sha>`), local paths absolute (a task's working directory is its node's)."""
 
@@ -218,17 +220,17 @@ class _Relay(logging.Handler):
         self.flush()  # the last records, before the task's result tells the driver it is done
 
 
-def shard_task(opts: JobOptions, shard: Shard, hub, log_level: int) -> Summary:
-    """One shard, on the node Ray chose: the local engine's run_shard."""
+def shard_task(opts: JobOptions, shard: Shard, hub, log_level: int, seams: Seams = NONE) -> Summary:
+    """One shard, on the node Ray chose: the local engine's embed in a ShardRun."""
     stop = StopSignal()
     where = f"shard {shard.index} of {shard.count} ({ray.util.get_node_ip_address()}, pid {os.getpid()})"
     with _Relay(hub, stop, where, log_level) as relay:
         if stop.is_set():  # stopped while this task was queued: not even the manifest is read
             return Summary(output=opts.output, shard=str(shard), interrupted=signal.Signals(stop.signum).name)
-        return run_shard(replace(opts, shard=shard, progress=False), shard, stop=stop, on_progress=relay.on_progress)
+        return run_shard(replace(opts, shard=shard, progress=False), shard, stop=stop, seams=seams, on_progress=relay.on_progress)
 
 
-def _nothing_to_do(plan: ShardPlan) -> Summary | None:
+def _nothing_to_do(plan: Plan) -> Summary | None:
     """The whole output is done for this manifest, and `_SUCCESS` was written by a task that read
     the inputs this driver reads (a Hub commit is the same on every host; a directory's stat
     signature is one host's): a rerun needs no cluster. Else the tasks find out, each from its marker."""
@@ -243,7 +245,7 @@ def _nothing_to_do(plan: ShardPlan) -> Summary | None:
     return summary
 
 
-def run_ray(opts: JobOptions, stop: StopSignal | None = None) -> Summary:
+def run_ray(opts: JobOptions, stop: StopSignal | None = None, *, seams: Seams = NONE) -> Summary:
     """Run every shard of opts.shard.count as Ray tasks; the same output, files and markers.
 
     `stop`: the command's (extractor.signals), set if a signal came while it started; the driver
@@ -288,7 +290,7 @@ def run_ray(opts: JobOptions, stop: StopSignal | None = None) -> Summary:
             waiting, told = [], False
             try:
                 for i in range(n):
-                    ref = remote.remote(task_opts, Shard(i, n), hub, level)
+                    ref = remote.remote(task_opts, Shard(i, n), hub, level, seams)
                     refs[ref] = i
                     waiting.append(ref)
                 while waiting:
@@ -338,6 +340,6 @@ def _show(items: list, progress) -> None:
             logging.getLogger(item.name).handle(item)
 
 
-def _success_stands(plan: ShardPlan) -> bool:
+def _success_stands(plan: Plan) -> bool:
     """`_SUCCESS` names this manifest: every row of it is in a part or a failure record."""
     return (plan.out.success() or {}).get("whole_manifest") == plan.marker["whole_manifest"]

@@ -17,7 +17,7 @@ from ..errors import EXIT_BUSY, EXIT_CONFIG, EXIT_OK, ConfigError
 from ..options import JobOptions
 from ..output.layout import SHARDS_DIR
 from ..output.locks import flock_holder
-from ..shard import is_noop, pending_rows, prepare
+from ..shard import committed, is_noop, pending_rows, prepare
 
 HEADER_SAMPLE = 1000
 
@@ -72,7 +72,7 @@ def dry_run(opts: JobOptions, engine: str = "local", devices: str | None = None,
         report.update(would_run=False, nothing_to_do=True, pending_rows=0, exit_code=EXIT_OK)
         print(json.dumps(report, indent=2), file=stream)
         return EXIT_OK
-    pending, n_done, n_failed = pending_rows(plan, plan.rows)
+    pending, n_done, n_failed = pending_rows(plan, *committed(plan))
     hours, estimated = _audio_hours(pending)
     holder = _lock_held(plan)
     report.update(

@@ -27,7 +27,7 @@ from builders import speechlike, write_audio
 from extractor.tools.inspect import InspectError, plot, render, summarize
 from extractor.options import ManifestSpec
 from extractor.options import JobOptions
-from extractor.shard import run_shard
+from extractor.engines.local import run_shard
 from jobs.inspect_embeddings import inspect_embeddings
 
 REPO = Path(__file__).resolve().parents[2]
