@@ -68,7 +68,37 @@ class Frames(Mean):
         return {"frames": frames, "frame_rate_hz": np.full(rows, OUTPUT_FRAME_RATE_HZ)}
 
 
-POOLINGS: dict[str, Mean] = {p.name: p for p in (Mean(), Frames())}
+class Max:
+    """The element-wise maximum over the row's valid output frames: a common baseline for retrieval."""
+
+    name = "max"
+    keeps_frames = False
+    recipe = "max-of-valid-frames-over-all-windows"
+
+    def reduce(self, frames, frame_window, windows: int):
+        out = frames.new_full((windows, frames.shape[1]), float("-inf"))
+        return out.scatter_reduce_(0, frame_window[:, None].expand_as(frames), frames, reduce="amax")
+
+    def combine(self, acc, value, frames: int):
+        import numpy as np
+
+        return value.copy() if acc is None else np.maximum(acc, value)
+
+    def finish(self, acc, frames: int):
+        import numpy as np
+
+        return acc.astype(np.float32)
+
+    def finish_single(self, values, frames):
+        import numpy as np
+
+        return values.astype(np.float32)
+
+    def columns(self, rows: int, frames: list | None) -> dict[str, Any]:
+        return {}
+
+
+POOLINGS: dict[str, Mean | Max] = {p.name: p for p in (Mean(), Frames(), Max())}
 
 
 def pooling_named(name: str):

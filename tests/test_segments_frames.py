@@ -360,3 +360,34 @@ def test_float16_is_in_the_recipe_and_resume_with_float32_is_refused(frames_f16_
     with root_logging_restored():
         resumed = CliRunner().invoke(extract, [*args, "--output-dtype", "float16"])
     assert resumed.exit_code == 0, resumed.output
+
+
+# --- --pooling max ------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def max_out(tmp_path_factory, frames_manifest, tiny_model, tiny_adapter):
+    out = tmp_path_factory.mktemp("max") / "out"
+    run(frames_manifest, out, tiny_model, tiny_adapter, pooling="max", keep=("lang",))
+    return out
+
+
+def test_max_pooling_is_the_elementwise_max_of_the_canonical_frames(max_out, corpus, reference):
+    """The element-wise max over every valid output frame of a row, across its 30 s windows
+    (`cross` spans two), against numpy's max over the canonical HF + PEFT frames."""
+    rows = rows_by_id(max_out, columns=["id", "embedding", "lang"])
+    assert set(rows) == {r[0] for r in FRAME_ROWS}
+    for row_id, name, start, end, _ in FRAME_ROWS:
+        expected = reference.frames(cut(corpus[name][1], start or 0.0, end)).astype(np.float64).max(axis=0)
+        got = np.asarray(rows[row_id]["embedding"], dtype=np.float64)
+        assert np.abs(got - expected).max() / np.abs(expected).max() < MAX_REL_ERR, row_id
+    assert not pq.read_schema(next(max_out.glob("embeddings/part-*.parquet"))).get_field_index("frames") >= 0
+    recipe = json.loads((max_out / "_run.json").read_text())["recipe"]
+    assert recipe["pooling"] == "max" and recipe["frame_pooling"] == "max-of-valid-frames-over-all-windows"
+
+
+def test_resume_with_another_pooling_is_refused(max_out, frames_manifest, tiny_model, tiny_adapter):
+    from extractor.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="pooling: 'max' \\(existing output\\) → 'mean' \\(this run\\)"):
+        run(frames_manifest, max_out, tiny_model, tiny_adapter, pooling="mean", keep=("lang",))
