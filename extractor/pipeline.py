@@ -27,6 +27,7 @@ from __future__ import annotations
 import logging
 import queue
 import threading
+import time
 from collections import deque
 from contextlib import closing
 from typing import TYPE_CHECKING
@@ -63,6 +64,7 @@ POLL_S = 0.05  # the producer looks at the device's queue at least this often wh
 POOL_WAIT_BATCHES = 4  # batches' worth of windows decoded ahead while the device is not known yet
 JOIN_S = 5.0
 RECEIVED_PER_WORKER = 1  # results the receiver holds for the producer, per decode worker (~2 MB each)
+FAILURE_LINES_PER_MINUTE = 10  # failed rows logged one by one; past it, a count per minute
 
 
 def _put_unless(q: queue.Queue, item, stop: threading.Event) -> bool:
@@ -159,6 +161,7 @@ class Producer(threading.Thread):
         self._ready: deque = deque()  # batches (staged on the way out) and records, in the order the device takes them
         self._ready_tokens = 0
         self._decoded: list[tuple[int, int, float]] = []
+        self.pool: DecodePool | None = None
 
     def hand_over(self, lane: Lane) -> None:
         """The device is known: its budget, staging slots and batch size, once."""
@@ -167,6 +170,7 @@ class Producer(threading.Thread):
     def run(self) -> None:
         try:
             with DecodePool(self.workers, timeout_s=self.timeout_s, decode_fn=self.decode_fn) as pool:
+                self.pool = pool
                 requests = iter(self.requests)
                 while requests is not None:
                     with Receiver(pool, requests, RECEIVED_PER_WORKER * max(1, self.workers)) as received:
@@ -276,7 +280,7 @@ class Pipeline:
 
     def __init__(self, rows: Pending, opts: JobOptions, cfg: EncoderConfig, stop: threading.Event,
                  audio: EmbeddedAudio | None = None, decode_fn=None):
-        self.opts, self.cfg, self.stop = opts, cfg, stop
+        self.rows, self.opts, self.cfg, self.stop = rows, opts, cfg, stop
         self._halt = threading.Event()  # stops the producer: set on the way out, or with `stop`
         requests = Requests(rows, Limits(opts.max_duration_s, opts.storage_options, opts.read_timeout_s), audio)
         policy = BatchPolicy((cfg.d_model, cfg.encoder_layers, cfg.num_mel_bins), padding_mask=opts.padding_mask)
@@ -284,6 +288,15 @@ class Pipeline:
         self.producer = Producer(requests, policy, workers=workers, timeout_s=opts.decode_timeout_s, decode_fn=decode_fn, stop=self._halt)
         self.producer.start()
         self.lane: Lane | None = None
+
+    def waiting_on(self) -> str:
+        """What the run waits on, in a few words, for a line when no row finishes (progress)."""
+        p = self.producer
+        busy = p.pool.busy() if p.pool is not None else []
+        parts = [f"decoding {len(busy)} request(s) ({', '.join(busy[:3])}{', …' if len(busy) > 3 else ''})" if busy
+                 else ("decoding finished" if not p.is_alive() else "no decode request in flight")]
+        parts.append(f"{p.batches.qsize()} batch(es) queued for the device")
+        return "; ".join(parts)
 
     def attach(self, device) -> None:
         """The device is known (a torch.device): the producer may batch and stage for it."""
@@ -315,9 +328,12 @@ class Pipeline:
             writer.put_rows(rows)
             progress.update(len(rows.items), 0, float(rows.durations.sum()))
 
+        said = _FailureLines(self.rows)
+
         def emit_failures(items: np.ndarray, failures: list) -> None:
             writer.put_failures(items, failures)
             progress.update(len(items), len(items), 0.0)
+            said(items, failures)
 
         rows = RowPooling(pooling, emit_rows, emit_failures)
 
@@ -350,3 +366,27 @@ class Pipeline:
             if self.stop.wait(0.2):
                 self._halt.set()
                 return
+
+
+class _FailureLines:
+    """Failed rows logged one line each (id, file, reason), up to FAILURE_LINES_PER_MINUTE; past
+    that, one line a minute counts the rest (their records are in the output either way)."""
+
+    def __init__(self, rows: Pending):
+        self.rows = rows
+        self.minute, self.said, self.held = time.monotonic(), 0, 0
+
+    def __call__(self, items: np.ndarray, failures: list) -> None:
+        now = time.monotonic()
+        if now - self.minute >= 60.0:
+            if self.held:
+                logger.warning("... and %d more failed rows in the last minute (see the output's failure records)", self.held)
+            self.minute, self.said, self.held = now, 0, 0
+        room = max(0, FAILURE_LINES_PER_MINUTE - self.said)
+        if room:
+            shown = self.rows.gather(np.asarray(items[:room]))
+            for row_id, path, failure in zip(shown["id"].to_list(), shown["path"].to_list(), failures[:room]):
+                logger.warning("row %s failed (%s): %s", row_id, path, failure, extra={"event": "row_failed", "id": row_id,
+                                                                                      "path": path, "error_kind": failure.kind})
+        self.said += min(room, len(items))
+        self.held += max(0, len(items) - room)

@@ -67,6 +67,12 @@ def decode_awaiting_a_kill(request: DecodeRequest):
     return decode_request(request)
 
 
+def slow_decode(request: DecodeRequest):
+    """The real decoder, after HOOK_DECODE_DELAY_S seconds (default 1) per request: a slow source."""
+    time.sleep(float(os.environ.get("HOOK_DECODE_DELAY_S", "1")))
+    return decode_request(request)
+
+
 # --- run hooks: EXTRACTOR_TEST_HOOK=tests.hooks:<name>, with HOOK_DIR set to a folder ---------------
 # The job calls extractor.hooks.point(name, **info) at fixed points; these make a test's race
 # happen at exactly that point: they leave a file saying where the run is, and wait for the test.

@@ -97,3 +97,30 @@ def test_a_decode_worker_killed_from_outside_costs_its_row_one_more_try(tmp_path
     assert f"decode worker {pid} was killed (signal 9: SIGKILL) from outside while on {victim}" in log, log
     assert "retrying 1 row(s) of" in log, log
     assert sorted(read_output(out)["id"].to_list()) == sorted(paths)
+
+
+def test_a_slow_run_logs_heartbeats_failed_rows_and_what_it_waits_on(tmp_path, clips, tiny_model, monkeypatch):
+    """In a log (not a terminal): a progress line every LOG_EVERY_S whether or not a row finished
+    (here 0.3 s, decoding takes 1.2 s a file), each failed row with its id, file and reason, and,
+    once no row has finished for a while, a line saying what the run waits on."""
+    import re
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from jobrun import run_cli
+
+    manifest = tmp_path / "m.parquet"
+    pq.write_table(pa.table({"id": ["a", "gone", "b"], "path": [clips[0], str(tmp_path / "missing.wav"), clips[1]]}), manifest)
+    monkeypatch.setattr("extractor.progress.LOG_EVERY_S", 0.3)
+    monkeypatch.setattr("extractor.engines.local.STALL_DECODE_TIMEOUTS", 0.05)  # 0.5 s of --decode-timeout-s 10
+    monkeypatch.setenv("HOOK_DECODE_DELAY_S", "1.2")
+    code, log = run_cli(["--manifest", str(manifest), "--output", str(tmp_path / "out"), "--model", str(tiny_model), "--id-column", "id",
+                         "--decode-workers", "0", "--decode-timeout-s", "10", "--max-failure-rate", "1",
+                         "--decode-fn", "tests.hooks:slow_decode"])
+    assert code == 0, log
+    counts = re.findall(r"progress: (\d+)/3 rows", log)
+    assert len(counts) >= 6 and len(counts) > len(set(counts)), counts  # lines with no new row between them: heartbeats
+    assert counts[-1] == "3"
+    assert re.search(r"row gone failed \(.*missing\.wav\): AudioError: cannot read .*missing\.wav", log), log
+    assert re.search(r"no row has finished for \d+ s; waiting on: decoding 1 request\(s\) \(.*\.flac\)", log), log

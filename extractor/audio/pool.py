@@ -298,6 +298,7 @@ class DecodePool:
         self._inflight_bytes = 0  # request bytes of jobs pulled and not yet finished
         self._closed = False
         self._running = False
+        self._inline: str | None = None  # what decode_fn is on, with no workers
         if num_workers == 0:
             return
         try:
@@ -328,6 +329,16 @@ class DecodePool:
             return self._stream_inline(items)
         return self._stream_workers(items, poll_s)
 
+    def busy(self) -> list[str]:
+        """What the workers are decoding now (a snapshot, safe from another thread)."""
+        if self._num_workers == 0:
+            label = self._inline
+            return [label] if label else []
+        try:
+            return [w.jobs[0].label for w in list(self._workers) if w.jobs]
+        except (IndexError, RuntimeError):  # changed while looked at: the next look will do
+            return []
+
     def close(self) -> None:
         """Stop all workers: idle ones exit on EOF, busy or stuck ones are killed."""
         if self._closed:
@@ -353,8 +364,12 @@ class DecodePool:
 
     def _stream_inline(self, items):
         for key, request in items:
-            for message in _messages(self._decode_fn, request):
-                yield key, message
+            self._inline = _label(key, request)
+            try:
+                for message in _messages(self._decode_fn, request):
+                    yield key, message
+            finally:
+                self._inline = None
 
     # --- worker processes ---------------------------------------------------------------------
 

@@ -29,6 +29,8 @@ from ..summary import Summary
 
 logger = logging.getLogger(__name__)
 
+STALL_DECODE_TIMEOUTS = 3  # no row finished for this many decode timeouts: the log says what the run waits on
+
 __all__ = ["embed", "graceful_signals", "run_local", "run_shard"]
 
 
@@ -54,6 +56,7 @@ def embed(work: Work, control: Control) -> Summary:
 
             torch.cuda.set_device(device)  # else cuda:0 gets a context and the default streams
         pipe.attach(device)
+        control.progress.watch(pipe.waiting_on, STALL_DECODE_TIMEOUTS * opts.decode_timeout_s)
         model = control.model
         if model is None:
             t = time.monotonic()
