@@ -40,7 +40,7 @@ from .errors import ConfigError
 from .manifest.embedded import EmbeddedAudio
 from .manifest.read import Manifest, read_manifest
 from .manifest.read import fingerprint as rows_fingerprint
-from .model.config import EncoderConfig, adapter_weights_file, read_adapter_config, read_config
+from .model.config import EncoderConfig, adapter_weights_file, check_tower, read_adapter_config, read_config
 from .model.hub import resolve_adapter, resolve_model
 from .model.identity import Identity
 from .options import DTYPES, OUTPUT_DTYPES, JobOptions, Shard
@@ -139,6 +139,7 @@ def prepare(opts: JobOptions, shard: Shard | None = None) -> Plan:
     # Repo ids become snapshot directories before anything reads them; the plan carries the paths.
     opts = replace(opts, model=resolve_model(opts.model), adapter=resolve_adapter(opts.adapter) if opts.adapter else None)
     cfg = read_config(opts.model)
+    check_tower(opts.model, cfg)
     if opts.adapter:
         read_adapter_config(opts.adapter)
         adapter_weights_file(opts.adapter)

@@ -150,6 +150,57 @@ def tower_layout(path: Path) -> dict[str, tuple[str, tuple[int, ...], int, int]]
     return layout
 
 
+FLOAT_DTYPES = ("F16", "BF16", "F32", "F64")  # what a tower's tensors may be stored as
+_LAYER = re.compile(r"^layers\.(\d+)\.")
+
+
+def tower_shapes(cfg: EncoderConfig) -> dict[str, tuple[int, ...]]:
+    """Every tensor of Qwen2AudioEncoder's state dict (without `audio_tower.`) and the shape its
+    config gives it; tests/model keep it equal to the encoder module's own."""
+    d, f, mels = cfg.d_model, cfg.encoder_ffn_dim, cfg.num_mel_bins
+    shapes = {"conv1.weight": (d, mels, 3), "conv1.bias": (d,), "conv2.weight": (d, d, 3), "conv2.bias": (d,),
+              "embed_positions.weight": (cfg.max_source_positions, d), "layer_norm.weight": (d,), "layer_norm.bias": (d,)}
+    for i in range(cfg.encoder_layers):
+        p = f"layers.{i}."
+        shapes.update({p + "self_attn.q_proj.weight": (d, d), p + "self_attn.q_proj.bias": (d,), p + "self_attn.k_proj.weight": (d, d),
+                       p + "self_attn.v_proj.weight": (d, d), p + "self_attn.v_proj.bias": (d,), p + "self_attn.out_proj.weight": (d, d),
+                       p + "self_attn.out_proj.bias": (d,), p + "self_attn_layer_norm.weight": (d,), p + "self_attn_layer_norm.bias": (d,),
+                       p + "fc1.weight": (f, d), p + "fc1.bias": (f,), p + "fc2.weight": (d, f), p + "fc2.bias": (d,),
+                       p + "final_layer_norm.weight": (d,), p + "final_layer_norm.bias": (d,)})
+    return shapes
+
+
+def check_tower(model_dir: Path, cfg: EncoderConfig) -> None:
+    """Refuse, from the safetensors headers alone (no tensor is read), a config that the checkpoint
+    does not hold (its layers, its widths) or a tower whose tensors are not floating point (a
+    quantized checkpoint): the model is built from the config, and an absurd one (a billion
+    layers) would grow memory without end before any weight is compared with it. A header this
+    reader does not trust is left to the load, which reads through safetensors and says why."""
+    found: dict[str, tuple[str, tuple[int, ...]]] = {}
+    for path in tower_files(Path(model_dir)):
+        try:
+            layout = tower_layout(path)
+        except (OSError, ValueError, KeyError, TypeError):
+            return
+        found.update({k[len(TOWER_PREFIX):]: (dtype, shape) for k, (dtype, shape, _, _) in layout.items()})
+    where = f"{model_dir}: audio_config"
+    layers = {int(m.group(1)) for k in found if (m := _LAYER.match(k))}
+    if len(layers) != cfg.encoder_layers:
+        raise CheckpointError(f"{where}.encoder_layers is {cfg.encoder_layers}, but the checkpoint holds {len(layers)} layers of the "
+                              "audio tower")
+    expected = tower_shapes(cfg)
+    missing, unexpected = sorted(set(expected) - set(found)), sorted(set(found) - set(expected))
+    if missing or unexpected:
+        raise CheckpointError(f"{where} does not match the tower's tensors: missing {missing[:5]}, unexpected {unexpected[:5]}")
+    for key, shape in expected.items():
+        dtype, got = found[key]
+        if dtype not in FLOAT_DTYPES:
+            raise CheckpointError(f"{model_dir}: {TOWER_PREFIX}{key} is stored as {dtype}, not floating point (a quantized "
+                                  f"checkpoint?); the tower is read as {', '.join(FLOAT_DTYPES)}")
+        if got != shape:
+            raise CheckpointError(f"{where} says {TOWER_PREFIX}{key} is {shape}, the checkpoint holds {got}")
+
+
 def coalesce(spans, gap: int = COALESCE_BYTES) -> list[tuple[int, int]]:
     """[begin, end) byte spans merged where less than `gap` apart, in file order."""
     ranges: list[list[int]] = []
@@ -231,6 +282,7 @@ def read_adapter_config(adapter_dir: Path) -> AdapterConfig:
     rank_pattern, alpha_pattern = raw.get("rank_pattern") or {}, raw.get("alpha_pattern") or {}
     if not isinstance(rank_pattern, dict) or not isinstance(alpha_pattern, dict):
         raise AdapterError(f"{path}: rank_pattern and alpha_pattern must be objects")
+    _check_training_fields(raw, path)
     cfg = AdapterConfig(
         path=Path(adapter_dir), raw=raw,
         r=_positive_int(raw.get("r"), "r", path),
@@ -240,6 +292,25 @@ def read_adapter_config(adapter_dir: Path) -> AdapterConfig:
         alpha_pattern={k: _finite_number(v, f"alpha_pattern[{k!r}]", path) for k, v in alpha_pattern.items()},
     )
     return cfg
+
+
+# PEFT's names for init_lora_weights (peft.tuners.lora.config.LoraConfig), beside True and False.
+INIT_LORA_WEIGHTS = ("gaussian", "eva", "olora", "pissa", "corda", "loftq", "orthogonal")
+
+
+def _check_training_fields(raw: dict, path: Path) -> None:
+    """Fields that only training reads, checked as PEFT would check them: a merge does not use
+    them, but PEFT builds its config from them (DoRA and biases are merged by PEFT), and a value
+    PEFT cannot take is a damaged adapter_config.json, refused here rather than as a traceback
+    after the model has loaded."""
+    dropout = raw.get("lora_dropout", 0.0)
+    if not isinstance(dropout, (int, float)) or isinstance(dropout, bool) or not 0.0 <= dropout < 1.0:
+        raise AdapterError(f"{path}: lora_dropout is {dropout!r}, expected a number in [0, 1)")
+    init = raw.get("init_lora_weights", True)
+    if not isinstance(init, bool) and not (isinstance(init, str) and (init in INIT_LORA_WEIGHTS or init.startswith("pissa_niter_"))):
+        raise AdapterError(f"{path}: init_lora_weights is {init!r}, expected true, false or one of {', '.join(INIT_LORA_WEIGHTS)}")
+    if init == "loftq" and not raw.get("loftq_config"):
+        raise AdapterError(f"{path}: init_lora_weights is 'loftq' but loftq_config is empty (PEFT requires it)")
 
 
 def adapter_weights_file(adapter_dir: Path) -> Path:

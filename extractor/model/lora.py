@@ -189,14 +189,19 @@ def merge_with_peft(encoder: nn.Module, adapter: Adapter) -> nn.Module:
 
     config = adapter.config.raw
     skip = ("target_modules", "modules_to_save", "layers_to_transform", "layers_pattern", "base_model_name_or_path",
-            "task_type", "inference_mode", "peft_type", "rank_pattern", "alpha_pattern")
-    lora_config = LoraConfig(
-        **{k: v for k, v in config.items() if k in LoraConfig.__dataclass_fields__ and k not in skip},
-        target_modules=list(adapter.modules),
-        rank_pattern={_strip_pattern(k): v for k, v in (config.get("rank_pattern") or {}).items()},
-        alpha_pattern={_strip_pattern(k): v for k, v in (config.get("alpha_pattern") or {}).items()},
-    )
-    peft_model = get_peft_model(encoder, lora_config)
+            "task_type", "inference_mode", "peft_type", "rank_pattern", "alpha_pattern",
+            "init_lora_weights", "loftq_config")  # how training initialises the weights: these are loaded, not made
+    try:
+        lora_config = LoraConfig(
+            **{k: v for k, v in config.items() if k in LoraConfig.__dataclass_fields__ and k not in skip},
+            target_modules=list(adapter.modules),
+            init_lora_weights=False,  # the weights are loaded next: no initialisation to compute
+            rank_pattern={_strip_pattern(k): v for k, v in (config.get("rank_pattern") or {}).items()},
+            alpha_pattern={_strip_pattern(k): v for k, v in (config.get("alpha_pattern") or {}).items()},
+        )
+        peft_model = get_peft_model(encoder, lora_config)
+    except (ValueError, TypeError, KeyError) as e:  # PEFT's own refusal of a field: the adapter's config, not the run
+        raise AdapterError(f"{adapter.path}: PEFT cannot build this adapter's config: {type(e).__name__}: {e}") from e
     try:
         result = set_peft_model_state_dict(peft_model, adapter.state)
     except RuntimeError as e:  # size mismatch: an adapter trained on another tower shape

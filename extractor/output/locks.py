@@ -45,8 +45,10 @@ class LockHeld(OutputBusy):
     """A live run holds the lock (exit 75)."""
 
 
-class LockLost(Exception):
-    """This run may no longer hold its lock: it stops before writing more; a rerun resumes."""
+class LockLost(OutputBusy):
+    """This run may no longer hold its lock (it was removed or replaced, taken over, or could not
+    be refreshed): another run may be writing the shard, so this one stops before writing more
+    (exit 75: retry later; the rerun resumes from what is committed)."""
 
 
 class LockUnusable(ConfigError):
@@ -128,12 +130,40 @@ class RunLock:
         self._fd = fd
 
     def check(self) -> None:
-        """Nothing to check: the kernel holds the flock until this process (and its heirs) end."""
+        """Before every write: the lock's path still names the file this run locked. The kernel
+        holds the flock however long this process lives, but an operator's `rm` (of the lock, or of
+        `_shards/`) lets a second run lock a new file of the same name; from then on this run must
+        not write, or both would."""
+        _check_same_file(self._fd, self.path)
+
+    def clear_stale(self) -> bool:
+        """Remove the lock file if no live run holds it (a run killed after its markers left it):
+        True if removed. Never waits, never creates the file."""
+        try:
+            fd = os.open(self.path, os.O_RDWR)
+        except OSError:
+            return False
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            return False  # a live run holds it
+        try:
+            if os.fstat(fd).st_ino != os.stat(self.path).st_ino:
+                return False  # replaced meanwhile by a run that now holds the new one
+            holder = os.pread(fd, 4096, 0).decode(errors="replace").strip()
+            os.unlink(self.path)  # holding its flock, as release() does
+            logger.info("removed the lock %s left by a run that died (%s)", self.path, holder or "no record")
+            return True
+        except FileNotFoundError:
+            return False
+        finally:
+            os.close(fd)
 
     def share(self) -> SharedLock:
         """A picklable handle for a worker process (multiprocessing spawn) that keeps the lock held."""
         assert self._fd is not None, "share() needs a held lock"
-        return SharedLock(self._fd, os.getpid())
+        return SharedLock(self._fd, os.getpid(), self.path)
 
     def add_holders(self, pids: list[int]) -> None:
         """Workers holding shared handles (see module doc); the flock needs no record of them."""
@@ -156,8 +186,23 @@ class RunLock:
         self.release()
 
 
-def _rebuild_shared(dup, parent_pid: int) -> SharedLock:
-    lock = SharedLock(dup.detach(), parent_pid)
+def _check_same_file(fd: int | None, path: Path) -> None:
+    """LockLost unless `path` is the file open at `fd` (same device and inode)."""
+    if fd is None:
+        return
+    held = os.fstat(fd)
+    try:
+        now = os.stat(path)
+    except FileNotFoundError:
+        raise LockLost(f"the lock file {path} was removed while this run held it; another run may be writing "
+                       "this shard, so this one stops before writing more (never delete lock files: see the README)") from None
+    if (now.st_dev, now.st_ino) != (held.st_dev, held.st_ino):
+        raise LockLost(f"the lock file {path} was replaced while this run held it (another run locked a new one); "
+                       "stopping before writing more")
+
+
+def _rebuild_shared(dup, parent_pid: int, path) -> SharedLock:
+    lock = SharedLock(dup.detach(), parent_pid, path)
     lock._inherited = True
     return lock
 
@@ -171,17 +216,19 @@ class SharedLock:
     check() refuses to write once the parent is gone.
     """
 
-    def __init__(self, fd: int | None, parent_pid: int):
-        self.fd, self.parent_pid = fd, parent_pid
+    def __init__(self, fd: int | None, parent_pid: int, path: Path | None = None):
+        self.fd, self.parent_pid, self.path = fd, parent_pid, path
         self._inherited = False
 
     def __reduce__(self):
         # DupFd passes the descriptor to the child during Process.start() (spawn's pass_fds).
-        return _rebuild_shared, (reduction.DupFd(self.fd) if self.fd is not None else _NoFd(), self.parent_pid)
+        return _rebuild_shared, (reduction.DupFd(self.fd) if self.fd is not None else _NoFd(), self.parent_pid, self.path)
 
     def check(self) -> None:
         if os.getppid() != self.parent_pid:
             raise LockLost(f"the process holding this run's lock (pid {self.parent_pid}) is gone; stopping before writing more")
+        if self.path is not None:
+            _check_same_file(self.fd, self.path)
 
     def release(self) -> None:
         if self._inherited and self.fd is not None:
@@ -365,6 +412,11 @@ class ObjectLock:
                 f"the lock {self.location} was not refreshed for {silent:.0f} s and may be taken over after "
                 f"{self.stale_after_s:.0f} s; stopping before writing more (rerun to resume)"
             )
+
+    def clear_stale(self) -> bool:
+        """Nothing here: an object store's stale lock is taken over by the next run with work (a
+        delete could race a takeover between its read and its write)."""
+        return False
 
     def share(self) -> SharedLock:
         return SharedLock(None, os.getpid())

@@ -59,6 +59,8 @@ All four need a run to be stuck or misconfigured for minutes; none arises from a
 
 from __future__ import annotations
 
+import ctypes
+import errno
 import io
 import logging
 import os
@@ -85,6 +87,10 @@ ATOMIC_UPLOAD_PROTOCOLS = frozenset({"s3", "s3a", "gs", "gcs", "az", "abfs", "ab
 
 class OutputError(ConfigError):
     """The output cannot be used for this run as it is (exit 2)."""
+
+
+class PartExists(LockLost):
+    """A part's name is taken: another run wrote it, or is writing this shard (exit 75)."""
 
 
 Location = Path | str  # a listed file: a Path in a directory, a URL in an object store
@@ -132,6 +138,33 @@ def _fsync_dir(path: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+_RENAME_NOREPLACE = 1  # from <linux/fs.h>
+_AT_FDCWD = -100
+
+
+def _publish(tmp: Path, final: Path) -> None:
+    """Move `tmp` to `final` unless `final` exists (FileExistsError): a hard link, which fails on
+    an existing name, then the temporary's removal; where links are not supported,
+    renameat2(RENAME_NOREPLACE). A plain rename would replace a part another run published."""
+    try:
+        os.link(tmp, final)
+    except FileExistsError:
+        raise
+    except OSError as e:
+        if e.errno not in (errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EMLINK):
+            raise
+        libc = ctypes.CDLL(None, use_errno=True)
+        renameat2 = getattr(libc, "renameat2", None)
+        if renameat2 is None or renameat2(_AT_FDCWD, os.fsencode(tmp), _AT_FDCWD, os.fsencode(final), _RENAME_NOREPLACE) != 0:
+            err = ctypes.get_errno() if renameat2 is not None else errno.ENOTSUP
+            if err == errno.EEXIST:
+                raise FileExistsError(final) from None
+            raise OutputError(f"cannot publish {final} without replacing what may be there: this file system supports "
+                              f"neither hard links nor renameat2 ({os.strerror(err)}); use another output location") from e
+        return
+    os.unlink(tmp)
 
 
 def write_atomic(path: Path, data: bytes) -> None:
@@ -189,14 +222,20 @@ class LocalStorage:
         return True
 
     def commit(self, name: str, fill: Callable[[BinaryIO], None]) -> Path:
-        """Write `name` with `fill(file)` under _tmp/, then fsync and rename it into place."""
+        """Write `name` with `fill(file)` under _tmp/, fsync it, then publish it under its name,
+        never replacing a file already there (PartExists)."""
         final = self.root / name
         tmp = self.root / TMP_DIR / f"{final.name}.{os.getpid()}.tmp"
         with open(tmp, "wb") as f:
             fill(f)
             f.flush()
             os.fsync(f.fileno())
-        os.rename(tmp, final)
+        try:
+            _publish(tmp, final)
+        except FileExistsError:
+            tmp.unlink(missing_ok=True)
+            raise PartExists(f"{final} already exists: another run is writing this shard (or wrote it, its lock deleted); "
+                             "this run stops without replacing it") from None
         _fsync_dir(final.parent)
         return final
 
@@ -387,7 +426,7 @@ class S3Storage(ObjectStorage):
         try:
             self.fs.pipe_file(key, data, mode="create" if create else "overwrite")
         except FileExistsError as e:
-            raise LockLost(f"{self.fs.unstrip_protocol(key)} already exists: another run is writing this shard") from e
+            raise PartExists(f"{self.fs.unstrip_protocol(key)} already exists: another run is writing this shard") from e
 
     def discard_uncommitted(self, prefixes: Iterable[str]) -> None:
         """Abort multipart uploads of our own part names that a killed run left behind.

@@ -134,3 +134,91 @@ def test_a_truncated_tower_file_is_a_checkpoint_error_on_either_path(tmp_path, s
     for read in (read_tower_tensors, lambda c: upload_tower(c, torch.device("cpu"))):
         with pytest.raises(CheckpointError, match=path.name):
             read(ckpt)
+
+
+# --- refused from the headers, before any model is built -------------------------------------
+
+
+def _job_rss(tmp_path, model, adapter=None, *extra):
+    """The job as a process on a one-row manifest: (exit code, log, its peak RSS in bytes)."""
+    import subprocess
+    import sys
+    import textwrap
+
+    import numpy as np
+    import soundfile as sf
+
+    from jobrun import job_cmd, job_env, write_manifest
+
+    clip = tmp_path / "a.wav"
+    sf.write(clip, np.zeros(16000, np.float32), 16000)
+    manifest = write_manifest(tmp_path / "m.parquet", [{"path": str(clip)}])
+    cmd = job_cmd(manifest, tmp_path / "out", model, "--device", "cpu", *(["--adapter", str(adapter)] if adapter else []), *extra)
+    wrapper = textwrap.dedent(f"""
+        import resource, subprocess, sys
+        done = subprocess.run({cmd!r}, capture_output=True, text=True, timeout=120)
+        sys.stderr.write(done.stderr)
+        print(done.returncode, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024)
+    """)
+    result = subprocess.run([sys.executable, "-c", wrapper], env=job_env(), capture_output=True, text=True, timeout=180)
+    code, rss = (int(x) for x in result.stdout.split())
+    return code, result.stderr, rss
+
+
+def _retype(ckpt, key: str, dtype) -> None:
+    """Rewrite the shard holding `key` with that tensor stored as `dtype` (a quantized checkpoint)."""
+    from safetensors.torch import load_file, save_file
+
+    index = json.loads((ckpt / "model.safetensors.index.json").read_text())["weight_map"]
+    shard = ckpt / index[key]
+    tensors = load_file(shard)
+    tensors[key] = tensors[key].to(dtype)
+    save_file(tensors, shard, metadata={"format": "pt"})
+
+
+@pytest.mark.parametrize("problem", ["layers", "width", "int32"])
+def test_a_config_or_tensor_the_checkpoint_does_not_hold_is_refused_before_the_model_is_built(problem, tmp_path):
+    """A config the checkpoint's own index contradicts (a billion layers grew memory without end
+    while the model was built) or a tower tensor that is not floating point: exit 2, naming the
+    field or tensor, before any model is built, in well under 1 GB."""
+    ckpt = build_checkpoint(tmp_path / "ckpt")
+    config = json.loads((ckpt / "config.json").read_text())
+    if problem == "layers":
+        config["audio_config"]["encoder_layers"] = 1_000_000_000
+        says = "encoder_layers is 1000000000, but the checkpoint holds 2 layers"
+    elif problem == "width":
+        config["audio_config"]["encoder_ffn_dim"] = 256
+        says = "says audio_tower.layers.0.fc1.weight is (256, 64), the checkpoint holds (128, 64)"
+    else:
+        _retype(ckpt, "audio_tower.layers.1.fc2.weight", torch.int32)
+        says = "audio_tower.layers.1.fc2.weight is stored as I32, not floating point"
+    (ckpt / "config.json").write_text(json.dumps(config))
+    code, log, rss = _job_rss(tmp_path, ckpt)
+    assert code == 2 and says in log, log
+    assert "model loaded" not in log and not (tmp_path / "out").exists()
+    assert rss < 1e9, rss
+
+
+@pytest.mark.parametrize("field, value, says", [("lora_dropout", "abc", "lora_dropout is 'abc', expected a number in [0, 1)"),
+                                                ("init_lora_weights", "loftq", "init_lora_weights is 'loftq' but loftq_config is empty")])
+def test_a_damaged_peft_adapter_config_is_refused_before_the_model_loads(field, value, says, tmp_path, tiny_model):
+    from builders import build_adapter
+
+    adapter = build_adapter(tmp_path / "adapter", tiny_model, layout="tf5_full", lora_config={"use_dora": True})
+    config = json.loads((adapter / "adapter_config.json").read_text())
+    config[field] = value
+    (adapter / "adapter_config.json").write_text(json.dumps(config))
+    code, log, rss = _job_rss(tmp_path, tiny_model, adapter)
+    assert code == 2 and says in log, log
+    assert "model loaded" not in log and not (tmp_path / "out").exists() and rss < 1e9
+
+
+@pytest.mark.parametrize("layers", [1, 3])
+def test_the_shapes_a_config_gives_are_the_encoders_own(layers):
+    from extractor.model.config import EncoderConfig, tower_shapes
+    from extractor.model.encoder import AudioEncoder
+
+    cfg = EncoderConfig.from_dict({"d_model": 96, "encoder_layers": layers, "encoder_attention_heads": 6, "encoder_ffn_dim": 160})
+    with torch.device("meta"):
+        module = AudioEncoder(cfg)
+    assert tower_shapes(cfg) == {k: tuple(v.shape) for k, v in module.state_dict().items()}
