@@ -45,6 +45,7 @@ from .model.config import EncoderConfig
 from .options import JobOptions, default_decode_workers
 from .pending import Pending
 from .progress import Progress
+from .seams import NONE, Seams
 from .summary import DeviceStats
 
 if TYPE_CHECKING:
@@ -318,7 +319,8 @@ class Pipeline:
         if self.producer.is_alive():
             logger.warning("the producer did not stop within %.0f s (a decoder stuck in-process?); leaving it", JOIN_S)
 
-    def run(self, model: LoadedModel, pooling, writer: PartWriter, progress: Progress, stats: DeviceStats, t0: float) -> None:
+    def run(self, model: LoadedModel, pooling, writer: PartWriter, progress: Progress, stats: DeviceStats, t0: float,
+            seams: Seams = NONE) -> None:
         """Embed every pending row into `writer`, or stop early when `stop` is set."""
         import torch
 
@@ -348,7 +350,7 @@ class Pipeline:
         if model.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(model.device)
         stats.device = torch.cuda.get_device_name(model.device) if model.device.type == "cuda" else "cpu"
-        loop = DeviceLoop(model, self.lane, stats, pooling, rows.add)
+        loop = DeviceLoop(model, self.lane, stats, pooling, rows.add, on_first_batch=lambda: seams.event("first-batch"))
         stopper = threading.Thread(target=self._relay_stop, name="stop-relay", daemon=True)
         stopper.start()
         loop.run(self.producer.batches, handle, self.stop, t0)

@@ -5,10 +5,14 @@ run it as a process); a test in-process builds them itself. The library reads no
 variable to let tests in.
 
 Events, each called as `on_event(name, **info)` on the thread that reaches it:
+  "checking"   the run starts reading its configuration, model JSON and manifest
   "prepared"   configuration, manifest and output read and checked; no lock yet
   "locked"     the shard's lock is held, nothing planned yet
   "planned"    pending rows known (info: pending)
+  "weights"    the model's tensors are about to be read onto the device
+  "building"   the model's module is about to be made, its adapter merged
   "loaded"     the model is loaded, nothing written yet
+  "first-batch" the first batch is about to go to the device
   "committed"  a part or failure file is durable (info: seq, rows, failures)
   "marked"     the shard's markers are written
 A test uses them to hold a run at exactly one point (and signal or race it there) instead of

@@ -131,9 +131,10 @@ def _early_recipe_check(plan: Plan) -> None:
         raise RecipeMismatch.naming(plan.out.root, diff)
 
 
-def prepare(opts: JobOptions, shard: Shard | None = None) -> Plan:
+def prepare(opts: JobOptions, shard: Shard | None = None, seams: Seams = NONE) -> Plan:
     """Read and check everything a run needs before it may write; ConfigError (exit 2) if not."""
     t0 = launch_clock()
+    seams.event("checking")
     shard = shard or opts.shard
     _check_flags(opts)
     # Repo ids become snapshot directories before anything reads them; the plan carries the paths.
@@ -259,7 +260,7 @@ class ShardRun:
 
     def __init__(self, opts: JobOptions, shard: Shard | None = None, *, seams: Seams = NONE, stop: threading.Event | None = None,
                  on_progress: Callable[[int, int, float], None] | None = None):
-        self.plan = prepare(opts, shard)
+        self.plan = prepare(opts, shard, seams)
         self.seams, self.stop, self.on_progress = seams, stop or StopSignal(), on_progress
         self._begun = False
         logger.debug("configuration, manifest and output checked %.2f s after launch", process_age_s())

@@ -1207,3 +1207,31 @@ def test_live_lock_holder_refuses_a_second_run(corpus, zygote, tiny_model, tmp_p
     assert f"another run holds {lock}" in log and str(os.getpid()) in log
     assert after == before and not (out / "_run.json").exists()
     assert not run.orphans
+
+
+@pytest.mark.parametrize("stage", ["checking", "weights", "building", "first-batch"])
+def test_a_sigterm_at_each_start_up_stage_ends_the_run_within_10_s_with_143(stage, corpus, zygote, tiny_model, tiny_adapter, tmp_path):
+    """A hook holds the run as the stage begins (reading the configuration and manifest, reading
+    the weights, building the model, the first batch); SIGTERM, then the hold is let go: the stage
+    finishes what it had begun and the run stops after it, exit 143, one line, nothing lost."""
+    flags = tmp_path / "flags"
+    flags.mkdir()
+    out = tmp_path / "out"
+    run = Run(job_args(corpus.manifest, out, tiny_model, tiny_adapter), zygote=zygote,
+              env={"EXTRACTOR_TEST_HOOK": "tests.hooks:pause_at", "HOOK_PAUSE": stage, "HOOK_DIR": str(flags)})
+    wait_until(lambda: (flags / f"at-{stage}-{run.pid}").exists(), RUN_TIMEOUT_S, poll=0.005, run=run)
+    assert run.kill(signal.SIGTERM)
+    sent = time.monotonic()
+    (flags / f"release-{run.pid}").touch()
+    rc = run.finish(timeout=60)
+    log = run.log()
+    assert rc == 143 and run.ended_at - sent < SIGNAL_EXIT_S, (rc, run.ended_at - sent, log[-3000:])
+    assert log.count("interrupted by SIGTERM") == 1 and "Traceback" not in log, log[-3000:]
+    assert lock_content(out) is None  # released: the next run takes over nothing
+    assert_consistent_with_reference_rows(out, corpus)
+
+
+def assert_consistent_with_reference_rows(out: Path, corpus) -> None:
+    """What a stopped run committed (maybe nothing) holds only the corpus's ids, each once."""
+    rows, failures = read_committed(out) if out.exists() else ({}, {})
+    assert set(rows) <= set(corpus.ids) and set(failures) <= set(corpus.ids) and not set(rows) & set(failures)

@@ -65,9 +65,9 @@ class DeviceLoop:
     """Runs batches from a queue; the one thread that touches the device."""
 
     def __init__(self, model: LoadedModel, lane: Lane, stats: DeviceStats, pooling,
-                 on_batch: Callable[[Batch, np.ndarray, np.ndarray | None], None]):
+                 on_batch: Callable[[Batch, np.ndarray, np.ndarray | None], None], on_first_batch: Callable[[], None] = lambda: None):
         self.model, self.budget, self.staging, self.stats = model, lane.budget, lane.staging, stats
-        self.pooling, self.on_batch = pooling, on_batch
+        self.pooling, self.on_batch, self.on_first_batch = pooling, on_batch, on_first_batch
         self.keep_frames = pooling.keeps_frames
         self.cuda = model.device.type == "cuda"
         self._stream = torch.cuda.current_stream(model.device) if self.cuda else None
@@ -169,6 +169,9 @@ class DeviceLoop:
                 handle(item)
                 continue
             if st.time_to_first_batch_s is None:
+                self.on_first_batch()
+                if stop.is_set():  # stopped while it started: the batch is left to a rerun
+                    break
                 st.time_to_first_batch_s = time.monotonic() - t0
                 logger.info("first batch on the device %.1f s after launch", st.time_to_first_batch_s)
             st.useful_flops += item.flops

@@ -60,7 +60,8 @@ def embed(work: Work, control: Control) -> Summary:
         model = control.model
         if model is None:
             t = time.monotonic()
-            model = load_model(opts.model, opts.adapter, device, resolve_dtype(opts.dtype, device))
+            model = load_model(opts.model, opts.adapter, device, resolve_dtype(opts.dtype, device),
+                               on_stage=lambda stage: control.seams.event(stage, shard=work.shard.index))
             logger.info("model loaded in %.1f s (%.2f s after launch)", time.monotonic() - t, process_age_s())
         control.seams.event("loaded", shard=work.shard.index)
         if stop.is_set():
@@ -74,7 +75,7 @@ def embed(work: Work, control: Control) -> Summary:
         with PartWriter(out, control.lock, work.shard, rows, work.types, recipe, first_seq=work.first_seq, seq_step=work.seq_step,
                         keep_columns=opts.manifest.keep_columns, part_rows=opts.part_rows, part_bytes=opts.part_bytes,
                         commit_seconds=opts.commit_seconds, metadata=metadata, on_event=control.seams.on_event) as writer:
-            pipe.run(model, POOLINGS[opts.pooling], writer, control.progress, summary.stats, work.t0)
+            pipe.run(model, POOLINGS[opts.pooling], writer, control.progress, summary.stats, work.t0, control.seams)
         summary.embedded, summary.failed, summary.audio_seconds = writer.embedded, writer.failed, writer.audio_s
     if stop.is_set():
         summary.interrupted = signal_name(stop)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import time
 from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -54,8 +55,13 @@ class LoadedModel:
     adapter: MergeReport | None
 
 
-def load_model(model_dir: Path, adapter_dir: Path | None, device: torch.device, dtype: torch.dtype) -> LoadedModel:
+def load_model(model_dir: Path, adapter_dir: Path | None, device: torch.device, dtype: torch.dtype,
+               on_stage: Callable[[str], None] | None = None) -> LoadedModel:
+    """`on_stage(name)` is called as each stage begins: "weights" (the tower's tensors are read onto
+    the device), "building" (the module is made and the adapter merged)."""
+    on_stage = on_stage or (lambda name: None)
     t = time.monotonic()
+    on_stage("weights")
     cfg = read_config(Path(model_dir))
     files = tower_files(Path(model_dir))
     # Hash while the weights move to the device (hashlib releases the GIL), unless these files were
@@ -77,6 +83,7 @@ def load_model(model_dir: Path, adapter_dir: Path | None, device: torch.device, 
             future = hashing.submit(fingerprint, state)
     if hashing is not None:
         hashing.shutdown(wait=False)
+    on_stage("building")
     with torch.device("meta"):
         encoder = AudioEncoder(cfg)
     expected = set(encoder.state_dict())

@@ -13,6 +13,7 @@ import os
 import re
 import resource
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -229,3 +230,41 @@ def test_devices_are_counted_without_torch_and_as_torch_counts_them():
             "import torch; print(no_torch, n, torch.cuda.device_count())")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=REPO).stdout.split()
     assert out[0] == "True" and out[1] == out[2]
+
+
+@pytest.mark.parametrize("signum, code", [(signal.SIGTERM, 143), (signal.SIGINT, 130)])
+def test_a_signal_while_the_workers_start_is_a_graceful_stop(signum, code, corpus, tiny_model, tmp_path):
+    """The workers are held (a hook) as they start reading their weights; the parent is signalled
+    and the hold let go: exit 143/130 with one line, no traceback, no worker left."""
+    flags, out = tmp_path / "flags", tmp_path / "out"
+    flags.mkdir()
+    cmd = job_cmd(corpus, out, tiny_model, *FLAGS, "--devices", "cpu,cpu")
+    env = job_env(EXTRACTOR_TEST_HOOK="tests.hooks:pause_at", HOOK_PAUSE="weights", HOOK_DIR=str(flags))
+    proc = subprocess.Popen(cmd, env=env, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True, cwd=REPO)
+    try:
+        wait_for(lambda: any(flags.glob("at-weights-*")), 120, proc)
+        workers = spawned_children(proc.pid)
+        proc.send_signal(signum)
+        for pid in workers:
+            (flags / f"release-{pid}").touch()
+        _, log = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+    assert proc.returncode == code, log
+    assert log.count(f"interrupted by {signal.Signals(signum).name}") == 1 and "Traceback" not in log, log
+    assert "stopping the other workers" not in log and "was killed by signal" not in log, log
+    wait_for(lambda: not any(alive(pid) for pid in workers), 30)
+    assert not (out / "_shards").exists() or not list((out / "_shards").glob("*.lock"))  # the lock was released
+
+
+def test_another_model_with_nothing_pending_is_refused_as_the_local_engine_refuses_it(two_workers, corpus, checkpoint_factory, tmp_path):
+    """Everything is done, but the rerun names another model of the same shape: the markers do
+    not vouch for these inputs, so the fingerprints are compared (exit 2), nothing rewritten."""
+    out = tmp_path / "out"
+    shutil.copytree(two_workers[0], out)
+    before = snapshot(out)
+    other = checkpoint_factory(seed=7)
+    for devices in (["--devices", "cpu,cpu"], []):
+        code, log = run_cli(job_args(corpus, out, other, *devices))
+        assert code == 2 and "model_fingerprint" in log and "refusing to mix" in log, log
+        assert snapshot(out) == before
