@@ -169,49 +169,65 @@ def _supervise(procs: list, tags: list[str], messages, go, control: Control) -> 
     """Relay the workers' messages until all have exited; stop them all at the first failure."""
     summaries: dict[int, Summary] = {}
     errors: list[tuple[int, BaseException]] = []
+    stopped: set[int] = set()  # workers that said they stopped for the run's own signal
     first_failed: int | None = None
     forwarded = False
     stop = control.stop
+
+    def handle(message) -> None:
+        kind, *payload = message
+        if kind == "progress":
+            control.progress.update(*payload)
+        elif kind == "log":
+            _relog(*payload)
+        elif kind == "ready":
+            if first_failed is None and not stop.is_set() and not go.is_set():
+                control.begin()  # the first worker has checked the recipe; nothing is written before this
+                go.set()
+        elif kind == "done":
+            summaries[payload[0]] = payload[1]
+        elif kind == "error":
+            index, error, remote_tb = payload
+            if stop.is_set() and isinstance(error, Interrupted):  # stopped before it wrote: not a failure
+                stopped.add(index)
+            else:
+                error.__cause__ = _RemoteTraceback(remote_tb)
+                errors.append((index, error))
+
+    def drain() -> None:
+        while True:
+            try:
+                handle(messages.get_nowait())
+            except queue.Empty:
+                return
+
     while True:
         if stop.is_set() and not forwarded:
             forwarded = True
             for p in procs:
                 if p.exitcode is None and p.pid is not None:
                     os.kill(p.pid, getattr(stop, "signum", None) or signal.SIGTERM)
-        exited = all(p.exitcode is not None for p in procs)
+        if all(p.exitcode is not None for p in procs):
+            drain()  # whatever they sent is in the pipe by now
+            break
         try:
-            # Once all have exited, whatever they sent is already in the pipe: drain without waiting.
-            message = messages.get_nowait() if exited else messages.get(timeout=POLL_S)
+            handle(messages.get(timeout=POLL_S))
         except queue.Empty:
-            if exited:
-                break
-            message = None
-        if message is not None:
-            kind, *payload = message
-            if kind == "progress":
-                control.progress.update(*payload)
-            elif kind == "log":
-                _relog(*payload)
-            elif kind == "ready":
-                if first_failed is None and not stop.is_set() and not go.is_set():
-                    control.begin()  # the first worker has checked the recipe; nothing is written before this
-                    go.set()
-            elif kind == "done":
-                summaries[payload[0]] = payload[1]
-            elif kind == "error":
-                index, error, remote_tb = payload
-                if not (stop.is_set() and isinstance(error, Interrupted)):  # stopped before it wrote: not a failure
-                    error.__cause__ = _RemoteTraceback(remote_tb)
-                    errors.append((index, error))
+            pass
         if first_failed is None:
+            unexplained = [d for d, p in enumerate(procs) if p.exitcode not in (None, 0) and d not in summaries and d not in stopped]
+            if unexplained:
+                drain()  # a worker that exited sent its last word first: read it before judging
             # A worker stopped by the run's own signal is not a failure: it ends as an interrupted run.
-            failed = [i for i, _ in errors] + [d for d, p in enumerate(procs) if p.exitcode not in (None, 0)
-                                              and not (stop.is_set() and -p.exitcode in SIGNALS)]
+            failed = [i for i, _ in errors] + [d for d in unexplained if d not in stopped and d not in summaries
+                                              and not (stop.is_set() and -procs[d].exitcode in SIGNALS)]
             if failed:
                 first_failed = failed[0]
                 if any(p.exitcode is None for p in procs):
                     logger.warning("worker %s failed; stopping the other workers", tags[first_failed])
                     _stop(procs)
+    if first_failed is None and errors:
+        first_failed = errors[0][0]
     if first_failed is not None:  # the first to fail is the cause; the others were stopped for it
         error = next((e for i, e in errors if i == first_failed), None)
         if error is not None:
