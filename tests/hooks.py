@@ -149,3 +149,57 @@ class _HoldImport:
 def hold_import(name: str) -> None:
     """At the first import of module `name`: say so, and wait until released."""
     sys.meta_path.insert(0, _HoldImport(name))
+
+
+# --- counting reads: HOOK_COUNT_READS=1 with HOOK_DIR set, and EXTRACTOR_TEST_HOOK=tests.hooks:count_reads ----
+# Every process that imports this module then records each read of the manifest and of the
+# committed ids (a line "<what> <pid>" in HOOK_DIR/reads): a --devices worker imports it when it
+# unpickles its seams, before it runs anything.
+
+
+def _record_read(what: str) -> None:
+    with open(_flag("reads"), "a") as f:
+        f.write(f"{what} {os.getpid()}\n")
+
+
+def _install_read_counters() -> None:
+    import extractor.manifest.read as manifest_read
+    import extractor.shard as shard
+    from extractor.output.layout import OutputDir
+
+    def counted(what, fn):
+        def wrapper(*args, **kwargs):
+            _record_read(what)
+            return fn(*args, **kwargs)
+        return wrapper
+
+    manifest_read.read_manifest = shard.read_manifest = counted("manifest", manifest_read.read_manifest)
+    shard.committed = counted("committed", shard.committed)
+    OutputDir.read_ids = counted("ids", OutputDir.read_ids)
+
+
+def count_reads(point: str, **info) -> None:
+    """The run hook of a read-counting run (the counting itself was installed at import): it
+    records the model's load too, to show that the counters were there in every process."""
+    if point == "loaded":
+        _record_read("loaded")
+
+
+if os.environ.get("HOOK_COUNT_READS"):
+    _install_read_counters()
+
+
+def slow_first_decoder(request: DecodeRequest):
+    """The real decoder, but the first process to decode claims the flag `slow` (an exclusive
+    create) and from then on sleeps HOOK_SLOW_S (default 1) per file: with --decode-workers 0 under
+    --devices, that device worker is a slower device."""
+    mine = _flag(f"slow-{os.getpid()}")
+    if not os.path.exists(mine):
+        try:
+            os.close(os.open(_flag("slow"), os.O_CREAT | os.O_EXCL))
+            open(mine, "w").close()
+        except FileExistsError:
+            pass
+    if os.path.exists(mine):
+        time.sleep(float(os.environ.get("HOOK_SLOW_S", "1")) * len(request.files))
+    return decode_request(request)

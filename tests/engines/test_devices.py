@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections import Counter
 import re
 import resource
 import shutil
@@ -268,3 +269,46 @@ def test_another_model_with_nothing_pending_is_refused_as_the_local_engine_refus
         code, log = run_cli(job_args(corpus, out, other, *devices))
         assert code == 2 and "model_fingerprint" in log and "refusing to mix" in log, log
         assert snapshot(out) == before
+
+
+def test_the_parent_reads_the_manifest_and_the_committed_ids_once_and_the_workers_neither(two_workers, corpus, tiny_model, tmp_path):
+    """A grown manifest over a finished output, on two devices: the parent reads the manifest once
+    and the committed ids once (one pass over parts and failure records) to plan; the workers are
+    handed their rows and part numbers and read neither."""
+    out, flags = tmp_path / "out", tmp_path / "flags"
+    flags.mkdir()
+    shutil.copytree(two_workers[0], out)
+    rows = pl.read_parquet(corpus).to_dicts()
+    extra = [{"id": f"new{i}", "path": rows[i]["path"]} for i in range(4)]
+    manifest = write_manifest(tmp_path / "m.parquet", rows + extra)
+    env = job_env(EXTRACTOR_TEST_HOOK="tests.hooks:count_reads", HOOK_COUNT_READS="1", HOOK_DIR=str(flags))
+    done = subprocess.run(job_cmd(manifest, out, tiny_model, *FLAGS, "--devices", "cpu,cpu"), env=env, capture_output=True, text=True,
+                          cwd=REPO, timeout=180)
+    assert done.returncode == 0 and "4 embedded, 0 failed, 13 skipped of 17 rows" in done.stderr, done.stderr
+    reads = [line.split() for line in (flags / "reads").read_text().splitlines()]
+    parent = {pid for what, pid in reads if what == "manifest"}
+    assert [what for what, _ in reads if what == "manifest"] == ["manifest"] and [w for w, _ in reads if w == "committed"] == ["committed"]
+    workers = {pid for what, pid in reads if what == "loaded"}
+    assert len(workers) == 2 and not workers & parent  # the counters were live in both workers ...
+    assert {pid for what, pid in reads if what != "loaded"} == parent  # ... and nothing was read there
+    assert len([w for w, _ in reads if w == "ids"]) == 2  # parts, then failure records: one pass
+    assert read_output(out)["id"].to_list() == sorted(read_output(two_workers[0])["id"].to_list() + [r["id"] for r in extra])
+
+
+def test_a_slow_device_takes_fewer_rows_and_the_work_is_shared_to_the_end(tiny_model, tmp_path):
+    """One worker decodes a second slower per file than the other (a slower device): rows are
+    handed out as workers ask for them, so the fast one takes most of them instead of waiting with
+    its half done, and every row is embedded once."""
+    rows = [{"id": f"c{i:02d}", "path": str(write_audio(tmp_path / f"c{i:02d}.flac", speechlike(20.0, SR, seed=i), SR))}
+            for i in range(32)]  # 20 s each: one file per decode request
+    manifest = write_manifest(tmp_path / "m.parquet", rows)
+    out, flags = tmp_path / "out", tmp_path / "flags"
+    flags.mkdir()
+    cmd = job_cmd(manifest, out, tiny_model, *FLAGS, "--part-rows", "1", "--devices", "cpu,cpu", "--decode-fn", "tests.hooks:slow_first_decoder")
+    done = subprocess.run(cmd, env=job_env(HOOK_DIR=str(flags), HOOK_SLOW_S="1"), capture_output=True, text=True, cwd=REPO, timeout=300)
+    assert done.returncode == 0 and "32 embedded, 0 failed" in done.stderr, done.stderr
+    ids = read_output(out)["id"].to_list()
+    assert ids == sorted(r["id"] for r in rows)  # each once
+    by_worker = Counter(int(p.stem.rsplit("-", 1)[1]) % 2 for p in parts(out))  # worker d of 2 writes parts d, d + 2, ... (one row each)
+    assert sum(by_worker.values()) == 32 and len(by_worker) == 2, by_worker  # both took part ...
+    assert max(by_worker.values()) >= 2 * min(by_worker.values()) + 1, by_worker  # ... the fast one far more
