@@ -43,7 +43,7 @@ from dataclasses import replace
 from ..errors import ConfigError, Interrupted
 from ..model.hub import pinned_spec
 from ..options import MAX_DECODE_WORKERS, JobOptions, Shard
-from ..output.storage import is_url
+from ..urls import is_url
 from ..seams import NONE, Seams
 from ..shard import Plan, StopSignal, prepare, standing_failures
 from ..signals import graceful_signals

@@ -50,8 +50,6 @@ class EncoderConfig:
     encoder_ffn_dim: int
     num_mel_bins: int
     max_source_positions: int
-    activation_function: str
-    scale_embedding: bool
 
     @property
     def head_dim(self) -> int:
@@ -76,7 +74,7 @@ class EncoderConfig:
         activation = audio_config.get("activation_function", "gelu")
         if activation != "gelu":
             raise CheckpointError(f"{where}: unsupported activation_function {activation!r} (only 'gelu')")
-        return cls(**sizes, activation_function="gelu", scale_embedding=bool(audio_config.get("scale_embedding", False)))
+        return cls(**sizes)  # scale_embedding is not read: Qwen2AudioEncoder.forward never applies it
 
 
 def read_json(path: Path, error: type[ConfigError], what: str) -> dict:

@@ -319,7 +319,6 @@ class ObjectLock:
         self.heartbeat_s = heartbeat_s if heartbeat_s is not None else min(LOCK_HEARTBEAT_S, stale_after_s / 10)
         self.token = uuid.uuid4().hex
         self._holders: list[int] = []
-        self._version: object = None
         self._last_ok = 0.0
         self._lost: str | None = None
         self._stop = threading.Event()
@@ -334,7 +333,7 @@ class ObjectLock:
     def acquire(self) -> None:
         try:
             try:
-                self._version = self.storage.create_versioned(self.key, self._record())
+                self.storage.create_versioned(self.key, self._record())
             except FileExistsError:
                 self._take_over()
             self._confirm()
@@ -349,31 +348,29 @@ class ObjectLock:
             body, version = self.storage.read_versioned(self.key)
         except FileNotFoundError:  # released since: try once more, and lose if somebody was faster
             try:
-                self._version = self.storage.create_versioned(self.key, self._record())
+                self.storage.create_versioned(self.key, self._record())
             except FileExistsError:
                 raise LockHeld(f"another run took {self.location} at the same time; retry when it is done") from None
             return
         holder = _parse(body)
         if holder.get("token") == self.token:  # our own create, retried after a lost response
-            self._version = version
             return
         free, why = _judge(holder, self.stale_after_s)
         if not free:
             raise LockHeld(f"another run holds {self.location} ({_describe(holder)}); {why}; retry when it is done")
         logger.warning("taking over stale lock %s (%s): %s", self.location, _describe(holder), why)
         try:
-            self._version = self.storage.replace(self.key, self._record(), version)
+            self.storage.replace(self.key, self._record(), version)
         except _Conflict:
             raise LockHeld(f"another run took over {self.location} at the same time; retry when it is done") from None
 
     def _confirm(self) -> None:
         """Read the lock back: ours, or somebody's write landed after ours (a store without CAS)."""
         time.sleep(self.storage.settle_s)
-        body, version = self.storage.read_versioned(self.key)
+        body, _ = self.storage.read_versioned(self.key)
         holder = _parse(body)
         if holder.get("token") != self.token:
             raise LockHeld(f"another run took {self.location} at the same time ({_describe(holder)}); retry when it is done")
-        self._version = version
 
     def _beat(self) -> None:
         while not self._stop.wait(self.heartbeat_s):
@@ -399,7 +396,7 @@ class ObjectLock:
             holder = _parse(body)
             if holder.get("token") != self.token:
                 raise LockLost(f"the lock {self.location} was taken over ({_describe(holder)})")
-            self._version = self.storage.replace(self.key, self._record(), version)
+            self.storage.replace(self.key, self._record(), version)
             self._last_ok = time.monotonic()
 
     def check(self) -> None:

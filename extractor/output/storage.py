@@ -73,6 +73,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from ..errors import ConfigError
+from ..urls import is_local, is_url, local_path  # noqa: F401 (is_url: the output stage's users take it from here)
 from .locks import LOCK_STALE_S, LockLost, ObjectLock, RunLock, _Conflict
 
 logger = logging.getLogger(__name__)
@@ -96,21 +97,15 @@ class PartExists(LockLost):
 Location = Path | str  # a listed file: a Path in a directory, a URL in an object store
 
 
-def is_url(path: str | os.PathLike) -> bool:
-    return isinstance(path, str) and "://" in path
-
-
 def basename(location: Location) -> str:
     return posixpath.basename(os.fspath(location))
 
 
 def open_storage(root: str | os.PathLike, storage_options: Mapping | None = None) -> LocalStorage | ObjectStorage:
     """The storage of an output: a directory for paths and file:// URLs, else an fsspec store."""
-    if not is_url(root):
-        return LocalStorage(Path(root))
-    if root.startswith("file://"):
+    if is_local(root):
         # fsspec's local file system writes in place; a directory needs tmp + rename.
-        return LocalStorage(Path(root.removeprefix("file://")))
+        return LocalStorage(Path(local_path(root)))
     import fsspec
 
     try:
@@ -264,9 +259,6 @@ class LocalStorage:
     def lock(self, name: str, *, stale_after_s: float = LOCK_STALE_S) -> RunLock:
         return RunLock(self.root / name)
 
-    def is_dir(self, name: str) -> bool:
-        return (self.root / name).is_dir()
-
     def is_file(self, name: str) -> bool:
         return (self.root / name).is_file()
 
@@ -314,9 +306,6 @@ class ObjectStorage:
         except FileExistsError:
             return False
         return True
-
-    def is_dir(self, name: str) -> bool:
-        return False  # object stores have no directories to be in the way
 
     def is_file(self, name: str) -> bool:
         # An object at exactly this key; exists() is also true of a prefix with objects under it

@@ -17,6 +17,7 @@ from ..errors import EXIT_BUSY, EXIT_CONFIG, EXIT_OK, ConfigError
 from ..options import JobOptions
 from ..output.layout import SHARDS_DIR
 from ..output.locks import flock_holder
+from ..urls import is_url
 from ..shard import committed, is_noop, pending_rows, prepare
 
 HEADER_SAMPLE = 1000
@@ -41,7 +42,7 @@ def _audio_hours(pending) -> tuple[float | None, bool]:
     sample = paths if len(paths) <= HEADER_SAMPLE else random.Random(0).sample(paths, HEADER_SAMPLE)
     seconds, read = 0.0, 0
     for p in sample:
-        if "://" in p:
+        if is_url(p):
             continue
         try:
             info = sf.info(p)
