@@ -1,60 +1,26 @@
 """Where the output lives, and how a run writes there so that readers only see complete files.
 
-Two kinds of storage, one contract (issue 2: a reader or a resume sees only complete files; the
-data is the journal; one run per shard at a time):
+Two kinds of storage, one contract: a reader or a resume sees only complete files, nothing a run
+publishes ever replaces a file already there, and one run per shard writes at a time.
 
-Local directories (a path, or a file:// URL). Today's code, unchanged: a part is written under
-`_tmp/`, flushed, fsynced, renamed into place and the directory fsynced; small files (`_run.json`,
-markers) go through a hidden sibling and a rename. The lock is an flock on `_lock-<shard>`, which
-the kernel drops however its holder dies.
+Local directories (a path, or a file:// URL): a part is written under `_tmp/`, fsynced, and
+published under its name with a hard link (or renameat2 RENAME_NOREPLACE), which fails if the name
+is taken, then the directory is fsynced; small files (`_run.json`, markers) go through a hidden
+sibling and a rename. The lock is an flock on `_shards/NNNNN.lock` (output.locks).
 
 Object stores (s3://, gs://, az://; fsspec URLs, credentials and endpoints from the environment or
-`--storage-options`). S3 has no rename, but it has something as good: an object written by one
-PUT, or by a multipart upload, becomes visible only when the upload completes, whole, in one step.
-So a part is serialised in memory and uploaded straight to its final key; the upload in flight is
-the temporary file, its completion is the rename. A reader listing the prefix sees a part
-complete or not at all. `_run.json`, failure files, markers and `_SUCCESS` are written the same
-way, `_SUCCESS` last. (Copying from a temporary key instead would gain nothing: a server-side copy
-is not a rename either, it doubles the traffic, and it leaves two objects to clean up.) On S3 a
-part is written with `If-None-Match: *`, so a part is never overwritten, not even by a run that
-lost its lock. Listing after a write is strongly consistent on S3 (since 2020), GCS and Azure Blob.
-Protocols whose uploads are not known to be atomic (sftp, hdfs, webdav, ...) are refused.
+`--storage-options`): an object written by one PUT, or by a multipart upload, becomes visible only
+once complete, so a part is serialised in memory and uploaded straight to its final key: the upload
+in flight is the temporary file, its completion the rename. On S3 a part is written with
+`If-None-Match: *` (never over another) and the lock with conditional PUTs. Protocols whose uploads
+are not known to be atomic (sftp, hdfs, webdav, ...) are refused.
 
-What a kill leaves on an object store: the parts committed before it (each complete); maybe an
-incomplete multipart upload of the next one (invisible to readers; the shard's next run aborts
-those of its own part names, and a bucket lifecycle rule "AbortIncompleteMultipartUpload" is a
-good idea anyway); the `_lock-<shard>` object; no marker of that shard and no `_SUCCESS` (a run
-with work to do deletes them before it starts). Why the rerun is exactly-once: it takes the lock,
-lists the committed parts and failure files and embeds only the ids in neither; each id goes into
-exactly one object; part numbers continue after the highest one listed. A row whose part was not
-completed is simply not done, and the rerun does it again, with the same numbers.
-
-The lock on an object store is the object `_lock-<shard>`: its owner (host, boot id, pid
-namespace, pid, process start time, a random token) and a heartbeat timestamp that a background
-thread refreshes every LOCK_HEARTBEAT_S. A lock is taken over, with a warning, when its owner is
-provably dead (same host, boot and pid namespace, and that process is gone: a killed run is taken
-over at once by the next run on the same machine) or when its heartbeat is older than
-LOCK_STALE_S; otherwise the run is refused (exit 2). On S3 every write of the lock is a compare-
-and-swap: created with `If-None-Match: *`, refreshed and taken over with `If-Match: <ETag>`, so of
-two runs racing for it exactly one wins, and a run whose lock was taken over learns it at its next
-heartbeat. A holder also stops writing (LockLost) once it has failed to refresh its lock for half
-of LOCK_STALE_S, before anybody may take it over. Every heartbeat reads the lock before it writes
-it, so a takeover is noticed even where conditional writes are not honoured. Other object stores
-have no conditional writes here: the lock is written only if found absent, then read back after
-LOCK_SETTLE_S and compared.
-
-The residual races, honestly: (1) without conditional writes (non-S3 stores, or an S3-compatible
-server that ignores the headers), two runs that find the lock absent at nearly the same moment
-can both believe they hold it (elsewhere than S3 only if one of them stalls for more than
-LOCK_SETTLE_S between its check and its write). The one whose token was overwritten stops at its
-next heartbeat, within LOCK_HEARTBEAT_S, but parts that both committed meanwhile may hold the
-same ids. (2) The staleness rule trusts the clocks of
-both machines to agree to well within LOCK_STALE_S / 2. (3) A holder frozen for longer than
-LOCK_STALE_S (SIGSTOP, a suspended VM) exactly between its lease check and a PUT could land one
-part after it was taken over; on S3 that part cannot overwrite anything (`If-None-Match`), but its
-ids may then be duplicated. (4) Releasing the lock reads it back and deletes it if it is still
-ours; a takeover in between (only possible after LOCK_STALE_S of silence) would be deleted too.
-All four need a run to be stuck or misconfigured for minutes; none arises from a kill.
+What a kill leaves: the parts committed before it (each complete); maybe a temporary in `_tmp/`
+or an incomplete multipart upload (invisible to readers; the shard's next run removes or aborts
+those of its own part names); the lock; no marker of that shard and no `_SUCCESS` (a run with work
+to do deletes them before it writes). The rerun takes the lock, lists the committed parts and
+failure records, embeds only the ids in neither, and numbers its parts after the highest listed.
+The races that remain on stores without conditional writes are in the README (Architecture).
 """
 
 from __future__ import annotations
