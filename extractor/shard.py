@@ -44,6 +44,7 @@ from .model.config import EncoderConfig, adapter_weights_file, check_tower, read
 from .model.hub import resolve_adapter, resolve_model
 from .model.identity import Identity
 from .options import DTYPES, OUTPUT_DTYPES, JobOptions, Shard
+from .output.committed import read_committed
 from .output.layout import OutputDir, RecipeMismatch, RunInfo, layout_differences
 from .output.locks import process_start
 from .pooling import POOLINGS
@@ -153,29 +154,61 @@ def prepare(opts: JobOptions, shard: Shard | None = None, seams: Seams = NONE) -
     plan = Plan(opts, shard, cfg, manifest, rows, out, out.check(), identity, marker, t0)
     if plan.existing is not None:
         _early_recipe_check(plan)
+    _check_id_type(plan)
     return plan
 
 
+def _id_kind(t: str) -> str:
+    """The logical kind of a canonical type's name: what must not change within one output
+    (widths may: manifest.types already made string/large_string and int32/int64 one type)."""
+    if t in ("large_string", "string"):
+        return "string"
+    if t in ("int64", "uint64"):
+        return "integer"
+    if t in ("double", "float"):
+        return "floating point"
+    return t
+
+
+def _check_id_type(plan: Plan) -> None:
+    """An output's ids keep their logical type: a manifest whose id column changed between string,
+    integer and floating point would have its old ids matched to new ones by a cast ("001" and 1
+    become one id) and write parts of a second schema that readers refuse. Refused (exit 2)."""
+    theirs = plan.out.id_type(plan.existing)
+    mine = str(plan.manifest.id_type)
+    if theirs is None or _id_kind(theirs) == _id_kind(mine):
+        return
+    column = plan.opts.manifest.id_column or plan.opts.manifest.path_column
+    raise RecipeMismatch(f"{plan.out.root}: its ids are {_id_kind(theirs)} ({theirs}), and the id column {column!r} of "
+                         f"{plan.opts.manifest.path} is {_id_kind(mine)} ({mine}); an output keeps one id type (old ids would be "
+                         "matched to new ones by a cast, and parts of a second schema written): keep the column's type, or "
+                         "write to a new output")
+
+
 def is_noop(plan: Plan) -> bool:
-    """The shard's marker names this manifest and these inputs, and _SUCCESS stands for the manifest
-    (other shards' inputs may differ: they may have run on other hosts, with their own copies)."""
+    """The shard's marker names this manifest and these inputs, _SUCCESS stands for the manifest
+    (other shards' inputs may differ: they may have run on other hosts, with their own copies),
+    and a listing of the shard's committed files agrees with the files the marker vouches for:
+    a part deleted, truncated or planted since is planned from, not trusted."""
     if plan.opts.retry_failed:
         return False
     mine = plan.out.marker(plan.shard) or {}
     done = plan.out.success() or {}
     keys = ("manifest", "whole_manifest", "inputs")
-    return all(mine.get(k) == plan.marker[k] for k in keys) and done.get("whole_manifest") == plan.marker["whole_manifest"]
+    if not (all(mine.get(k) == plan.marker[k] for k in keys) and done.get("whole_manifest") == plan.marker["whole_manifest"]):
+        return False
+    return mine.get("files") == plan.out.shard_files(plan.shard)
 
 
 def _id_series(ids: pa.Array, rows: pl.DataFrame) -> pl.Series:
     return pl.Series("id", ids).cast(rows.schema["id"])
 
 
-def committed(plan: Plan) -> tuple[pl.Series, pl.Series]:
-    """The ids of this output's committed parts and failure records (read once per run)."""
-    out, id_type = plan.out, plan.manifest.id_type
-    return (_id_series(out.read_ids(out.part_files(), id_type), plan.rows),
-            _id_series(out.read_ids(out.failure_files(), id_type), plan.rows))
+def committed(plan: Plan, *, repair: bool = True) -> tuple[pl.Series, pl.Series]:
+    """The ids of this output's committed parts and failure records (read once per run, every file
+    checked: output.committed). `repair`: move unreadable files aside (under the lock only)."""
+    found = read_committed(plan.out, plan.manifest.id_type, plan.existing.recipe if plan.existing else None, repair=repair)
+    return _id_series(found.done, plan.rows), _id_series(found.failed, plan.rows)
 
 
 def pending_rows(plan: Plan, done: pl.Series, failed: pl.Series) -> tuple[pl.DataFrame, int, int]:
@@ -273,6 +306,7 @@ class ShardRun:
             summary.interrupted = signal_name(self.stop)
             return self._finish(summary)
         if is_noop(plan):
+            out.clear_stale_lock(shard)
             summary.noop = summary.complete = True
             summary.skipped = len(plan.rows)
             return self._finish(summary)

@@ -68,7 +68,7 @@ def embed(work: Work, control: Control) -> Summary:
             summary.interrupted = signal_name(stop)
             return summary
         recipe = build_recipe(model, opts)
-        out.create_run(RunInfo(recipe, work.shard.count, work.sources))  # the first write
+        out.create_run(RunInfo(recipe, work.shard.count, work.sources, str(work.types["id"])))  # the first write
         out.forget_created()
         control.begin()
         metadata = {b"qwen2_audio_embeddings.sources": json.dumps(work.sources).encode()}

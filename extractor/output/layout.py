@@ -33,6 +33,7 @@ from typing import Mapping
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from ..manifest.types import canonical_type
 from ..options import Shard
 from ..recipe import Recipe
 from .locks import LOCK_STALE_S, LockUnusable
@@ -79,10 +80,13 @@ class RunInfo:
     recipe: Recipe
     num_shards: int
     sources: dict  # readable: which model and adapter (repo id and commit, or path); not compared
+    id_type: str | None = None  # the ids' canonical Arrow type (manifest.types); None in outputs made before it was kept
 
     def to_bytes(self) -> bytes:
         payload = {"layout_version": LAYOUT_VERSION, "num_shards": self.num_shards, "recipe": json.loads(self.recipe.to_json()),
                    "sources": self.sources, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+        if self.id_type is not None:
+            payload["id_type"] = self.id_type
         return json.dumps(payload, indent=2, sort_keys=True).encode()
 
     def differences(self, other: RunInfo) -> list[str]:
@@ -146,7 +150,8 @@ class OutputDir:
             num_shards = d["num_shards"]
             if not isinstance(num_shards, int) or isinstance(num_shards, bool) or num_shards < 1:
                 raise ValueError(f"num_shards is {num_shards!r}")
-            return RunInfo(Recipe.from_dict(d["recipe"]), num_shards, d.get("sources") or {})
+            id_type = d.get("id_type")
+            return RunInfo(Recipe.from_dict(d["recipe"]), num_shards, d.get("sources") or {}, id_type if isinstance(id_type, str) else None)
         except OutputError:
             raise
         except (OSError, ValueError, KeyError, TypeError) as e:
@@ -183,6 +188,38 @@ class OutputDir:
         except (pa.ArrowInvalid, pa.ArrowNotImplementedError) as e:
             raise OutputError(f"{self.root}: committed ids do not convert to the manifest's id type {id_type}: {e}") from e
 
+    def id_type(self, existing: RunInfo | None) -> str | None:
+        """The canonical type of this output's ids: as `_run.json` records it, else as the first
+        committed file's footer says (outputs made before it was recorded); None for a new output."""
+        if existing is not None and existing.id_type is not None:
+            return existing.id_type
+        for files in (self.part_files(), self.failure_files()):
+            for f in files:
+                try:
+                    schema = self.storage.read_parts([f], [])[0].schema
+                except Exception:  # a damaged file is the plan's to deal with
+                    schema = None
+                if schema is not None and "id" in schema.names:
+                    return str(canonical_type(schema.field("id").type))
+        return None
+
+    def shard_files(self, shard: Shard) -> dict[str, int]:
+        """{`folder/name`: bytes} of the shard's committed parts and failure records: one listing of
+        each folder, what its marker vouches for (no file is read)."""
+        found = {}
+        for folder in (EMBEDDINGS_DIR, FAILURES_DIR):
+            found.update(self.storage.sizes(f"{folder}/part-{shard.tag}-*.parquet"))
+        return dict(sorted(found.items()))
+
+    def move_aside(self, name: str, folder: str) -> str:
+        """Move the committed file `name` (relative) under `folder`/ keeping its path, to a name not
+        taken; returns where it went. Nothing damaged is deleted: an operator may want it."""
+        to, n = f"{folder}/{name}", 1
+        while self.storage.exists(to):
+            to, n = f"{folder}/{name}.{n}", n + 1
+        self.storage.move_aside(name, to)
+        return str(self.storage.location(to))
+
     def next_seq(self, shard: Shard) -> int:
         seqs = [int(m.group(2)) for p in self.part_files() + self.failure_files()
                 if (m := PART_RE.match(basename(p))) and m.group(1) == shard.tag]
@@ -211,6 +248,8 @@ class OutputDir:
         # A run killed while writing these left a temporary that a rerun with nothing to embed
         # (it never calls prepare_writes) would otherwise leave for good (tests/test_reliability.py).
         self._discard_small_temporaries(shard)
+        # The marker vouches for these files: a rerun trusts it only while a listing agrees.
+        marker = {**marker, "files": self.shard_files(shard)}
         if self.marker(shard) != marker:  # a rerun that changed nothing writes nothing
             lock.check()
             self.storage.makedirs(SHARDS_DIR)
@@ -249,6 +288,11 @@ class OutputDir:
                         raise LockUnusable(f"cannot create {d}: {e.strerror} (is the output read-only?)") from e
                     self._created.append(d)
         return self.storage.lock(f"{SHARDS_DIR}/{shard.tag}.lock", stale_after_s=self.lock_stale_s)
+
+    def clear_stale_lock(self, shard: Shard) -> None:
+        """Remove the shard's lock if no live run holds it (a run with nothing to do, after one was
+        killed between its markers and its release); never waits, never creates it."""
+        self.storage.lock(f"{SHARDS_DIR}/{shard.tag}.lock", stale_after_s=self.lock_stale_s).clear_stale()
 
     def prepare_writes(self, shard: Shard) -> None:
         """Under the lock, before the first commit: the folders, and no leftovers of a killed run."""

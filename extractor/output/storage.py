@@ -32,6 +32,7 @@ import logging
 import os
 import posixpath
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO, Callable, Iterable, Mapping
 
@@ -61,6 +62,31 @@ class PartExists(LockLost):
 
 
 Location = Path | str  # a listed file: a Path in a directory, a URL in an object store
+
+
+@dataclass(frozen=True)
+class PartRead:
+    """A committed file as read: its schema (with its metadata) and the wanted columns, or why not."""
+
+    file: Location
+    schema: pa.Schema | None = None
+    table: pa.Table | None = None
+    error: str | None = None  # why it is not whole Parquet
+    gone: bool = False
+
+
+def _read_part(file: Location, open_file: Callable[[], BinaryIO], columns: list[str]) -> PartRead:
+    """The footer's schema and `columns`; a file that is not whole Parquet gives its error instead."""
+    try:
+        with open_file() as f:
+            pf = pq.ParquetFile(f)
+            schema = pf.schema_arrow
+            present = [c for c in columns if c in schema.names]
+            return PartRead(file, schema, pf.read(columns=present))
+    except FileNotFoundError:
+        return PartRead(file, gone=True)  # removed since the listing: its rows are simply not done
+    except (pa.ArrowException, OSError, ValueError) as e:
+        return PartRead(file, error=f"{type(e).__name__}: {e}")
 
 
 def basename(location: Location) -> str:
@@ -206,6 +232,18 @@ class LocalStorage:
     def read_tables(self, files: list[Location], columns: list[str]) -> list[pa.Table]:
         return [pq.read_table(f, columns=columns) for f in files]
 
+    def sizes(self, pattern: str) -> dict[str, int]:
+        """{name relative to the root: bytes} of the files matching `pattern`: one listing."""
+        return {p.relative_to(self.root).as_posix(): p.stat().st_size for p in self.glob(pattern) if p.is_file()}
+
+    def read_parts(self, files: list[Location], columns: list[str]) -> list[PartRead]:
+        return [_read_part(f, lambda f=f: open(f, "rb"), columns) for f in files]
+
+    def move_aside(self, name: str, to: str) -> None:
+        """Move `name` to `to` (both relative), keeping it whole: a damaged file is never deleted."""
+        (self.root / to).parent.mkdir(parents=True, exist_ok=True)
+        os.rename(self.root / name, self.root / to)
+
     def num_rows(self, file: Location) -> int:
         return pq.read_metadata(file).num_rows
 
@@ -308,6 +346,20 @@ class ObjectStorage:
     def num_rows(self, file: Location) -> int:
         with self.fs.open(os.fspath(file), "rb", cache_type="none") as f:
             return pq.read_metadata(f).num_rows
+
+    def sizes(self, pattern: str) -> dict[str, int]:
+        folder, _, _ = pattern.rpartition("/")
+        self.fs.invalidate_cache(self._key(folder) if folder else self.path)
+        found = self.fs.glob(self._key(pattern), detail=True)
+        return {k[len(self.path) + 1 :]: int(info.get("size") or 0) for k, info in found.items() if info.get("type") != "directory"}
+
+    def read_parts(self, files: list[Location], columns: list[str]) -> list[PartRead]:
+        with ThreadPoolExecutor(READ_THREADS) as pool:
+            return list(pool.map(lambda f: _read_part(f, lambda: self.fs.open(os.fspath(f), "rb", cache_type="none"), columns), files))
+
+    def move_aside(self, name: str, to: str) -> None:
+        self.fs.copy(self._key(name), self._key(to))
+        self.fs.rm_file(self._key(name))
 
     def makedirs(self, *names: str) -> None:
         """Object stores have no directories."""

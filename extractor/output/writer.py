@@ -104,6 +104,8 @@ class PartWriter:
 
     def check(self) -> None:
         if self.error is not None:
+            if hasattr(self.error, "exit_code"):  # a known outcome (the lock lost, a part's name taken): its own exit code
+                raise self.error
             raise RuntimeError(f"writing the output failed: {self.error}") from self.error
 
     # -- the writer thread ------------------------------------------------------------------
