@@ -24,7 +24,7 @@ from ..ledger import Failure
 from ..manifest.read import Manifest
 from ..options import Shard
 from ..recipe import METADATA_KEY, Recipe
-from .layout import OutputDir, part_name
+from .layout import OutputDir, failure_table, part_name
 
 logger = logging.getLogger(__name__)
 
@@ -59,8 +59,11 @@ class PartWriter:
 
     def __init__(self, out: OutputDir, lock, shard: Shard, manifest: Manifest, pending, recipe: Recipe, *,
                  first_seq: int, seq_step: int = 1, keep_columns: tuple[str, ...] = (), part_rows: int, part_bytes: int,
-                 commit_seconds: float, metadata: dict[bytes, bytes] | None = None):
+                 commit_seconds: float, metadata: dict[bytes, bytes] | None = None, path_column: bool | None = None):
+        """`path_column`: whether parts carry the manifest's `path`, as the output's `_run.json`
+        says (`OutputDir.create_run(...).path_column`); None reads it from there."""
         self.out, self.lock, self.shard, self.manifest, self.pending, self.recipe = out, lock, shard, manifest, pending, recipe
+        self.path_column = out.read_run().path_column if path_column is None else path_column
         self.part_rows, self.part_bytes, self.commit_seconds = part_rows, part_bytes, commit_seconds
         self.seq, self.seq_step = first_seq, seq_step
         self.d_model, self.pooling = recipe.d_model, recipe.pooling
@@ -184,6 +187,7 @@ class PartWriter:
         emb = np.concatenate([r.embeddings for r in self._rows]).astype(self.np_dtype, copy=False)
         cols = {
             "id": self.manifest.to_arrow("id", base["id"]),
+            **({"path": self.manifest.to_arrow("path", base["path"])} if self.path_column else {}),
             "embedding": pa.FixedSizeListArray.from_arrays(pa.array(emb.reshape(-1), type=self.pa_dtype), self.d_model),
             "duration_s": pa.array(np.concatenate([r.durations for r in self._rows]), type=pa.float64()),
         }
@@ -201,11 +205,4 @@ class PartWriter:
 
     def _failures_table(self) -> pa.Table:
         items = np.concatenate([f[0] for f in self._failures])
-        base = self.pending[items]
-        failures = [e for f in self._failures for e in f[1]]
-        return pa.table({
-            "id": self.manifest.to_arrow("id", base["id"]),
-            "path": self.manifest.to_arrow("path", base["path"]),
-            "error": pa.array([str(f) for f in failures], type=pa.large_string()),
-            "error_kind": pa.array([f.kind for f in failures], type=pa.large_string()),
-        }).replace_schema_metadata(self._meta)
+        return failure_table(self.manifest, self.pending[items], [e for f in self._failures for e in f[1]], self._meta)
