@@ -158,9 +158,9 @@ class OutputDir:
         for name in (EMBEDDINGS_DIR, FAILURES_DIR, SHARDS_DIR, TMP_DIR):
             if st.is_file(name):
                 raise OutputError(f"{st.location(name)} is a file where the output keeps a directory: move it away")
-        version = self.layout_version()
-        if version is not None and version != LAYOUT_VERSION:
-            raise OutputError(self.layout_refusal(version))
+        if self._parts_at_top():
+            raise OutputError(self.layout_refusal(1))
+        info = self.read_run()  # refuses another layout, naming the migration
         strays = [basename(p) for p in st.glob("*.parquet")] + [f"{V2_FAILURES_DIR}/{basename(p)}" for p in st.glob(f"{V2_FAILURES_DIR}/*.parquet")]
         if strays:
             raise OutputError(f"{st.location(strays[0])} is not a file of this job: readers of {self.root} would take it for "
@@ -169,7 +169,6 @@ class OutputDir:
             foreign = [p for p in st.glob(f"{folder}/*") if not PART_RE.match(basename(p))]
             if foreign:
                 raise OutputError(f"{foreign[0]} is not a part of this job: readers of {folder}/ would read it; move it away")
-        info = self.read_run()
         if info is None and (self.part_files() or self.failure_files()):
             raise OutputError(f"{self.root} holds parts but no {RUN_FILE}: not an output of this job, refusing to mix")
         return info
@@ -180,10 +179,13 @@ class OutputDir:
 
         Not from the folders: version 1 had `_failures/` too, and a migration interrupted halfway
         has both kinds; `_run.json` is rewritten last, so it says what the output still is."""
-        if any(PART_RE.match(basename(p)) for p in self.storage.glob("part-*.parquet")):
+        if self._parts_at_top():
             return 1
         d = self._read_run_json()
         return None if d is None else self._version_of(d)
+
+    def _parts_at_top(self) -> bool:
+        return any(PART_RE.match(basename(p)) for p in self.storage.glob("part-*.parquet"))
 
     def _version_of(self, run: dict) -> int:
         if "num_shards" not in run:
@@ -202,7 +204,7 @@ class OutputDir:
         was = {1: f"version 0.1's (parts and {FAILURES_DIR}/ at the top)",
                2: f"version 0.2's ({V2_FAILURES_DIR}/ beside {EMBEDDINGS_DIR}/, which readers of the top folder took for embeddings)"}[version]
         return (f"{self.root} is in {was} layout: parts now live under {EMBEDDINGS_DIR}/ and failure records under "
-                f"{FAILURES_DIR}/. Move it (renames only) with: {MIGRATE} {self.root}")
+                f"{FAILURES_DIR}/. Move it with: {MIGRATE} {self.root}")
 
     def _read_run_json(self) -> dict | None:
         if not self.storage.exists(RUN_FILE):
