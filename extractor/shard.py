@@ -45,7 +45,7 @@ from .model.hub import resolve_adapter, resolve_model
 from .model.identity import Identity
 from .options import DTYPES, OUTPUT_DTYPES, JobOptions, Shard
 from .output.committed import read_committed
-from .output.layout import OutputDir, RecipeMismatch, RunInfo, layout_differences
+from .output.layout import OutputDir, RecipeMismatch, RunInfo, changed_paths, layout_differences
 from .output.locks import process_start
 from .pooling import POOLINGS
 from .progress import Progress
@@ -204,11 +204,12 @@ def _id_series(ids: pa.Array, rows: pl.DataFrame) -> pl.Series:
     return pl.Series("id", ids).cast(rows.schema["id"])
 
 
-def committed(plan: Plan, *, repair: bool = True) -> tuple[pl.Series, pl.Series]:
-    """The ids of this output's committed parts and failure records (read once per run, every file
-    checked: output.committed). `repair`: move unreadable files aside (under the lock only)."""
+def committed(plan: Plan, *, repair: bool = True) -> tuple[pl.Series, pl.Series, pl.DataFrame]:
+    """The ids of this output's committed parts and failure records, and their recorded paths
+    (read once per run, every file checked: output.committed). `repair`: move unreadable files
+    aside (under the lock only)."""
     found = read_committed(plan.out, plan.manifest.id_type, plan.existing.recipe if plan.existing else None, repair=repair)
-    return _id_series(found.done, plan.rows), _id_series(found.failed, plan.rows)
+    return _id_series(found.done, plan.rows), _id_series(found.failed, plan.rows), found.paths
 
 
 def pending_rows(plan: Plan, done: pl.Series, failed: pl.Series) -> tuple[pl.DataFrame, int, int]:
@@ -219,6 +220,17 @@ def pending_rows(plan: Plan, done: pl.Series, failed: pl.Series) -> tuple[pl.Dat
     n_failed = rows.filter(is_failed & ~is_done).height
     keep = ~is_done if plan.opts.retry_failed else ~(is_done | is_failed)
     return rows.filter(keep), n_done, n_failed
+
+
+def _warn_changed_paths(plan: Plan, committed_paths: pl.DataFrame) -> None:
+    """Committed rows whose manifest path changed since they were embedded keep their embedding:
+    say how many, with a few of them, so that an operator can rerun those into a new output."""
+    changes = changed_paths(committed_paths, plan.rows.select("id", "path"))
+    if changes.count:
+        shown = "; ".join(f"{i!r}: {old} → {new}" for i, old, new in changes.examples)
+        logger.warning("%d committed row(s) of this shard now have another path in the manifest (e.g. %s): their embeddings "
+                       "are of the old audio and are kept; remove those rows' parts, or write to a new output, to embed the "
+                       "new audio", changes.count, shown, extra={"event": "changed_paths", "count": changes.count})
 
 
 def verify_identity(plan: Plan) -> None:
@@ -314,8 +326,9 @@ class ShardRun:
         try:
             with out.lock(shard) as lock:
                 self.seams.event("locked", shard=shard.index)
-                done, failed = committed(plan)
+                done, failed, paths = committed(plan)
                 pending, n_done, n_failed = pending_rows(plan, done, failed)
+                _warn_changed_paths(plan, paths)
                 self.seams.event("planned", shard=shard.index, pending=len(pending))
                 summary.skipped = n_done + (0 if plan.opts.retry_failed else n_failed)
                 self._failed_before = n_failed
@@ -332,6 +345,7 @@ class ShardRun:
                 else:
                     verify_identity(plan)
                 if summary.interrupted is None:
+                    out.ensure_failures_readable(shard, lock, plan.manifest.arrow_types)
                     summary.complete = out.write_markers(shard, plan.marker, lock)
                     out.forget_created()
                     self.seams.event("marked", shard=shard.index)

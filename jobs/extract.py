@@ -103,7 +103,7 @@ def extract(**kw) -> None:
     """Embed every audio of a manifest with Qwen2-Audio's audio tower (+ LoRA) into Parquet parts.
 
     Resumable: rerun the same command after any interruption; every row ends up exactly once in
-    OUTPUT/embeddings/ or OUTPUT/failures/. Every flag can also be set as an environment variable,
+    OUTPUT/embeddings/ or OUTPUT/_failures/. Every flag can also be set as an environment variable,
     EXTRACT_EMBEDDINGS_<FLAG> (e.g. EXTRACT_EMBEDDINGS_PART_ROWS=5000).
 
     Exit codes: 0 done, 1 unexpected (retry), 2 configuration error (never retry), 3 failure
@@ -174,7 +174,7 @@ def _extract(stop: StopSignal, kw: dict) -> None:
                            summary.interrupted, summary.embedded, summary.failed, extra={"event": "interrupted"})
         elif summary.failure_rate > opts.max_failure_rate:
             code = EXIT_FAILURE_RATE
-            logger.error("this run's failure rate %.2f%% (%d of %d rows) is over --max-failure-rate %.2f%%: see %s/failures/",
+            logger.error("this run's failure rate %.2f%% (%d of %d rows) is over --max-failure-rate %.2f%%: see %s/_failures/",
                          100 * summary.failure_rate, summary.failed, summary.attempted, 100 * opts.max_failure_rate, summary.output)
     if kw["summary_json"]:
         payload = dict(summary.to_json() if summary is not None else {"output": opts.output})

@@ -26,9 +26,10 @@ EXIT_OK, EXIT_UNEXPECTED, EXIT_USAGE = 0, 1, 2
 @click.option("--sample", type=click.IntRange(min=2), default=2000, show_default=True, help="Embeddings drawn at random for the PCA.")
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON instead of text.")
 def inspect_embeddings(directory: str, plot_path: str | None, color_by: str | None, sample: int, as_json: bool) -> None:
-    """Summarize an output directory of extract-embeddings: the recipe, rows, failures by type,
-    durations, embedding norms and any NaN/Inf or all-zero vectors. Reads only the small columns
-    (never `frames`), so it is quick on frame-level outputs too."""
+    """Summarize an output directory of extract-embeddings: the recipe, rows, failures by kind
+    (their error_kind), durations, embedding norms and any NaN/Inf or all-zero vectors. Reads only
+    the small columns (never `frames`), so it is quick on frame-level outputs too. An output of an
+    older layout is refused (exit 2) with the command that moves it."""
     logging.basicConfig(level="WARNING", stream=sys.stderr, format="%(levelname)s %(name)s: %(message)s")
     if color_by and not plot_path:
         raise click.UsageError("--color-by colours the plot: give --plot FILE.png too")

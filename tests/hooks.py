@@ -166,6 +166,7 @@ def _install_read_counters() -> None:
     import extractor.manifest.read as manifest_read
     import extractor.shard as shard
     from extractor.output.layout import OutputDir
+    from extractor.output.storage import LocalStorage, ObjectStorage
 
     def counted(what, fn):
         def wrapper(*args, **kwargs):
@@ -176,6 +177,9 @@ def _install_read_counters() -> None:
     manifest_read.read_manifest = shard.read_manifest = counted("manifest", manifest_read.read_manifest)
     shard.committed = counted("committed", shard.committed)
     OutputDir.read_ids = counted("ids", OutputDir.read_ids)
+    for storage in (LocalStorage, ObjectStorage):  # every read of committed files' ids goes through one of these
+        storage.read_parts = counted("ids", storage.read_parts)
+        storage.read_tables = counted("ids", storage.read_tables)
 
 
 def count_reads(point: str, **info) -> None:

@@ -1,5 +1,5 @@
 """Helpers for tests that run the job: corpora, manifests, the CLI in-process or as a process, and
-reading what it wrote (OUT/embeddings/, OUT/failures/)."""
+reading what it wrote (OUT/embeddings/, OUT/_failures/)."""
 
 from __future__ import annotations
 
@@ -56,7 +56,7 @@ def parts(out: Path) -> list[Path]:
 
 
 def failure_parts(out: Path) -> list[Path]:
-    return sorted((Path(out) / "failures").glob("part-*.parquet"))
+    return sorted((Path(out) / "_failures").glob("part-*.parquet"))
 
 
 def read_output(out: Path) -> pl.DataFrame:

@@ -2,7 +2,7 @@
 
 Kills, signals, decoder crashes, resource limits and stale locks are only honest across a process
 boundary, so every test here runs the real CLI in its own process and judges the output the way
-readers and the next night's run see it (OUT/embeddings/, OUT/failures/, OUT/_shards/).
+readers and the next night's run see it (OUT/embeddings/, OUT/_failures/, OUT/_shards/).
 
 Most runs start from a *zygote*: one Python process that has imported torch (2-3 s of a tiny
 job's start on 2 shared cores) and forks a child per run; the child calls `jobs.extract.main()`
@@ -345,7 +345,7 @@ def read_committed(out: Path) -> tuple[dict[str, tuple[bytes, float]], dict[str,
     """What a reader sees, checked the way readers read it.
 
     ({id: (embedding float32 bytes, duration_s)}, {id: (path, error)}). Every committed file must
-    read whole; pyarrow.dataset and a polars glob must read embeddings/ and failures/; no id may
+    read whole; pyarrow.dataset and a polars glob must read embeddings/ and _failures/; no id may
     appear twice or in both places.
     """
     rows: dict[str, tuple[bytes, float]] = {}
@@ -372,8 +372,8 @@ def read_committed(out: Path) -> tuple[dict[str, tuple[bytes, float]], dict[str,
         assert ds.dataset(out / "embeddings", format="parquet").to_table().num_rows == n_rows
         assert pl.scan_parquet(f"{out}/embeddings/*.parquet").collect().height == n_rows
     if failures:
-        assert ds.dataset(out / "failures", format="parquet").to_table().num_rows == len(failures)
-        assert pl.scan_parquet(f"{out}/failures/*.parquet").collect().height == len(failures)
+        assert ds.dataset(out / "_failures", format="parquet").to_table().num_rows == len(failures)
+        assert pl.scan_parquet(f"{out}/_failures/*.parquet").collect().height == len(failures)
     return rows, failures
 
 
@@ -1075,7 +1075,7 @@ def _fsize_limit(ref: Reference, corpus: Corpus) -> int:
     """A file-size limit every part of the reference fits under except those holding a ~3.4 kB path."""
     long_parts = set()
     for name in ref.file_sizes:
-        if name.startswith("failures/"):
+        if name.startswith("_failures/"):
             ids = set(pq.read_table(ref.out / name, columns=["id"])["id"].to_pylist())
             if ids & set(corpus.long_path_ids):
                 long_parts.add(name)

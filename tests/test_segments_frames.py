@@ -99,7 +99,7 @@ def rows_by_id(output: Path, columns=None) -> dict[str, dict]:
 
 
 def failures_by_id(output: Path) -> dict[str, str]:
-    files = sorted((output / "failures").glob("part-*.parquet"))
+    files = sorted((output / "_failures").glob("part-*.parquet"))
     if not files:
         return {}
     table = pa.concat_tables(pq.read_table(f) for f in files)

@@ -68,13 +68,14 @@ def embed(work: Work, control: Control) -> Summary:
             summary.interrupted = signal_name(stop)
             return summary
         recipe = build_recipe(model, opts)
-        out.create_run(RunInfo(recipe, work.shard.count, work.sources, str(work.types["id"])))  # the first write
+        run_info = out.create_run(RunInfo(recipe, work.shard.count, work.sources, id_type=str(work.types["id"])))  # the first write
         out.forget_created()
         control.begin()
         metadata = {b"qwen2_audio_embeddings.sources": json.dumps(work.sources).encode()}
         with PartWriter(out, control.lock, work.shard, rows, work.types, recipe, first_seq=work.first_seq, seq_step=work.seq_step,
                         keep_columns=opts.manifest.keep_columns, part_rows=opts.part_rows, part_bytes=opts.part_bytes,
-                        commit_seconds=opts.commit_seconds, metadata=metadata, on_event=control.seams.on_event) as writer:
+                        commit_seconds=opts.commit_seconds, metadata=metadata, path_column=run_info.path_column,
+                        on_event=control.seams.on_event) as writer:
             pipe.run(model, POOLINGS[opts.pooling], writer, control.progress, summary.stats, work.t0, control.seams)
         summary.embedded, summary.failed, summary.audio_seconds = writer.embedded, writer.failed, writer.audio_s
     if stop.is_set():

@@ -34,16 +34,22 @@ QUARANTINE_DIR = "_quarantine"
 class Committed:
     done: pa.Array  # ids of every committed part
     failed: pa.Array  # ids of every failure record
+    paths: pl.DataFrame  # (id, path) as recorded, where files record it (failure records; parts of outputs with a path column)
     moved: list[str]  # files moved aside, as `folder/name`
 
 
 def read_committed(out: OutputDir, id_type: pa.DataType, recipe: Recipe | None, *, repair: bool = True) -> Committed:
-    """The ids of the output's committed parts and failure records, every file checked."""
+    """The ids (and recorded paths) of the output's committed parts and failure records, every
+    file checked, each read once."""
     moved: list[str] = []
-    done = _ids(out, out.storage.read_parts(out.part_files(), ["id"]), id_type, recipe, ("id", "embedding"), repair, moved)
-    failed = _ids(out, out.storage.read_parts(out.failure_files(), ["id"]), id_type, recipe, ("id", "path", "error"), repair, moved)
+    done = _ids(out, out.storage.read_parts(out.part_files(), ["id", "path"]), id_type, recipe, ("id", "embedding"), repair, moved)
+    failed = _ids(out, out.storage.read_parts(out.failure_files(), ["id", "path"]), id_type, recipe, ("id", "path", "error"), repair, moved)
     _refuse_duplicates(out, done + failed)
-    return Committed(_concat(done, id_type), _concat(failed, id_type), moved)
+    paths = [pl.DataFrame({"id": pl.Series(ids), "path": pl.Series(read.table.column("path")).cast(pl.String)})
+             for read, ids in done + failed if "path" in read.table.column_names and len(ids)]
+    paths = pl.concat(paths) if paths else pl.DataFrame({"id": pl.Series([], dtype=pl.from_arrow(pa.array([], id_type)).dtype),
+                                                          "path": pl.Series([], dtype=pl.String)})
+    return Committed(_concat(done, id_type), _concat(failed, id_type), paths, moved)
 
 
 def _concat(reads: list[tuple[PartRead, pa.Array]], id_type: pa.DataType) -> pa.Array:

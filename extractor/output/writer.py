@@ -24,7 +24,7 @@ from ..manifest.types import to_canonical
 from ..options import Shard
 from ..pending import Pending
 from ..recipe import METADATA_KEY, Recipe
-from .layout import OutputDir, part_name
+from .layout import OutputDir, failure_table, part_name
 
 logger = logging.getLogger(__name__)
 
@@ -60,9 +60,12 @@ class PartWriter:
 
     def __init__(self, out: OutputDir, lock, shard: Shard, rows: Pending, types: dict[str, pa.DataType], recipe: Recipe, *,
                  first_seq: int, seq_step: int = 1, keep_columns: tuple[str, ...] = (), part_rows: int, part_bytes: int,
-                 commit_seconds: float, metadata: dict[bytes, bytes] | None = None,
+                 commit_seconds: float, metadata: dict[bytes, bytes] | None = None, path_column: bool = True,
                  on_event: Callable[..., None] | None = None):
+        """`path_column`: whether parts carry the manifest's `path`, as the output's `_run.json`
+        says (`OutputDir.create_run(...).path_column`)."""
         self.out, self.lock, self.shard, self.rows, self.types, self.recipe = out, lock, shard, rows, types, recipe
+        self.path_column = path_column
         self.part_rows, self.part_bytes, self.commit_seconds = part_rows, part_bytes, commit_seconds
         self.seq, self.seq_step = first_seq, seq_step
         self.d_model = recipe.d_model
@@ -192,6 +195,7 @@ class PartWriter:
         base = self.rows.gather(items)
         cols = {
             "id": self._column("id", base["id"]),
+            **({"path": self._column("path", base["path"])} if self.path_column else {}),
             "embedding": self._vectors(np.concatenate([r.embeddings for r in self._rows])),
             "duration_s": pa.array(np.concatenate([r.durations for r in self._rows]), type=pa.float64()),
         }
@@ -208,12 +212,5 @@ class PartWriter:
         return pa.table(cols).replace_schema_metadata(self._meta)
 
     def _failures_table(self) -> pa.Table:
-        items = np.concatenate([f.items for f in self._failures])
-        base = self.rows.gather(items)
-        failures = [e for f in self._failures for e in f.failures]
-        return pa.table({
-            "id": self._column("id", base["id"]),
-            "path": self._column("path", base["path"]),
-            "error": pa.array([str(f) for f in failures], type=pa.large_string()),
-            "error_kind": pa.array([f.kind for f in failures], type=pa.large_string()),
-        }).replace_schema_metadata(self._meta)
+        base = self.rows.gather(np.concatenate([f.items for f in self._failures]))
+        return failure_table(self.types, base["id"], base["path"], [e for f in self._failures for e in f.failures], self._meta)

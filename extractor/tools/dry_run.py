@@ -73,7 +73,8 @@ def dry_run(opts: JobOptions, engine: str = "local", devices: str | None = None,
         report.update(would_run=False, nothing_to_do=True, pending_rows=0, exit_code=EXIT_OK)
         print(json.dumps(report, indent=2), file=stream)
         return EXIT_OK
-    pending, n_done, n_failed = pending_rows(plan, *committed(plan, repair=False))  # no lock: nothing is moved
+    done, failed, _ = committed(plan, repair=False)  # no lock: nothing is moved
+    pending, n_done, n_failed = pending_rows(plan, done, failed)
     hours, estimated = _audio_hours(pending)
     holder = _lock_held(plan)
     report.update(

@@ -1,8 +1,9 @@
 """A look at an output directory after a run: what was computed, what failed, what came out.
 
-`summarize(dir)` reads the recipe, the committed parts and the failure records and returns plain
-numbers; `render(summary)` turns them into the few lines an operator reads after a nightly run;
-`plot(dir, png)` draws durations, failures by type and a 2-D PCA of a sample of the embeddings.
+`summarize(dir)` reads the recipe, the committed parts and the failure records (grouped by their
+`error_kind`) and returns plain numbers; `render(summary)` turns them into the few lines an
+operator reads after a nightly run; `plot(dir, png)` draws durations, failures by kind and a 2-D
+PCA of a sample of the embeddings.
 
 Only the columns a figure needs are read, one record batch at a time, so a frame-level output
 (`frames` is ~750x the size of `embedding`) costs no more to inspect than a pooled one, and
@@ -22,8 +23,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from ..output.layout import FAILURES_DIR, RUN_FILE, SHARDS_DIR, SUCCESS_FILE, OutputDir
-from ..output.storage import TMP_DIR
+from ..output.layout import FAILURES_DIR, LAYOUT_VERSION, RUN_FILE, SHARDS_DIR, SUCCESS_FILE, OutputDir
+from ..output.storage import TMP_DIR, OutputError
 from ..recipe import METADATA_KEY, Recipe
 
 logger = logging.getLogger(__name__)
@@ -57,6 +58,12 @@ def _layout(directory: str | Path) -> _Layout:
     if not root.is_dir():
         raise InspectError(f"{root} is not a directory")
     out = OutputDir(root)
+    try:
+        version = out.layout_version()
+    except OutputError as e:
+        raise InspectError(str(e)) from e
+    if version not in (None, LAYOUT_VERSION):
+        raise InspectError(out.layout_refusal(version))
     parts, failures = out.part_files(), out.failure_files()
     if not (root / RUN_FILE).exists() and not parts and not failures:
         what = "is empty" if not any(root.iterdir()) else f"holds no {RUN_FILE}, embeddings/part-*.parquet or {FAILURES_DIR}/"
@@ -146,7 +153,8 @@ def _quantiles(values: np.ndarray) -> dict:
 
 
 def error_type(error: str | None) -> str:
-    """"DecodeError: cannot decode ..." -> "DecodeError"; the pipeline writes every failure so."""
+    """"DecodeError: cannot decode ..." -> "DecodeError": the kind of a failure record written
+    before records had an `error_kind` column (every `error` is written "Kind: message")."""
     if not error:
         return "(no message)"
     kind, sep, _ = error.partition(":")
@@ -247,9 +255,12 @@ def _summarize_failures(failures: list[Path]) -> dict:
     counts: Counter = Counter()
     examples: dict[str, tuple] = {}
     for f in failures:
-        for batch in _batches(f, ["id", "error"]):
-            for rid, err in zip(batch.column("id").to_pylist(), batch.column("error").to_pylist()):
-                kind = error_type(err)
+        has_kind = "error_kind" in _read_schema(f).names
+        for batch in _batches(f, ["id", "error"] + (["error_kind"] if has_kind else [])):
+            errors = batch.column("error").to_pylist()
+            kinds = batch.column("error_kind").to_pylist() if has_kind else [error_type(e) for e in errors]
+            for rid, err, kind in zip(batch.column("id").to_pylist(), errors, kinds):
+                kind = kind or "(no kind)"
                 counts[kind] += 1
                 examples.setdefault(kind, (rid, err))
     return {

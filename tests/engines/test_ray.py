@@ -141,7 +141,7 @@ def read_output(fs, prefix: str) -> SimpleNamespace:
     def table(folder: str) -> pl.DataFrame:
         return pl.from_arrow(ds.dataset(f"{BUCKET}/{prefix}/{folder}", filesystem=fs, format="parquet").to_table()).sort("id")
 
-    return SimpleNamespace(rows=table("embeddings"), failures=table("failures"))
+    return SimpleNamespace(rows=table("embeddings"), failures=table("_failures"))
 
 
 def keys(fs, prefix: str) -> dict[str, str]:
@@ -171,7 +171,7 @@ def records(hook_dir: Path, kind: str) -> list[tuple[int, int, int, str]]:
 
 def part_numbers(fs, prefix: str) -> set[tuple[int, int]]:
     """(shard, seq) of every committed part and failure file: part-SSSSS-NNNNNN.parquet."""
-    names = [k.rsplit("/", 1)[-1] for k in keys(fs, prefix) if k.startswith(("embeddings/part-", "failures/part-"))]
+    names = [k.rsplit("/", 1)[-1] for k in keys(fs, prefix) if k.startswith(("embeddings/part-", "_failures/part-"))]
     return {(int(n.split("-")[1]), int(n.split("-")[2].split(".")[0])) for n in names}
 
 

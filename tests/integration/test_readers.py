@@ -1,10 +1,14 @@
-"""Every reader call the README gives returns exactly the embedded rows (issue 12).
+"""Every reader call the README gives returns exactly the embedded rows, or a clear error.
 
-The job runs once (a module fixture): seven clips, one of them not audio, with kept columns. Each
-reader's usual call on OUT/embeddings (and OUT/failures) must give the ids of the committed parts
-and the vectors as pyarrow reads them from the part files, bit for bit. Then the same for an
+The job runs twice (module fixtures): seven clips, one of them not audio, with kept columns; and
+a clean run of three clips. Each reader's usual call on OUT/embeddings (and OUT/_failures) must
+give the ids of the committed parts and the vectors as pyarrow reads them from the part files,
+bit for bit; on OUT itself, the embeddings alone or an error, never failure records posing as
+rows with a null embedding; on a clean run's OUT/_failures, zero rows. Then the same for an
 output of two nights: a first night's parts written before ids had one canonical type (`string`,
 as pyarrow manifests gave them) and a second night's from a polars manifest (`large_string`).
+
+What each reader gives on each folder is pinned here and tabled in the README's Output section.
 """
 
 from __future__ import annotations
@@ -25,6 +29,10 @@ import pyarrow.parquet as pq
 import pytest
 
 from builders import speechlike, write_audio
+
+from extractor.manifest.read import read_manifest
+from extractor.options import ManifestSpec, Shard
+from extractor.output.layout import FAILURES_DIR, OutputDir
 
 duckdb = pytest.importorskip("duckdb")
 datasets = pytest.importorskip("datasets")
@@ -64,13 +72,23 @@ def night1(tiny_model, tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
+def clean(night1, tiny_model):
+    """A run in which every row is embedded: no failure record to write."""
+    tmp = night1["tmp"]
+    pq.write_table(pa.Table.from_pylist(night1["rows"][:3]), tmp / "clean.parquet")
+    out = tmp / "clean"
+    run_job(tmp / "clean.parquet", out, tiny_model, tmp)
+    return {"out": out, "manifest": tmp / "clean.parquet"}
+
+
+@pytest.fixture(scope="module")
 def two_nights(night1, tiny_model):
     """night1's output with its parts as an older version wrote them (ids `string`), then a second
     night from a polars manifest (`large_string`, int64) with two new rows."""
     tmp = night1["tmp"]
     out = tmp / "two_nights"
     shutil.copytree(night1["out"], out)
-    for part in sorted(out.glob("embeddings/*.parquet")) + sorted(out.glob("failures/*.parquet")):
+    for part in sorted(out.glob("embeddings/*.parquet")) + sorted(out.glob("_failures/*.parquet")):
         table = pq.read_table(part)
         old = pa.schema([f.with_type(pa.string()) if f.name == "id" else f for f in table.schema], metadata=table.schema.metadata)
         pq.write_table(table.cast(old), part)
@@ -141,10 +159,86 @@ def test_every_reader_reads_the_embeddings(night1, reader):
 
 @pytest.mark.parametrize("reader", READERS)
 def test_every_reader_reads_the_failures(night1, reader):
-    folder = night1["out"] / "failures"
+    folder = night1["out"] / FAILURES_DIR
     want = expected(folder)
     assert want.column("id").to_pylist() == [FAILING] and want.column_names == ["id", "path", "error", "error_kind"]
     assert_same_rows(READERS[reader](folder), want, reader)
+
+
+def test_parts_and_failure_records_carry_the_manifests_path(night1):
+    paths = {r["id"]: r["path"] for r in night1["rows"]}
+    for folder in ("embeddings", FAILURES_DIR):
+        table = expected(night1["out"] / folder)
+        assert table.column_names[:2] == ["id", "path"], folder
+        assert dict(zip(table.column("id").to_pylist(), table.column("path").to_pylist())) == {i: paths[i] for i in table.column("id").to_pylist()}
+
+
+def test_failures_are_grouped_by_error_kind_with_polars_and_duckdb(night1):
+    folder = night1["out"] / FAILURES_DIR
+    by_polars = pl.read_parquet(folder).group_by("error_kind").len().rows()
+    by_duckdb = duckdb.sql(f"SELECT error_kind, count(*) FROM '{folder}/*.parquet' GROUP BY error_kind").fetchall()
+    assert by_polars == by_duckdb == [("DecodeError", 1)]
+    [error] = pl.read_parquet(folder)["error"].to_list()
+    assert error.startswith("DecodeError: ") and FAILING in error  # the text keeps "Kind: message"
+
+
+# -- the top folder: the embeddings alone, or an error ----------------------------------------
+# What each reader gives on OUT: pyarrow and pandas skip `_`-prefixed paths, so _failures/,
+# _run.json and _SUCCESS are not read; the others see them and refuse, each with its own message.
+EMBEDDINGS = "the embeddings"
+ON_TOP = {
+    "polars read_parquet(dir)": "different file extensions",  # _SUCCESS, _run.json beside the parts
+    "polars scan_parquet(dir)": "different file extensions",
+    "polars glob *.parquet": "expanded paths were empty",
+    "polars glob **/*.parquet": "extra column",  # _failures/ first, then parts of another schema
+    "pyarrow dataset(dir)": EMBEDDINGS,
+    "pyarrow read_table(dir)": EMBEDDINGS,
+    "pandas read_parquet(dir)": EMBEDDINGS,
+    "duckdb 'dir/*.parquet'": "No files found",
+    "duckdb read_parquet('dir/**/*.parquet')": "schema mismatch",
+    "datasets load_dataset('parquet', data_dir=dir)": "magic bytes",  # _SUCCESS read as Parquet
+    "datasets load_dataset(dir)": "generating the dataset",  # cannot cast parts and failures to one schema
+}
+
+
+@pytest.mark.parametrize("output", ["night1", "clean"])
+@pytest.mark.parametrize("reader", READERS)
+def test_reading_the_top_folder_gives_the_embeddings_alone_or_an_error(request, output, reader):
+    out = request.getfixturevalue(output)["out"]
+    want = expected(out / "embeddings")
+    if ON_TOP[reader] == EMBEDDINGS:
+        got = READERS[reader](out)
+        assert got.column("embedding").null_count == 0, reader
+        assert_same_rows(got, want, reader)
+    else:
+        with pytest.raises(Exception, match=ON_TOP[reader]):
+            READERS[reader](out)
+
+
+# -- a clean run's failures: zero rows ---------------------------------------------------------
+# datasets builds no split of zero rows: load_dataset raises ValueError('Instruction "train"
+# corresponds to no data!'); with streaming=True it reads zero rows with the failure features.
+ZERO_ROWS_ERRORS = {"datasets load_dataset('parquet', data_dir=dir)": "corresponds to no data",
+                    "datasets load_dataset(dir)": "corresponds to no data"}
+
+
+def assert_zero_failure_rows(folder: Path, reader: str) -> None:
+    if reader in ZERO_ROWS_ERRORS:
+        with pytest.raises(ValueError, match=ZERO_ROWS_ERRORS[reader]):
+            READERS[reader](folder)
+        stream = datasets.load_dataset("parquet", data_dir=str(folder), streaming=True, cache_dir=_datasets_cache(folder))["train"]
+        assert list(stream) == [] and list(stream.features) == ["id", "path", "error", "error_kind"]
+        return
+    got = READERS[reader](folder)
+    assert got.num_rows == 0 and got.column_names == ["id", "path", "error", "error_kind"], reader
+
+
+@pytest.mark.parametrize("reader", READERS)
+def test_a_clean_run_leaves_its_failures_readable_as_zero_rows(clean, reader):
+    """The run itself commits an empty failure part once the shard is complete without a failure
+    (OutputDir.ensure_failures_readable, before its markers): an empty _failures/ folder is what
+    polars, duckdb and datasets refuse."""
+    assert_zero_failure_rows(clean["out"] / FAILURES_DIR, reader)
 
 
 @pytest.mark.parametrize("reader", READERS)
@@ -187,7 +281,7 @@ def test_an_old_output_with_int32_and_string_columns_reads_as_one_schema_once_mi
         if i == 0:  # as 0.1 wrote it from a pyarrow manifest
             table = table.set_column(0, "id", table.column("id").cast(pa.string()))
             table = table.set_column(table.column_names.index("take"), "take", table.column("take").cast(pa.int32()))
-        pq.write_table(table, out / part.name)  # 0.1's layout: parts at the top
+        pq.write_table(table.drop_columns(["path"]), out / part.name)  # 0.1's layout: parts at the top, no path column
     run = json.loads((night1["out"] / "_run.json").read_text())
     (out / "_run.json").write_text(json.dumps({"recipe": run["recipe"], "created": run["created"]}))
     old = pq.read_schema(sorted(out.glob("part-*.parquet"))[0])

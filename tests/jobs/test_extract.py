@@ -65,7 +65,7 @@ def test_output_contract(finished, corpus, tiny_ref_adapted):
     assert schema.field("embedding").type == pa.list_(pa.float32(), 64)  # fixed_size_list<float32>[d_model]
     assert schema.field("duration_s").type == pa.float64()
     assert schema.field("speaker").type == pa.large_string()  # the canonical type of strings
-    assert set(schema.names) == {"id", "embedding", "duration_s", "speaker"}
+    assert set(schema.names) == {"id", "path", "embedding", "duration_s", "speaker"}  # path: to notice a changed one
     recipe = json.loads(schema.metadata[b"qwen2_audio_embeddings.recipe"])
     run = json.loads((out / "_run.json").read_text())["recipe"]
     assert recipe == run and run["padding_mask"] is True and run["dtype"] == "float32" and run["adapter_fingerprint"]

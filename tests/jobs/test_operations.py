@@ -111,7 +111,7 @@ def test_bad_configuration_exits_2_naming_it_and_writes_nothing(case, corpus, ti
         out.rmdir()
         out.write_text("not a directory")
     elif case == "failures_is_a_file":
-        (out / "failures").write_text("x")
+        (out / "_failures").write_text("x")
     elif case == "tmp_is_a_file":
         (out / "_tmp").write_text("x")
     elif case == "lock_is_a_directory":

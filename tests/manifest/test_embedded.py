@@ -34,7 +34,7 @@ def test_hf_audio_structs_embed_with_their_paths_as_ids_and_name_failures(clips,
     assert code == 0 and "2 embedded, 2 failed" in log, log
     rows = {r["id"]: r["speaker"] for r in embeddings(out).select(["id", "speaker"]).to_pylist()}
     assert rows == {"a/clip0.flac": "s0", str(clips[1]): "s2"}
-    failures = pl.read_parquet(out / "failures").sort("id")
+    failures = pl.read_parquet(out / "_failures").sort("id")
     assert failures["id"].to_list() == ["a/empty.wav", "a/junk.wav"] and failures["path"].to_list() == ["a/empty.wav", "a/junk.wav"]
     assert "empty audio (0 bytes)" in failures["error"][0] and "a/junk.wav" in failures["error"][1]
     before = snapshot(out)
@@ -52,7 +52,7 @@ def test_plain_bytes_go_to_a_decode_worker_in_the_request(clips, model, tmp_path
     code, log = run_job(manifest, out, model, "--audio-column", "wav", "--id-column", "uid", "--decode-workers", "1", "--max-failure-rate", "1")
     assert code == 0 and "2 embedded, 1 failed" in log, log
     assert embeddings(out).column("id").to_pylist() == [10, 12]
-    failure = pl.read_parquet(out / "failures").row(0, named=True)
+    failure = pl.read_parquet(out / "_failures").row(0, named=True)
     assert failure["id"] == 11 and failure["path"] == f"{manifest}#row=1" and f"{manifest}#row=1" in failure["error"]
 
 

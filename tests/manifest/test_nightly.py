@@ -85,7 +85,7 @@ def _old_layout(real: Path, old: Path) -> None:
     `_run.json` holding the recipe only (no shard layout)."""
     old.mkdir()
     (old / "_failures").mkdir()
-    for folder, dest in (("embeddings", old), ("failures", old / "_failures")):
+    for folder, dest in (("embeddings", old), ("_failures", old / "_failures")):
         for p in sorted((real / folder).glob("part-*.parquet")):
             t = pq.read_table(p)
             t = t.set_column(t.schema.get_field_index("id"), "id", t.column("id").cast(pa.string()))
@@ -127,7 +127,7 @@ def test_an_output_of_the_old_layout_is_refused_then_migrated_and_resumes_with_b
 
     table = embeddings(out)
     assert table.column("id").to_pylist() == sorted(night2["id"][:5])  # exactly once, the lost row not among them
-    assert pl.read_parquet(out / "failures").get_column("id").to_list() == ["lost"]
+    assert pl.read_parquet(out / "_failures").get_column("id").to_list() == ["lost"]
     # The migrated part is the real run's, byte for byte in its vectors.
     real_vectors = embeddings(real).filter(pa.compute.is_in(embeddings(real).column("id"), table.column("id")))
     assert table.filter(pa.compute.is_in(table.column("id"), real_vectors.column("id"))).column("embedding").equals(real_vectors.column("embedding"))

@@ -80,12 +80,12 @@ def reference(corpus, tiny_model, tmp_path_factory):
 
 
 def read_remote(fs, prefix: str) -> tuple[pl.DataFrame, pl.DataFrame]:
-    """The output as readers see it: datasets over s3fs of embeddings/ and failures/."""
+    """The output as readers see it: datasets over s3fs of embeddings/ and _failures/."""
     fs.invalidate_cache()
     rows = pl.from_arrow(ds.dataset(f"{BUCKET}/{prefix}/embeddings", filesystem=fs, format="parquet").to_table()).sort("id")
-    if not fs.exists(f"{BUCKET}/{prefix}/failures"):
+    if not fs.exists(f"{BUCKET}/{prefix}/_failures"):
         return rows, pl.DataFrame({"id": [], "path": [], "error": []})
-    failures = pl.from_arrow(ds.dataset(f"{BUCKET}/{prefix}/failures", filesystem=fs, format="parquet").to_table()).sort("id")
+    failures = pl.from_arrow(ds.dataset(f"{BUCKET}/{prefix}/_failures", filesystem=fs, format="parquet").to_table()).sort("id")
     return rows, failures
 
 
@@ -109,7 +109,7 @@ def test_kill_and_rerun_on_s3_is_exactly_once_and_equals_a_local_run(s3, corpus,
     # What the kill left: complete parts (each a readable Parquet file), the recipe, the lock; no
     # marker, no temporary, no incomplete upload.
     left = keys(s3.fs, "killed")
-    committed = [k for k in left if k.startswith(("embeddings/part-", "failures/part-"))]
+    committed = [k for k in left if k.startswith(("embeddings/part-", "_failures/part-"))]
     assert committed and set(left) - set(committed) == {"_run.json", LOCK}, left
     for k in committed:
         with s3.fs.open(f"{BUCKET}/killed/{k}", "rb") as f:

@@ -24,10 +24,12 @@ from click.testing import CliRunner
 
 from builders import speechlike, write_audio
 
+from extractor.manifest.read import read_manifest
 from extractor.tools.inspect import InspectError, plot, render, summarize
-from extractor.options import ManifestSpec
+from extractor.options import ManifestSpec, Shard
 from extractor.options import JobOptions
 from extractor.engines.local import run_shard
+from extractor.output.layout import FAILURES_DIR, MIGRATE, RUN_FILE, OutputDir
 from jobs.inspect_embeddings import inspect_embeddings
 
 REPO = Path(__file__).resolve().parents[2]
@@ -203,15 +205,54 @@ def test_nan_and_zero_vectors_are_counted_with_ids(frames_f16_out, tmp_path):
     assert vectors.startswith("vectors   CHECK: 2 NaN/Inf") and ids[0] in vectors and ids[2] in vectors
 
 
-def test_no_failures(mean_out, tmp_path):
+def test_no_failures(mean_out, corpus, tmp_path):
     out = tmp_path / "out"
     shutil.copytree(mean_out, out)
-    shutil.rmtree(out / "failures")
+    shutil.rmtree(out / FAILURES_DIR)
     s = summarize(out)
-    assert (s["rows"], s["failed"], s["failures_by_type"]) == (len(DURATIONS), 0, [])
+    assert (s["rows"], s["failed"], s["failures_by_type"], s["failure_files"]) == (len(DURATIONS), 0, [], 0)
     assert line(render(s), "failures").split() == ["failures", "none"]
     plot(out, tmp_path / "p.png")
     assert non_background(png_pixels(tmp_path / "p.png")).mean() > 0.03
+    # The empty failure part a complete shard without failures commits: a file, no rows.
+    od = OutputDir(out)
+    with od.lock(Shard()) as lock:
+        assert od.ensure_failures_readable(Shard(), lock, read_manifest(ManifestSpec(str(corpus), id_column="id")).arrow_types)
+    s = summarize(out)
+    assert (s["failed"], s["failures_by_type"], s["failure_files"]) == (0, [], 1)
+    assert line(render(s), "failures").split() == ["failures", "none"]
+
+
+def _rewrite_failures(out: Path, change) -> None:
+    for f in (out / FAILURES_DIR).glob("part-*.parquet"):
+        table = pq.read_table(f)
+        pq.write_table(change(table), f)
+
+
+def test_failures_are_grouped_by_error_kind_else_by_the_kind_their_error_names(mean_out, tmp_path):
+    out = tmp_path / "out"
+    shutil.copytree(mean_out, out)
+    # Messages without their "Kind: " prefix: only error_kind can group them.
+    _rewrite_failures(out, lambda t: t.set_column(t.schema.get_field_index("error"), "error",
+                                                  pa.array([e.partition(": ")[2] for e in t["error"].to_pylist()], pa.large_string())))
+    assert {f["type"]: f["count"] for f in summarize(out)["failures_by_type"]} == FAILURE_TYPES
+    # Records written before error_kind existed: the kind is read from "Kind: message".
+    shutil.rmtree(out)
+    shutil.copytree(mean_out, out)
+    _rewrite_failures(out, lambda t: t.drop_columns(["error_kind"]))
+    s = summarize(out)
+    assert {f["type"]: f["count"] for f in s["failures_by_type"]} == FAILURE_TYPES
+    assert failure_counts(render(s)) == FAILURE_TYPES
+
+
+def test_an_output_of_an_older_layout_exits_2_naming_the_migration(mean_out, tmp_path):
+    out = tmp_path / "out"
+    shutil.copytree(mean_out, out)
+    (out / FAILURES_DIR).rename(out / "failures")  # 0.2's layout, as its _run.json says
+    run = json.loads((out / RUN_FILE).read_text())
+    (out / RUN_FILE).write_text(json.dumps({**run, "layout_version": 2}))
+    result = CliRunner().invoke(inspect_embeddings, [str(out)])
+    assert result.exit_code == 2 and f"{MIGRATE} {out}" in result.output, result.output
 
 
 def test_only_failures(failures_only_out, tmp_path):
