@@ -5,16 +5,20 @@ from __future__ import annotations
 
 import gzip
 import json
+import subprocess
 import uuid
 from pathlib import Path
 
 import fsspec
+import polars as pl
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
 from extractor.manifest import ManifestError, ManifestSpec, read_manifest
-from extractor.manifest.formats import manifest_format
+from extractor.manifest.formats import FORMATS as REGISTRY, Format, manifest_format, open_binary
+
+from jobrun import REPO, job_cmd, job_env
 
 from .runs import run_job
 
@@ -34,6 +38,26 @@ def test_the_flag_overrides_the_name():
     assert manifest_format(ManifestSpec("rows.txt", format="csv")) == "csv"
     with pytest.raises(ManifestError, match="--manifest-format 'tsv'"):
         manifest_format(ManifestSpec("m.tsv", format="tsv"))
+
+
+def test_a_new_format_is_one_reader_and_one_registry_line(tmp_path, monkeypatch):
+    """What adding a format takes: a reader, and its line in FORMATS. The flag's choices, the
+    name recognition, the checks and the refusals follow."""
+    def read_tsv(path, storage_options, columns):
+        with open_binary(path, storage_options) as f:
+            return pl.read_csv(f.read(), separator="\t", infer_schema=False).to_arrow()
+
+    monkeypatch.setitem(REGISTRY, "tsv", Format("tsv", "TSV", read_tsv, (".tsv",)))
+    manifest = tmp_path / "m.tsv.gz"
+    manifest.write_bytes(gzip.compress(b"id\tpath\nu1\t/a.wav\nu2\t/b.wav\n"))
+    assert manifest_format(ManifestSpec(str(manifest))) == "tsv"
+    assert read_manifest(ManifestSpec(str(manifest), id_column="id")).rows["path"].to_list() == ["/a.wav", "/b.wav"]
+    unnamed = tmp_path / "rows.txt"
+    unnamed.write_bytes(b"path\n/c.wav\n")
+    assert read_manifest(ManifestSpec(str(unnamed), format="tsv")).rows["path"].to_list() == ["/c.wav"]
+    manifest.write_bytes(gzip.compress(b"id\tpath\nu1\t/a.wav\nu1\t/b.wav\n"))
+    with pytest.raises(ManifestError, match="duplicate id"):
+        read_manifest(ManifestSpec(str(manifest), id_column="id"))
 
 
 def write(path: Path, rows: list[dict]) -> Path:
@@ -154,3 +178,45 @@ def test_fsspec_urls(name, tmp_path):
         m = read_manifest(ManifestSpec(where, id_column=None if name.startswith("cuts") else "id"))
         assert m.rows["id"].to_list() == [r["id"] for r in rows], where
         assert m.rows["path"].to_list() == (["/a.wav"] if name.startswith("cuts") else ["/a.wav", "/b.wav"])
+
+
+def _truncated_gzip(path: Path, rows: int = 5000) -> Path:
+    data = gzip.compress(("id,path\n" + "".join(f"u{i},/a{i}.wav\n" for i in range(rows))).encode())
+    path.write_bytes(data[: len(data) // 2])
+    return path
+
+
+def test_a_truncated_gzip_exits_2_in_one_line_naming_the_file_with_its_summary(model, tmp_path):
+    # polars used to read the file object itself and panic on the gzip error (a BaseException:
+    # exit 1, a Rust backtrace, no summary).
+    manifest = _truncated_gzip(tmp_path / "m.csv.gz")
+    out, summary = tmp_path / "out", tmp_path / "summary.json"
+    run = subprocess.run(job_cmd(manifest, out, model, "--summary-json", str(summary)), env=job_env(),
+                         capture_output=True, text=True, cwd=REPO, timeout=120)
+    assert run.returncode == 2, run.stderr
+    said = f"cannot read manifest {manifest} as CSV: Compressed file ended before the end-of-stream marker was reached"
+    assert [line for line in run.stderr.splitlines() if "ERROR" in line] == [line for line in run.stderr.splitlines() if said in line]
+    assert "panicked" not in run.stderr and "Traceback" not in run.stderr, run.stderr
+    assert json.loads(summary.read_text())["exit_code"] == 2 and said in json.loads(summary.read_text())["error"]
+    assert not out.exists()
+
+
+def test_a_reader_that_panics_is_refused_naming_the_file_and_an_interrupt_is_not_swallowed(tmp_path, monkeypatch):
+    def panics(path, storage_options, columns):
+        # polars reading a file object whose read fails: a real Rust panic (pyo3's PanicException)
+        with gzip.open(path) as f:
+            return pl.read_csv(f).to_arrow()
+
+    def interrupted(path, storage_options, columns):
+        raise KeyboardInterrupt
+
+    monkeypatch.setitem(REGISTRY, "panics", Format("panics", "Panicky", panics, (".pnc",)))
+    monkeypatch.setitem(REGISTRY, "interrupted", Format("interrupted", "Interrupted", interrupted, (".int",)))
+    manifest = _truncated_gzip(tmp_path / "m.pnc")
+    with pytest.raises(ManifestError) as e:
+        read_manifest(ManifestSpec(str(manifest)))
+    assert str(e.value).startswith(f"cannot read manifest {manifest} as Panicky: the reader panicked: ")
+    assert "\n" not in str(e.value)
+    with pytest.raises(KeyboardInterrupt):
+        read_manifest(ManifestSpec(str(write(tmp_path / "m.int", []))))
+
