@@ -13,7 +13,9 @@ name (its extension, before any `.gz`), else Parquet (object keys often have no 
     .jsonl .jsonl.gz .ndjson .ndjson.gz   lhotse when the name holds the word `cuts` (lhotse's own
                                           names: cuts.jsonl.gz, librispeech_cuts_dev-clean.jsonl.gz), else jsonl
 
-A gzipped file is recognised by its content, whatever its name; files are local paths or fsspec URLs.
+A gzipped file is recognised by its content, whatever its name. Files are local paths, http(s)
+URLs (read with the standard library, as audio URLs are: ranged GETs, so a Parquet manifest is read
+a column at a time) or other fsspec URLs (s3://, gs://, ... with their filesystem installed).
 
 How each format's values get their types, so that an id's type never flips between two nights:
   - Parquet: the file's own types (then made canonical, manifest.types).
@@ -35,6 +37,7 @@ formats' names without loading either.
 from __future__ import annotations
 
 import gzip
+import math
 import re
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
@@ -59,10 +62,17 @@ PARQUET_BUFFER_BYTES = 1 << 20
 # --- where a manifest's bytes come from -----------------------------------------------------
 
 
+def is_http(path: str) -> bool:
+    return path.startswith(("http://", "https://"))
+
+
 @contextmanager
 def open_file(path: str, storage_options: Mapping | None = None) -> Iterator[BinaryIO]:
-    """The file's raw bytes: a local path or an fsspec URL."""
-    if "://" in path:
+    """The file's raw bytes: a local path, an http(s) URL or an fsspec URL."""
+    if is_http(path):
+        with _open_http(path) as f:
+            yield f
+    elif "://" in path:
         import fsspec
 
         with fsspec.open(path, "rb", **dict(storage_options or {})) as f:
@@ -73,11 +83,44 @@ def open_file(path: str, storage_options: Mapping | None = None) -> Iterator[Bin
 
 
 @contextmanager
+def _open_http(url: str) -> Iterator[BinaryIO]:
+    """An http(s) manifest through the standard library's reader that audio URLs use (ranged GETs,
+    read timeouts, errors that say what happened): fsspec's http filesystem needs aiohttp, which
+    the base install does not bring. Seekable when the server serves byte ranges, or when the file
+    is small enough to be held in memory (extractor.audio.sources)."""
+    from ..audio.errors import AudioError
+    from ..audio.sources import open_source
+    from ..options import DEFAULT_READ_TIMEOUT_S
+
+    try:
+        source = open_source(url, max_duration_s=math.inf, read_timeout_s=DEFAULT_READ_TIMEOUT_S)
+    except AudioError as e:
+        raise ManifestError(_manifest_read_error(url, e)) from e
+    try:
+        yield source.fileobj()
+    finally:
+        # A read that failed mid-way (a reset connection, a stall) looks like the end of the file
+        # to the reader, which would take a cut manifest for a whole one: the stream kept the error.
+        error = source.stream.error
+        source.close()
+        if error is not None:
+            raise ManifestError(_manifest_read_error(url, error)) from error
+
+
+def _manifest_read_error(url: str, e: BaseException) -> str:
+    what = str(e).removeprefix(f"cannot read {url}: ").removeprefix(f"cannot decode {url}: ")
+    return f"cannot read manifest {url}: {what}"
+
+
+@contextmanager
 def open_binary(path: str, storage_options: Mapping | None = None) -> Iterator[BinaryIO]:
     """The file's bytes, decompressed when they are gzip (whatever the name says)."""
     with open_file(path, storage_options) as f:
-        head = f.read(2)
-        f.seek(0)
+        if hasattr(f, "peek"):  # a forward-only http stream cannot seek back
+            head = f.peek(2)[:2]
+        else:
+            head = f.read(2)
+            f.seek(0)
         if head == _GZIP_MAGIC:
             with gzip.GzipFile(fileobj=f, mode="rb") as g:
                 yield g
@@ -96,6 +139,10 @@ def open_parquet(path: str, storage_options: Mapping | None = None, *, buffered:
             yield pf
         return
     with open_file(path, storage_options) as f:
+        if not f.seekable():
+            raise ManifestError(f"cannot read manifest {path} as Parquet: the server serves no byte ranges, and Parquet is "
+                                "read from its end (its footer) and by columns; serve it from a server that honours Range "
+                                "requests, or as CSV or JSONL, which are read from the start")
         with pq.ParquetFile(f, **kw) as pf:
             yield pf
 
