@@ -256,9 +256,7 @@ def file_name(path: str) -> str:
 def format_of(spec: ManifestSpec) -> Format:
     """The format `spec` is read as: its `format`, else the first that recognises the file's name."""
     if spec.format is not None:
-        if spec.format not in FORMATS:
-            raise ManifestError(f"--manifest-format {spec.format!r}: expected one of {', '.join(FORMATS)}")
-        return FORMATS[spec.format]
+        return FORMATS[spec.format]  # ManifestSpec checked the name
     name = file_name(spec.path)
     return next((f for f in FORMATS.values() if f.recognises(name)), FORMATS[UNRECOGNISED])
 

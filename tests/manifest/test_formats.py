@@ -23,8 +23,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from extractor.errors import ConfigError
 from extractor.manifest import ManifestError, ManifestSpec, read_manifest
 from extractor.manifest.formats import FORMATS as REGISTRY, Format, manifest_format, open_binary
+from extractor.options import manifest_formats
 
 from jobrun import REPO, job_cmd, job_env
 
@@ -44,8 +46,12 @@ def test_format_from_the_name(name, expected):
 def test_the_flag_overrides_the_name():
     assert manifest_format(ManifestSpec("cuts.jsonl.gz", format="jsonl")) == "jsonl"
     assert manifest_format(ManifestSpec("rows.txt", format="csv")) == "csv"
-    with pytest.raises(ManifestError, match="--manifest-format 'tsv'"):
-        manifest_format(ManifestSpec("m.tsv", format="tsv"))
+    with pytest.raises(ConfigError, match="--manifest-format 'tsv': expected one of parquet, csv, lhotse, jsonl"):
+        ManifestSpec("m.tsv", format="tsv")
+
+
+def test_the_flag_offers_the_registry_s_formats():
+    assert manifest_formats() == tuple(REGISTRY) == ("parquet", "csv", "lhotse", "jsonl")
 
 
 def test_a_new_format_is_one_reader_and_one_registry_line(tmp_path, monkeypatch):
