@@ -27,7 +27,7 @@ from extractor.options import CommandOptions, JobOptions
 from extractor.seams import NONE, Seams
 from extractor.signals import StopSignal, graceful_signals
 from jobs.extract import PROG, broken_install, summary_of_refusal, write_summary
-from jobs.flags import flag_options, options_from
+from jobs.flags import envvar, flag_options, options_from
 from jobs.logs import configure
 
 logger = logging.getLogger(PROG)
@@ -53,7 +53,7 @@ class _Command(click.Command):
 @click.command(cls=_Command, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
 @click.version_option(__version__, "--version", package_name="qwen2-audio-embeddings")
 @flag_options(JobOptions, CommandOptions)
-@click.option("--decode-fn", hidden=True, envvar="EXTRACT_EMBEDDINGS_DECODE_FN",
+@click.option("--decode-fn", hidden=True, envvar=envvar("decode_fn"),
               help="module:function replacing the decoder (tests only: a decoder that really crashes or hangs).")
 def extract(**kw) -> None:
     """Embed every audio of a manifest with Qwen2-Audio's audio tower (+ LoRA) into Parquet parts.
