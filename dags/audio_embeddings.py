@@ -7,8 +7,10 @@ of OUTPUT/_SUCCESS with the shards' summaries added up.
 
 Each shard task runs the job's command with --shard-index/--num-shards, --device auto and
 --summary-json, and pushes the summary to XCom (key "summary") whatever the outcome. Exit 2
-(configuration) and 3 (failure rate over the limit) fail the task with no retry; a crash, a busy
-output (75) or a signal fails it with retries, and the retry resumes from the committed parts.
+(configuration, a broken install of the job included) and 3 (failure rate over the limit) fail the
+task with no retry, as does a command that cannot start (not found, or Python cannot import it);
+a crash, a busy output (75) or a signal fails it with retries, and the retry resumes from the
+committed parts.
 No task clears markers: they name the manifest they were written for, so a shard whose rows are
 all done for tonight's manifest exits 0 in about a second without loading the model.
 

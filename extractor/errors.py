@@ -10,7 +10,7 @@ import signal
 
 EXIT_OK = 0  # every row embedded or recorded as failed, this run's failures within the limit
 EXIT_UNEXPECTED = 1  # a crash: committed parts stay valid; retry (the rerun resumes)
-EXIT_CONFIG = 2  # a configuration or input error, found before anything was written: never retry
+EXIT_CONFIG = 2  # a configuration or input error, or a broken install, found before anything was written: never retry
 EXIT_FAILURE_RATE = 3  # done, but this run's failure rate is over --max-failure-rate: look, don't retry
 EXIT_BUSY = 75  # EX_TEMPFAIL (sysexits.h): a live run holds the output's shard: retry later
 EXIT_SIGINT = 128 + signal.SIGINT  # 130: interrupted; what was embedded is committed, rerun resumes
@@ -52,4 +52,8 @@ class Interrupted(BaseException):
 
 def exit_code_of(error: BaseException) -> int:
     """The documented exit code for an error that ended a run."""
+    if isinstance(error, ImportError):
+        # A broken or partial install (a dependency missing, or an extra such as [ray]): the
+        # same command in the same environment fails the same way, so it is configuration.
+        return EXIT_CONFIG
     return getattr(error, "exit_code", EXIT_UNEXPECTED)

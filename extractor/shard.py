@@ -36,18 +36,16 @@ import polars as pl
 import pyarrow as pa
 
 from .version import __version__
-from .errors import ConfigError
 from .manifest.embedded import EmbeddedAudio
 from .manifest.read import Manifest, read_manifest
 from .manifest.read import fingerprint as rows_fingerprint
 from .model.config import EncoderConfig, adapter_weights_file, check_tower, read_adapter_config, read_config
 from .model.hub import resolve_adapter, resolve_model
 from .model.identity import Identity
-from .options import DTYPES, OUTPUT_DTYPES, JobOptions, Shard
+from .options import JobOptions, Shard
 from .output.committed import read_committed
 from .output.layout import OutputDir, RecipeMismatch, RunInfo, changed_paths, layout_differences
 from .output.locks import process_start
-from .pooling import POOLINGS
 from .progress import Progress
 from .seams import NONE, Seams
 from .signals import StopSignal
@@ -98,17 +96,6 @@ class Plan:
         return Summary(output=str(self.out.root), shard=str(self.shard), rows_total=len(self.rows))
 
 
-def _check_flags(opts: JobOptions) -> None:
-    if opts.pooling not in POOLINGS:
-        raise ConfigError(f"--pooling {opts.pooling!r}: expected one of {', '.join(POOLINGS)}")
-    if opts.output_dtype not in OUTPUT_DTYPES:
-        raise ConfigError(f"--output-dtype {opts.output_dtype!r}: expected one of {OUTPUT_DTYPES}")
-    if opts.dtype not in DTYPES:
-        raise ConfigError(f"--dtype {opts.dtype!r}: expected one of {DTYPES}")
-    if not opts.max_duration_s > 0 or not opts.decode_timeout_s > 0:
-        raise ConfigError("--max-duration-s and --decode-timeout-s must be positive")
-
-
 def _inputs(opts: JobOptions, identity: Identity) -> str:
     """What the recipe is computed from, as far as a run can tell without loading the model: the
     flags and the identity of the checkpoint and adapter files. A marker records it, so a rerun
@@ -137,7 +124,6 @@ def prepare(opts: JobOptions, shard: Shard | None = None, seams: Seams = NONE) -
     t0 = launch_clock()
     seams.event("checking")
     shard = shard or opts.shard
-    _check_flags(opts)
     # Repo ids become snapshot directories before anything reads them; the plan carries the paths.
     opts = replace(opts, model=resolve_model(opts.model), adapter=resolve_adapter(opts.adapter) if opts.adapter else None)
     cfg = read_config(opts.model)

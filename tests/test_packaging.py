@@ -22,6 +22,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from packaging.markers import Marker
 from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
 from packaging.version import Version
@@ -34,6 +35,7 @@ PYPROJECT = tomllib.loads((REPO / "pyproject.toml").read_text())
 PROJECT = canonicalize_name(PYPROJECT["project"]["name"])
 DOCKERFILE = REPO / "Dockerfile"
 DOCKER_LOCK = REPO / "requirements" / "docker.lock"
+TEST_LOCK = REPO / "requirements" / "test.lock"
 
 # Does torch.nn.attention.varlen.varlen_attn take `scale`? Read from torch/nn/attention/varlen.py in
 # each release's wheel from PyPI (2026-11-27): 2.10 has varlen_attn(..., is_causal, return_aux) and no
@@ -144,6 +146,32 @@ def test_the_docker_lock_satisfies_pyproject():
         assert name in pins, f"{DOCKER_LOCK.name} has no {req.name} ({text} in pyproject.toml): regenerate it (requirements/docker.in)"
         assert req.specifier.contains(pins[name], prereleases=True), f"{DOCKER_LOCK.name} pins {name}=={pins[name]}, outside {text}"
     assert all("--hash=sha256:" in block for block in DOCKER_LOCK.read_text().split("==")[1:]), "every pin needs its hashes"
+
+
+def _pins_here(path: Path) -> dict[str, str]:
+    """name -> version of a universal lock's pins whose markers hold on this interpreter."""
+    pins = {}
+    for line in path.read_text().splitlines():
+        m = re.match(r"^([A-Za-z0-9][A-Za-z0-9._-]*)(\[[^\]]*\])?==([^\s;\\]+)\s*(?:;\s*(.+))?$", line)
+        if m and (m.group(4) is None or Marker(m.group(4)).evaluate()):
+            pins[canonicalize_name(m.group(1))] = m.group(3)
+    return pins
+
+
+def test_the_test_lock_pins_everything_the_test_extra_asks_for_within_pyproject():
+    """The README's test command installs with -c requirements/test.lock: a requirement it does not
+    pin would send pip searching again, and a pin outside pyproject.toml's range would be refused."""
+    pins = _pins_here(TEST_LOCK)
+    opt = PYPROJECT["project"]["optional-dependencies"]
+    wanted = PYPROJECT["project"]["dependencies"] + [r for extra in opt.values() for r in extra]
+    for text in wanted:
+        req = Requirement(text)
+        name = canonicalize_name(req.name)
+        if name == PROJECT or (req.marker is not None and not req.marker.evaluate()):
+            continue
+        assert name in pins, f"{TEST_LOCK.name} has no {req.name} ({text}): regenerate it (requirements/test.in)"
+        assert req.specifier.contains(pins[name], prereleases=True), f"{TEST_LOCK.name} pins {name}=={pins[name]}, outside {text}"
+    assert pins["torch"] == _lock_pins(DOCKER_LOCK)["torch"], "CI tests the torch the image ships"
 
 
 def test_hadolint_is_clean():

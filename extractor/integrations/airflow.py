@@ -7,7 +7,10 @@ imports Airflow, so its logic is tested without Airflow; the DAG maps the verdic
 exceptions (AirflowFailException: no retry; any other: retry).
 
     exit 0            the summary is the task's return value
-    exit 2, 3         configuration error, failure rate over the limit: fail, never retry
+    exit 2, 3         configuration error (a broken install of the job included), failure rate
+                      over the limit: fail, never retry
+    no command        the command is not found, or Python cannot import it (exit 1 with no
+                      summary, an ImportError its last words): the worker's setup, never retried
     exit 1, 75, 130,  unexpected, output busy, stopped by a signal (or killed, e.g. by the OOM
     143, anything     killer): fail and retry; a rerun resumes from the committed parts
 
@@ -20,6 +23,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import shlex
 import signal
 import subprocess
@@ -74,7 +78,7 @@ class ShardRequest:
     extra_args: tuple[str, ...] = ()  # more flags, e.g. ("--id-column", "id")
 
     def __post_init__(self):
-        Shard(self.shard_index, self.num_shards)  # ValueError for a shard outside the layout
+        Shard(self.shard_index, self.num_shards)  # ConfigError for a shard outside the layout
 
     @property
     def tag(self) -> str:
@@ -155,7 +159,28 @@ def run_shard(req: ShardRequest, *, environ: Mapping[str, str] | None = None, lo
             _stop(proc, already_signalled=isinstance(e, KeyboardInterrupt), log=log)
             raise
         code = 128 - code if code < 0 else code  # killed by signal N: report it as a shell does, 128 + N
-        return ShardOutcome(code, _read_summary(summary_json, req, code, tail))
+        summary = _read_summary(summary_json, req, code)
+        if summary is None:  # killed, refused before the job began, or the command could not start
+            last = " | ".join(line for line in tail if line.strip())[-2000:]
+            if _could_not_start(code, tail):
+                code = EXIT_CONFIG
+                why = f"the job's command {argv[0]!r} could not start (set {COMMAND_ENV} to the job's own environment)"
+            else:
+                why = f"exit {code} ({signal_meaning(code) or MEANING.get(code, 'unknown exit code')}) with no summary"
+            summary = _summary_without_file(req, code, f"{why}; last output: {last or '(none)'}")
+        return ShardOutcome(code, summary)
+
+
+# The last words of a Python that could not import the job: `python -m jobs.extract` without the
+# package ("No module named ..."), or a console script's traceback ("ModuleNotFoundError: ...").
+# The job itself turns every import error it can catch into exit 2 with a summary; these come
+# before it runs, and a retry on the same worker fails the same way.
+_IMPORT_FAILURE = re.compile(r"\b(ModuleNotFoundError|ImportError)\b|: No module named ")
+
+
+def _could_not_start(code: int, tail: Iterable[str]) -> bool:
+    lines = [line for line in tail if line.strip()]
+    return code == EXIT_UNEXPECTED and bool(lines) and bool(_IMPORT_FAILURE.search(lines[-1]))
 
 
 def _stop(proc: subprocess.Popen, *, already_signalled: bool, log: logging.Logger) -> None:
@@ -177,19 +202,16 @@ def _stop(proc: subprocess.Popen, *, already_signalled: bool, log: logging.Logge
         proc.wait()
 
 
-def _read_summary(path: str, req: ShardRequest, code: int, tail: Iterable[str]) -> dict:
-    """The job's --summary-json (written on every outcome it sees); the process's exit code wins."""
+def _read_summary(path: str, req: ShardRequest, code: int) -> dict | None:
+    """The job's --summary-json (written on every outcome it sees), None if there is none; the
+    process's exit code wins over the one written."""
     try:
         with open(path) as f:
             summary = json.load(f)
     except FileNotFoundError:
-        summary = None
+        return None
     except ValueError as e:
-        summary = _summary_without_file(req, code, f"unreadable summary {path}: {e}")
-    if summary is None:  # killed, or refused by the flag parser before the job began
-        last = " | ".join(line for line in tail if line.strip())[-2000:]
-        why = signal_meaning(code) or MEANING.get(code, "unknown exit code")
-        return _summary_without_file(req, code, f"exit {code} ({why}) with no summary; last output: {last or '(none)'}")
+        return _summary_without_file(req, code, f"unreadable summary {path}: {e}")
     if not isinstance(summary, dict):
         return _summary_without_file(req, code, f"summary {path} is not a JSON object")
     if summary.get("exit_code") != code:

@@ -1,7 +1,8 @@
 """The manifest: what to embed. Read and validated whole before anything is written.
 
     (its description on the command line, ManifestSpec, is one of the run's options: extractor.options)
-    formats.py   Parquet, CSV, JSONL files as Arrow tables; the format from the file's name
+    formats.py   the readers, one per format, registered with the names they recognise;
+                 where a manifest's bytes come from (paths, http(s) URLs, fsspec URLs)
     lhotse.py    lhotse cut manifests as rows, without lhotse
     embedded.py  audio stored in a Parquet manifest, read lazily, row group by row group
     types.py     one canonical Arrow type per logical type, for every part
@@ -11,9 +12,9 @@
 from __future__ import annotations
 
 from .errors import ManifestError
-from ..options import MANIFEST_FORMATS, ManifestSpec
+from ..options import ManifestSpec
 
-__all__ = ["MANIFEST_FORMATS", "Manifest", "ManifestError", "ManifestSpec", "read_manifest"]
+__all__ = ["Manifest", "ManifestError", "ManifestSpec", "read_manifest"]
 
 
 def __getattr__(name: str):

@@ -26,7 +26,7 @@ from ..options import Shard
 from . import lhotse
 from .embedded import STRUCT, EmbeddedAudio, audio_kind, rows_without_bytes
 from .errors import ManifestError
-from .formats import READERS, manifest_format, open_parquet
+from .formats import FORMATS, Format, file_name, format_of, open_parquet
 from ..options import ManifestSpec
 from .types import canonical_type, to_canonical
 
@@ -36,7 +36,9 @@ logger = logging.getLogger(__name__)
 
 ROW = "__row"  # manifest position, kept through filtering so outputs can be traced back
 OUTPUT_COLUMNS = ("id", "embedding", "duration_s", "frames", "frame_rate_hz")  # what the writer adds to a part
-_FORMAT_NAMES = {"parquet": "Parquet", "csv": "CSV", "jsonl": "JSONL", "lhotse": "lhotse cuts (JSONL)"}
+# A Rust library's panic (polars' PanicException, from pyo3) is a BaseException: it escapes
+# `except Exception`. A reader that panics on a file is refusing that file, like any error of its.
+READER_ERRORS = (Exception, pl.exceptions.PanicException)
 
 
 def _preview(values: list) -> str:
@@ -78,18 +80,21 @@ def fingerprint(rows: pl.DataFrame) -> str:
 
 def read_manifest(spec: ManifestSpec, storage_options: dict | None = None) -> Manifest:
     """Validated manifest rows. Raises ManifestError."""
-    fmt = manifest_format(spec)
+    fmt = format_of(spec)
     if "://" not in spec.path and not Path(spec.path).is_file():
         raise ManifestError(f"manifest {spec.path} does not exist or is not a file")
-    if spec.audio_column and fmt != "parquet":
+    if spec.audio_column and fmt.name != "parquet":
         raise ManifestError(f"--audio-column {spec.audio_column!r}: audio stored in the manifest is read from Parquet only, and "
-                            f"{spec.path} is read as {_FORMAT_NAMES[fmt]} (CSV and JSON have no bytes type and cannot be read "
+                            f"{spec.path} is read as {fmt.title} (CSV and JSON have no bytes type and cannot be read "
                             "a row group at a time); store the audio in a Parquet manifest or give paths")
-    if fmt == "lhotse":
+    if fmt.name == "lhotse":
         spec = _lhotse_columns(spec)
     _check_keep_columns(spec)
-    table, names, audio = _read_table(spec, fmt, storage_options)
-    return _rows(spec, fmt, table, names, audio)
+    if spec.audio_column:
+        table, names, audio = _read_embedded(spec, fmt, storage_options)
+    else:
+        table, names, audio = _read_table(spec, fmt, storage_options), None, None
+    return _rows(spec, fmt.name, table, names, audio)
 
 
 def _lhotse_columns(spec: ManifestSpec) -> ManifestSpec:
@@ -135,49 +140,61 @@ def _check_columns(spec: ManifestSpec, fmt: str, names: list[str]) -> None:
     raise ManifestError(f"manifest {spec.path} lacks column(s) {missing}; it has {names}{hint}")
 
 
-def _read_table(spec: ManifestSpec, fmt: str, storage_options: dict | None) -> tuple[pa.Table, pa.Array | None, EmbeddedAudio | None]:
-    """(the used columns, the audio struct's paths or None, the embedded audio or None)."""
-    if fmt != "parquet":
-        try:
-            table = lhotse.read_cuts(spec.path, storage_options) if fmt == "lhotse" else READERS[fmt](spec.path, storage_options)
-        except ManifestError:
-            raise
-        except Exception as e:  # each reader raises several types for a file that is not its format
-            raise ManifestError(f"cannot read manifest {spec.path} as {_FORMAT_NAMES[fmt]}: {_reason(e)}") from e
-        _check_columns(spec, fmt, table.column_names)
-        return table, None, None
+def _read_table(spec: ManifestSpec, fmt: Format, storage_options: dict | None) -> pa.Table:
+    """The manifest's rows, by its format's reader; the columns the run uses checked."""
+    try:
+        table = fmt.read(spec.path, storage_options, _wanted(spec))
+    except ManifestError:
+        raise
+    except READER_ERRORS as e:  # each reader raises several types for a file that is not its format
+        raise _unreadable(spec, fmt, e) from e
+    _check_columns(spec, fmt.name, table.column_names)
+    return table
+
+
+def _read_embedded(spec: ManifestSpec, fmt: Format, storage_options: dict | None) -> tuple[pa.Table, pa.Array | None, EmbeddedAudio]:
+    """(the used columns, the audio struct's paths or None, where the audio is) of a Parquet
+    manifest whose audio is in --audio-column; the audio itself is read later (EmbeddedAudio)."""
     try:
         with open_parquet(spec.path, storage_options) as pf:
             schema = pf.schema_arrow
-            _check_columns(spec, fmt, schema.names)
+            _check_columns(spec, fmt.name, schema.names)
             columns = _wanted(spec)
-            audio = names = None
-            if spec.audio_column:
-                audio = EmbeddedAudio(spec.path, spec.audio_column, audio_kind(schema, spec.audio_column, spec.path), storage_options)
-                struct = schema.field(spec.audio_column).type
-                has_path = audio.kind == STRUCT and struct.get_field_index("path") >= 0
-                if has_path:
-                    columns.append(f"{spec.audio_column}.path")
+            names = None
+            audio = EmbeddedAudio(spec.path, spec.audio_column, audio_kind(schema, spec.audio_column, spec.path), storage_options)
+            struct = schema.field(spec.audio_column).type
+            has_path = audio.kind == STRUCT and struct.get_field_index("path") >= 0
+            if has_path:
+                columns.append(f"{spec.audio_column}.path")
             table = pf.read(columns=columns, use_threads=True)
-            if audio is not None:
-                if has_path:
-                    names = pc.struct_field(table.column(spec.audio_column), "path")
-                    table = table.drop_columns([spec.audio_column])
-                no_bytes = rows_without_bytes(pf, audio)
-                if no_bytes:
-                    _check_unreadable(spec, no_bytes, names)
+            if has_path:
+                names = pc.struct_field(table.column(spec.audio_column), "path")
+                table = table.drop_columns([spec.audio_column])
+            no_bytes = rows_without_bytes(pf, audio)
+            if no_bytes:
+                _check_unreadable(spec, no_bytes, names)
     except ManifestError:
         raise
-    except Exception as e:  # a non-Parquet file raises several types
-        guessed = spec.format is None and not spec.path.split("?", 1)[0].lower().endswith((".parquet", ".pq"))
-        hint = " (read as Parquet for want of a known extension: give --manifest-format csv, jsonl or lhotse)" if guessed else ""
-        raise ManifestError(f"cannot read manifest {spec.path} as Parquet: {e}{hint}") from e
+    except READER_ERRORS as e:
+        raise _unreadable(spec, fmt, e) from e
     return table, names, audio
 
 
-def _reason(e: Exception) -> str:
-    """The reader's own reason, without polars' advice on schema inference (it infers none here)."""
+def _unreadable(spec: ManifestSpec, fmt: Format, e: BaseException) -> ManifestError:
+    """One line naming the file, the format it was read as, and the reader's reason."""
+    guessed = spec.format is None and not fmt.recognises(file_name(spec.path))
+    others = [name for name in FORMATS if name != fmt.name]
+    hint = (f" (read as {fmt.title} for want of a known extension: give --manifest-format "
+            f"{', '.join(others[:-1])} or {others[-1]})") if guessed else ""
+    return ManifestError(f"cannot read manifest {spec.path} as {fmt.title}: {_reason(e)}{hint}")
+
+
+def _reason(e: BaseException) -> str:
+    """The reader's own reason on one line, without polars' advice on schema inference (it infers
+    none here), and a panic's first line only (the rest is the Rust and Python state it dumps)."""
     text = str(e).strip()
+    if isinstance(e, pl.exceptions.PanicException):
+        text = f"the reader panicked: {text.splitlines()[0] if text else type(e).__name__}"
     if "Original error:" in text:
         text = text.rsplit("Original error:", 1)[1].strip().strip("`").strip()
     return " ".join(text.split())

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import sqlite3
 import subprocess
@@ -96,6 +97,25 @@ def test_a_command_that_cannot_run_is_a_config_error_naming_the_variable(fake_en
     outcome = run_shard(_request(), environ={**fake_env, COMMAND_ENV: "/nonexistent/extract-embeddings"})
     assert outcome.exit_code == EXIT_CONFIG and not outcome.retry
     assert COMMAND_ENV in outcome.summary["error"] and "/nonexistent/extract-embeddings" in outcome.summary["error"]
+
+
+def test_a_usage_error_of_the_real_job_is_not_retried_and_its_summary_says_why():
+    env = {**os.environ, COMMAND_ENV: f"{sys.executable} -m jobs.extract", "PYTHONPATH": str(REPO)}
+    outcome = run_shard(_request(extra_args=("--pooling", "bogus")), environ=env)
+    assert outcome.exit_code == EXIT_CONFIG and not outcome.retry
+    assert "'bogus' is not one of" in outcome.summary["error"] and outcome.summary["exit_code"] == EXIT_CONFIG
+
+
+@pytest.mark.parametrize("command", [
+    "{python} -m no_such_job_module",  # python -m without the package: "No module named ..."
+    "{python} -c 'import no_such_job_module'",  # a console script whose import fails: its traceback
+    "{python} -c \"import sys; sys.modules['click'] = None; from jobs.extract import main; main()\"",  # the job's own: exit 2
+])
+def test_a_job_that_cannot_import_is_a_config_error_and_not_retried(command):
+    env = {**os.environ, COMMAND_ENV: command.format(python=sys.executable), "PYTHONPATH": str(REPO)}
+    outcome = run_shard(_request(), environ=env)
+    assert outcome.exit_code == EXIT_CONFIG and not outcome.retry, outcome.summary
+    assert re.search(r"No module named|cannot import", outcome.summary["error"]), outcome.summary
 
 
 def test_a_stopped_task_stops_its_job_with_sigterm(fake_env, tmp_path):
