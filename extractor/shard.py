@@ -331,7 +331,9 @@ class ShardRun:
                 else:
                     verify_identity(plan)
                 if summary.interrupted is None:
-                    out.ensure_failures_readable(shard, lock, plan.manifest.arrow_types)
+                    seq = out.ensure_failures_readable(shard, lock, plan.manifest.arrow_types)
+                    if seq is not None:
+                        self.seams.event("committed", seq=seq, rows=0, failures=0)
                     summary.complete = out.write_markers(shard, plan.marker, lock)
                     out.forget_created()
                     self.seams.event("marked", shard=shard.index)

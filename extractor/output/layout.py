@@ -461,10 +461,10 @@ class OutputDir:
 
         return self.storage.commit(f"{FAILURES_DIR if failures else EMBEDDINGS_DIR}/{name}", fill)
 
-    def ensure_failures_readable(self, shard: Shard, lock, types: dict[str, pa.DataType]) -> bool:
+    def ensure_failures_readable(self, shard: Shard, lock, types: dict[str, pa.DataType]) -> int | None:
         """Commit an empty failure part for the shard if it has no failure file, so that
         `_failures/` reads as zero rows rather than an error (polars, duckdb and datasets refuse an
-        empty folder). True if it committed one.
+        empty folder). The part number it committed, or None.
 
         Call it under the shard's lock, once the shard is complete (every writer closed), before
         its markers; on every such path, with rows embedded or nothing pending. The part is an
@@ -475,15 +475,16 @@ class OutputDir:
         """
         mine = [f for f in self.failure_files() if (m := PART_RE.match(basename(f))) and m.group(1) == shard.tag]
         if mine:
-            return False
+            return None
         info = self.read_run()
         if info is None:
-            return False
+            return None
         nothing = pl.Series([], dtype=pl.String)
         empty = failure_table(types, nothing, nothing, [], info.metadata())
         self.storage.makedirs(FAILURES_DIR, TMP_DIR)  # a run with nothing pending never made them
-        self.commit_table(empty, part_name(shard, self.next_seq(shard)), failures=True, lock=lock)
-        return True
+        seq = self.next_seq(shard)
+        self.commit_table(empty, part_name(shard, seq), failures=True, lock=lock)
+        return seq
 
     def drop_failures(self, shard: Shard, lock, *, below_seq: int) -> int:
         """--retry-failed: this shard's failure records from before this run (part numbers below

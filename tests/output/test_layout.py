@@ -127,8 +127,8 @@ def test_a_shard_without_failures_commits_one_empty_failure_part_readable_as_zer
     shard = Shard(0, 2)
     commit_part(out, shard, 0, ["a"], ["/x/a.wav"])
     with out.lock(shard) as lock:
-        assert out.ensure_failures_readable(shard, lock, manifest.arrow_types)
-        assert not out.ensure_failures_readable(shard, lock, manifest.arrow_types)  # once: it is the shard's failure file now
+        assert out.ensure_failures_readable(shard, lock, manifest.arrow_types) == 1
+        assert out.ensure_failures_readable(shard, lock, manifest.arrow_types) is None  # once: it is the shard's failure file now
     [empty] = out.failure_files()
     assert empty.name == part_name(shard, 1)  # the next number of the shard, as any commit
     meta = pq.ParquetFile(empty).metadata
@@ -159,12 +159,12 @@ def test_a_shard_with_failures_or_an_output_without_recipe_gets_no_empty_part(tm
     out = new_output(tmp_path)
     commit_failures(out, Shard(0, 2), 0, manifest, ["a"])
     with out.lock(Shard(0, 2)) as lock:
-        assert not out.ensure_failures_readable(Shard(0, 2), lock, manifest.arrow_types)
+        assert None is out.ensure_failures_readable(Shard(0, 2), lock, manifest.arrow_types)
     assert len(out.failure_files()) == 1
 
     bare = OutputDir(tmp_path / "bare")  # a shard whose run had nothing to embed never wrote _run.json
     with bare.lock(Shard()) as lock:
-        assert not bare.ensure_failures_readable(Shard(), lock, manifest.arrow_types)
+        assert None is bare.ensure_failures_readable(Shard(), lock, manifest.arrow_types)
     assert not (bare.root / FAILURES_DIR).exists()
 
 

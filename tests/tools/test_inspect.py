@@ -217,7 +217,7 @@ def test_no_failures(mean_out, corpus, tmp_path):
     # The empty failure part a complete shard without failures commits: a file, no rows.
     od = OutputDir(out)
     with od.lock(Shard()) as lock:
-        assert od.ensure_failures_readable(Shard(), lock, read_manifest(ManifestSpec(str(corpus), id_column="id")).arrow_types)
+        assert od.ensure_failures_readable(Shard(), lock, read_manifest(ManifestSpec(str(corpus), id_column="id")).arrow_types) is not None
     s = summarize(out)
     assert (s["failed"], s["failures_by_type"], s["failure_files"]) == (0, [], 1)
     assert line(render(s), "failures").split() == ["failures", "none"]
