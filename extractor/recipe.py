@@ -12,6 +12,9 @@ METADATA_KEY = b"qwen2_audio_embeddings.recipe"
 # Fields that change the numbers: a resume into an output written with other values is refused.
 # package_version is recorded but not compared, so a bug-fix release can finish a run.
 NOT_COMPARED = ("package_version",)
+# What an output written before a field existed computed, where that differs from the field's
+# default: its recipe reads as that value, so a resume is refused on the field, not mixed.
+BEFORE_FIELD = {"opus_decoder": "libsndfile"}
 
 
 @dataclass(frozen=True)
@@ -27,6 +30,9 @@ class Recipe:
     windowing: str = f"{CHUNK_SECONDS}s-consecutive-from-0"
     frame_pooling: str = "mean-of-valid-frames-over-all-windows"
     sample_rate: int = SAMPLE_RATE
+    # How Opus becomes samples (audio.decode.OPUS_DECODER): FFmpeg's libopus wrapper; outputs from
+    # before this field decoded Ogg Opus with libsndfile (the same codec, another build: ~1 ulp apart).
+    opus_decoder: str = "ffmpeg-libopus"
     recipe_version: int = RECIPE_VERSION
     package_version: str = ""
 
@@ -36,7 +42,7 @@ class Recipe:
     @classmethod
     def from_dict(cls, d: dict) -> "Recipe":
         names = {f.name for f in fields(cls)}
-        return cls(**{k: v for k, v in d.items() if k in names})
+        return cls(**{**BEFORE_FIELD, **{k: v for k, v in d.items() if k in names}})
 
     def differences(self, other: "Recipe") -> list[str]:
         """Human-readable 'field: old → new' for each compared field that differs from `other`

@@ -1,8 +1,9 @@
 """Decode audio into the encoder's input: mono float32 at SAMPLE_RATE, cut into 30 s windows.
 
-libsndfile (via soundfile) reads what it can open (wav, flac, ogg, mp3, aiff, ...); PyAV (FFmpeg)
-reads the rest (m4a/aac, opus, webm, video containers). Every per-file problem is an AudioError
-(audio.errors) whose message names the problem and the file.
+libsndfile (via soundfile) reads what it can open (wav, flac, ogg vorbis, mp3, aiff, ...); PyAV
+(FFmpeg) reads the rest (m4a/aac, webm, video containers), and every Opus stream, which it decodes
+with libopus (see OPUS_DECODER). Every per-file problem is an AudioError (audio.errors) whose
+message names the problem and the file.
 
 Memory is bounded by a window, never by a file or by what a header claims. The source is read in
 blocks of BLOCK_SECONDS, each block is downmixed at once and fed to a streaming resampler, and the
@@ -64,6 +65,15 @@ FLUSH_SAMPLES = 1 << 19
 # numpy's mean over 8 or more channels sums pairwise; below that it adds them in order, which the
 # column loop in _downmix reproduces bit for bit, 17 times faster for stereo (measured).
 _ORDERED_MEAN_CHANNELS = 7
+# How Opus is decoded, whatever its container (Ogg, WebM, Matroska, MP4): PyAV demuxes, FFmpeg's
+# wrapper of libopus (the reference decoder) decodes at 48 kHz, soxr HQ resamples as for any other
+# file. libsndfile runs the same libopus on Ogg Opus, about 1.6x slower per core, and FFmpeg's
+# own Opus decoder is faster still but resamples SILK frames with another filter: at speech
+# bitrates it is not the same signal (bench/RESULTS.md). The recipe records this choice.
+OPUS_DECODER = "ffmpeg-libopus"
+# RFC 7845: an Ogg Opus stream's first page holds its OpusHead packet alone. Bytes read to see it:
+# the page header (27), its segment table (at most 255) and the packet's magic.
+_OGG_OPUS_SNIFF_BYTES = 27 + 255 + 8
 # A WAV/AIFF data chunk that declares this many bytes or more is a streaming writer's
 # "length unknown" placeholder (0xFFFFFFFF, 0x7FFFFFFF, ...), not a truncated file.
 _UNKNOWN_LENGTH_BYTES = 0x7FFF0000
@@ -459,6 +469,8 @@ def _open(src: Source) -> _SndFileSource | _AvSource:
     path = src.name
     if not src.seekable:
         return _open_av(src, "libsndfile must seek and this source reads forward only (a server without byte ranges)")
+    if _is_ogg_opus(src.read_at(0, _OGG_OPUS_SNIFF_BYTES)):
+        return _open_av(src, f"Ogg Opus is decoded by {OPUS_DECODER}")
     try:
         fd = src.descriptor()
         handle = sf.SoundFile(src.fileobj() if fd is None else fd, closefd=False)
@@ -496,6 +508,14 @@ def _open(src: Source) -> _SndFileSource | _AvSource:
         source.close()
         return _open_av(src, "libsndfile finds no audio frames")
     return source
+
+
+def _is_ogg_opus(head: bytes) -> bool:
+    """`head` (the file's first bytes) starts an Ogg stream whose first packet is an OpusHead."""
+    if len(head) < 27 or head[:4] != b"OggS":
+        return False
+    start = 27 + head[26]  # the first packet follows the page's segment table
+    return head[start : start + 8] == b"OpusHead"
 
 
 def _open_av(src: Source, why_not_libsndfile: str) -> _AvSource:
@@ -643,7 +663,7 @@ class _AvSource:
             if not audio:
                 raise DecodeError(f"cannot decode {path}: no audio stream in {self._container.format.name} container")
             self._stream = audio[0]
-            self._frames = self._container.decode(self._stream)
+            self._frames = self._decoded(self._stream)
             self.rate = 0  # until the first frame says
             self._pos = 0
             # The stream header's rate and layout may be missing or wrong; the first frame is not.
@@ -663,6 +683,21 @@ class _AvSource:
             self._container.close()
             raise
         self._used = False
+
+    def _decoded(self, stream) -> Iterator:
+        """The stream's frames: Opus through libopus (OPUS_DECODER), the rest through FFmpeg's
+        default decoder."""
+        if stream.codec_context.codec.canonical_name != "opus":
+            return self._container.decode(stream)
+        try:
+            codec = self._av.CodecContext.create("libopus", "r")
+        except self._av.codec.codec.UnknownCodecError as e:
+            raise DecodeError(f"cannot decode {self._path}: Opus is decoded by {OPUS_DECODER}, and this FFmpeg build has no libopus") from e
+        codec.extradata = stream.codec_context.extradata  # the OpusHead: channels, mapping, gain
+        codec.options = {"request_sample_fmt": "flt"}  # libopus's float output; else it rounds to 16 bits
+        # The demuxer puts the pre-skip and the end trimming on the packets (skip-samples side
+        # data), and libavcodec trims them off for any decoder, this one included.
+        return (frame for packet in self._container.demux(stream) for frame in codec.decode(packet))
 
     def _next(self):
         """The next decoded frame, or None at the end; DecodeError if FFmpeg logs an error."""
