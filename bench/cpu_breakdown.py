@@ -114,7 +114,8 @@ def stages_of_decode(paths: list[str]) -> dict[str, float]:
     import soundfile as sf
     import soxr
 
-    from extractor.audio.decode import BLOCK_SECONDS, RESAMPLE_QUALITY, _downmix  # the job's own downmix
+    from extractor.audio.decode import BLOCK_SECONDS, RESAMPLE_QUALITY
+    from extractor.audio.pcm import downmix  # the job's own
     from extractor.constants import SAMPLE_RATE
 
     cpu = dict.fromkeys(("decode", "downmix", "resample"), 0.0)
@@ -139,7 +140,7 @@ def stages_of_decode(paths: list[str]) -> dict[str, float]:
             cpu["decode"] += t1 - t0
             if len(data) == 0:
                 break
-            mono = _downmix(data, path, pos, rate)
+            mono = downmix(data, path, pos, rate)
             t2 = clock()
             cpu["downmix"] += t2 - t1
             pos += len(data)

@@ -25,9 +25,9 @@ from extractor.audio.decode import (
     TooLongError,
     decode_request,
     load_audio,
-    _downmix,
     load_segments,
 )
+from extractor.audio.pcm import downmix
 
 
 # --- helpers --------------------------------------------------------------------------------
@@ -489,7 +489,7 @@ def test_fuzz_truncated_and_damaged_real_files(fuzz_dir, real_files, data):
 def test_downmix_is_numpys_float32_mean_bit_for_bit(channels):
     data = np.random.default_rng(channels).standard_normal((4001, channels)).astype(np.float32)
     want = data[:, 0] if channels == 1 else data.mean(axis=1, dtype=np.float32)
-    np.testing.assert_array_equal(_downmix(data, "x.wav", 0, 8000), want)
+    np.testing.assert_array_equal(downmix(data, "x.wav", 0, 8000), want)
 
 
 @pytest.mark.parametrize("value, channels, message", [
@@ -502,5 +502,5 @@ def test_downmix_refuses_what_is_not_audio(value, channels, message):
     data = np.full((8000, channels), 0.25, np.float32)
     data[2000:2002] = value
     with pytest.raises(DecodeError) as info:
-        _downmix(data, "x.wav", 0, 8000)
+        downmix(data, "x.wav", 0, 8000)
     assert str(info.value) == f"cannot decode x.wav: {message}"
