@@ -304,12 +304,21 @@ def espeak_opus_clips(root: Path, clips: int, bitrates=OPUS_BITRATES) -> dict[in
     rng = np.random.default_rng(21)
     out: dict[int, list[str]] = {rate: [] for rate in bitrates}
     for i in range(clips):
-        text = " ".join(rng.choice(words, size=max(2, int(rng.uniform(1.0, 9.0) * 2.6))))
+        target_s = rng.uniform(1.0, 9.0)
+        text = list(rng.choice(words, size=max(3, round(target_s * 3.2))))  # espeak-ng says ~3.2 of these a second
         paths = {rate: root / f"{rate // 1000}k" / f"s{i:03d}.opus" for rate in bitrates}
         if not all(p.exists() for p in paths.values()):
             wav = root / "wav" / f"s{i:03d}.wav"
             wav.parent.mkdir(parents=True, exist_ok=True)
-            subprocess.run(["espeak-ng", "-w", str(wav), text], check=True, capture_output=True)
+            while True:  # a word more or less until the clip is 1-9 s
+                subprocess.run(["espeak-ng", "-w", str(wav), " ".join(text)], check=True, capture_output=True)
+                seconds = sf.info(str(wav)).duration
+                if seconds < 1.0:
+                    text.append(words[len(text) % len(words)])
+                elif seconds > 9.0:
+                    text.pop()
+                else:
+                    break
             x, rate = sf.read(str(wav), dtype="float32")
             x48 = soxr.resample(x, rate, 48_000, quality="HQ")
             for bitrate, path in paths.items():
