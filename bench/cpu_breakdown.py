@@ -32,8 +32,8 @@ main process's stages share one interpreter (the GIL), so their sum must stay we
 
 --opus-candidates times, on the same core, each way of turning Ogg Opus into 16 kHz samples, one
 clip after another in turn (so a busy machine slows them alike): libsndfile read in the job's
-blocks then soxr HQ (the job before decode.OPUS_DECODER), FFmpeg's own Opus decoder then soxr HQ,
-libopus through PyAV then soxr HQ (the job's path, its own code), and libopus decoding straight to
+blocks then soxr HQ (the job before decode.OPUS_DECODER), FFmpeg's own Opus decoder in the job's
+code then soxr HQ, libopus through PyAV then soxr HQ (the job's path, its own code), and libopus decoding straight to
 16 kHz (through ctypes, speed and fidelity only). The clips are espeak-ng speech encoded at three
 bitrates by synth_corpus.write_opus; each candidate's waveform is compared, as it would be embedded
 (no realignment), with libsndfile's decode of the whole file at once, then soxr HQ.
@@ -221,16 +221,22 @@ def _read_blocks(f, n: int):
 
 
 def _ffmpeg_opus(path: str) -> tuple[np.ndarray, dict]:
-    """FFmpeg's own Opus decoder (PyAV's default for Opus), frame by frame, soxr HQ."""
-    import av
+    """FFmpeg's own Opus decoder (PyAV's default for Opus) in the job's code around it, soxr HQ."""
+    from extractor.audio.decode import _AvSource
+    from extractor.audio.sources import open_source
+
+    class FFmpegOpus(_AvSource):
+        def _decoded(self, stream):
+            return self._container.decode(stream)
 
     seconds = {"decode": 0.0, "resample": 0.0}
     t = time.thread_time()
-    with av.open(path) as container:
-        stream = container.streams.audio[0]
-        seconds["decode"] += time.thread_time() - t
-        frames = (frame.to_ndarray()[0] for frame in container.decode(stream))
-        out = _resample(frames, stream.codec_context.sample_rate, seconds)
+    src = open_source(path, max_duration_s=math.inf)
+    source = FFmpegOpus(src)
+    seconds["decode"] += time.thread_time() - t
+    out = _resample(source.blocks(0), source.rate, seconds)
+    source.close()
+    src.close()
     return out, seconds
 
 
