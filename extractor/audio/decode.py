@@ -48,10 +48,16 @@ __all__ = ["AudioError", "DecodeError", "Decoded", "DecodeRequest", "FileJob", "
 
 BLOCK_SECONDS = 2.0  # source audio read per step; 96 kHz x 8 ch float32 is 6 MB
 MAX_BLOCK_VALUES = 1 << 22  # frames x channels per block (16 MB float32), for absurd channel counts
-MIN_SAMPLE_RATE = 1  # Hz; below or above these a header is broken or hostile, not audio
+# Hz; below or above these a header is broken or hostile, not audio. Telephone audio is 8 kHz; a
+# header that claims 1 Hz makes the resampler produce 16,000 samples of each one.
+MIN_SAMPLE_RATE = 1_000
 MAX_SAMPLE_RATE = 1_000_000
 RESAMPLE_QUALITY = "HQ"
 MAX_SEGMENT_TIME_S = 1e9  # ~32 years: larger start/end values are data errors
+# A length a header or container declares is trusted to this much when it refuses a row before
+# decoding: codecs' priming and padding make the decoded length differ by tens of ms. A row
+# declared within it of max_duration_s is decoded, and refused if it is too long.
+DECLARED_SLACK_S = 1.0
 # Audio read before a segment so the resampler's filter is warmed up when the segment begins.
 # soxr HQ needs well under 10 ms at any rate (measured: 50 ms already gives < 1e-6 difference).
 RESAMPLE_MARGIN_S = 0.1
@@ -431,7 +437,10 @@ def _decode_spans(src: Source, spans: list[_Span], sink, max_samples: int | None
     try:
         source = _open(src)
         try:
-            if source.seekable:
+            spans = _refuse_declared_too_long(source, path, spans, max_samples, max_duration_s)
+            if not spans:
+                groups = []
+            elif source.seekable:
                 groups = _clusters(spans, round(SEGMENT_GAP_S * SAMPLE_RATE))
             else:
                 groups = [spans]  # PyAV is read once from the start (see _AvSource)
@@ -448,6 +457,32 @@ def _decode_spans(src: Source, spans: list[_Span], sink, max_samples: int | None
         # Native decoders fail on hostile files in many ways (LibsndfileError, FFmpegError,
         # OSError, ValueError, ...); all of them mean "this file cannot be decoded".
         raise DecodeError(f"cannot decode {path}: {type(e).__name__}: {e}") from e
+
+
+def _refuse_declared_too_long(source, path: str, spans: list[_Span], max_samples: int | None,
+                              max_duration_s: float) -> list[_Span]:
+    """Fail, before anything is decoded, the spans that the file's declared length makes longer
+    than max_duration_s (a 3 h file is not decoded for 2 h to learn that); the others, to decode.
+
+    A declared length that is wrong makes no row wrong: one that claims too much fails a file
+    that is broken anyway (its decode would end short), and one that claims too little is checked
+    by the decode (check_complete) and by the cutter, which counts what it cuts."""
+    declared = source.declared_frames
+    if declared is None or max_samples is None:
+        return spans
+    total = _resampled_length(declared, source.rate)
+    slack = round(DECLARED_SLACK_S * SAMPLE_RATE)
+    keep = []
+    for sp in spans:
+        end = total if sp.b is None else min(sp.b, total)
+        if end - sp.a > max_samples + slack:
+            what = path if sp.whole else f"{sp.describe()} of {path}"
+            sp.error = TooLongError(f"{what} is longer than max_duration_s={max_duration_s:g} "
+                                    f"(its header declares {declared / source.rate:.1f} s)")
+            sp.finished = True
+        else:
+            keep.append(sp)
+    return keep
 
 
 def _out_of_memory(e: Exception) -> bool:
@@ -575,6 +610,9 @@ class _SndFileSource:
         # does not change: the header is checked on its own (mp3.py). Elsewhere it is exact.
         self._claimed_frames = None if handle.format == "MP3" else self.frames
         self._mp3 = mp3_length if mp3_length is not None and mp3_length.sample_rate == self.rate else None
+        # What the header declares: libsndfile's count, but for an MP3 only its info header's
+        # (without one, libsndfile's count is a guess from the file's size).
+        self.declared_frames = self._mp3.samples if self._mp3 is not None else self._claimed_frames
 
     def blocks(self, start: int) -> Iterator[np.ndarray]:
         f = self._f
@@ -675,10 +713,25 @@ class _AvSource:
                 length = mp3.declared_length(src.read_at)
                 src.check()
                 self._mp3 = length if length is not None and length.sample_rate == self.rate else None
+            self.declared_frames = self._declared_frames()
         except BaseException:
             self._container.close()
             raise
         self._used = False
+
+    def _declared_frames(self) -> int | None:
+        """The length the container declares, where it is exact: an Ogg stream's last granule
+        position (less its start and an Opus stream's pre-skip), an MP3's info header. Elsewhere
+        FFmpeg may have estimated it from the bitrate: None."""
+        if self._mp3 is not None:
+            return self._mp3.samples
+        stream = self._stream
+        if self._container.format.name != "ogg" or not stream.duration or not self._src.seekable:
+            return None
+        ticks = stream.duration - (stream.start_time or 0)
+        if stream.codec_context.codec.canonical_name == "opus":
+            ticks -= int.from_bytes(bytes(stream.codec_context.extradata)[10:12], "little")  # OpusHead's pre-skip
+        return max(0, round(ticks * stream.time_base * self.rate))
 
     def _decoded(self, stream) -> Iterator:
         """The stream's frames: Opus through libopus (OPUS_DECODER), the rest through FFmpeg's
