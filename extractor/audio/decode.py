@@ -44,7 +44,7 @@ from .sources import Source, open_source
 logger = logging.getLogger(__name__)
 
 __all__ = ["AudioError", "DecodeError", "Decoded", "DecodeRequest", "FileJob", "SegmentError", "TooLongError", "TooShort",
-           "WindowBlock", "decode_request", "load_audio", "load_segments"]
+           "WindowBlock", "decode_request", "has_output_frame", "load_array", "load_audio", "load_segments", "too_short"]
 
 BLOCK_SECONDS = 2.0  # source audio read per step; 96 kHz x 8 ch float32 is 6 MB
 MAX_BLOCK_VALUES = 1 << 22  # frames x channels per block (16 MB float32), for absurd channel counts
@@ -167,7 +167,7 @@ class _Blocks:
 
     def window(self, item: int, index: int, samples: np.ndarray) -> bool:
         """Add a window; False when it is too short to count (and is dropped)."""
-        if output_frames(encoder_tokens(mel_frames(len(samples)))) < 1:
+        if not has_output_frame(len(samples)):
             return False
         self.parts.append(samples)
         self.meta.append((item, index, len(samples)))
@@ -178,7 +178,7 @@ class _Blocks:
 
     def row_done(self, item: int, windows: int, duration_s: float, name: str) -> None:
         if windows == 0:
-            self.row_failed(item, Failure("TooShort", f"{name} is too short ({duration_s * 1000:.1f} ms) for one output frame"))
+            self.row_failed(item, Failure.of(too_short(name, round(duration_s * SAMPLE_RATE))))
         else:
             self.done.append((item, windows, duration_s))
 
@@ -226,9 +226,7 @@ def _decode_job(job: FileJob, sink, max_duration_s: float, storage_options: Mapp
     """Decode one file's rows into `sink` (window / row_done / row_failed); never raises AudioError.
 
     A generator that yields after each decoded block, so the caller can pass on what is cut."""
-    if not max_duration_s > 0:
-        raise ValueError(f"max_duration_s must be > 0, got {max_duration_s!r}")
-    max_samples = math.floor(max_duration_s * SAMPLE_RATE) if math.isfinite(max_duration_s) else None
+    max_samples = _max_samples(max_duration_s)
     spans: list[_Span] = []
     for item, (start_s, end_s) in zip(job.items, job.segments):
         try:
@@ -249,13 +247,24 @@ def _decode_job(job: FileJob, sink, max_duration_s: float, storage_options: Mapp
                 sp.reported = True
                 _fail(sink, sp.item, e)
         return
+    _report(spans, sink, job.name)
+
+
+def _max_samples(max_duration_s: float) -> int | None:
+    if not max_duration_s > 0:
+        raise ValueError(f"max_duration_s must be > 0, got {max_duration_s!r}")
+    return math.floor(max_duration_s * SAMPLE_RATE) if math.isfinite(max_duration_s) else None
+
+
+def _report(spans: list[_Span], sink, name: str) -> None:
+    """Each span's row, done or failed, once."""
     for sp in spans:
         if not sp.reported:
             sp.reported = True
             if sp.error is not None:
                 _fail(sink, sp.item, sp.error)
             else:
-                sink.row_done(sp.item, sp.windows, sp.n / SAMPLE_RATE, job.name if sp.whole else f"{sp.describe()} of {job.name}")
+                sink.row_done(sp.item, sp.windows, sp.n / SAMPLE_RATE, name if sp.whole else f"{sp.describe()} of {name}")
 
 
 def _fail(sink, item: int, error: AudioError) -> None:
@@ -269,6 +278,35 @@ def load_audio(path: str | os.PathLike, *, start_s: float | None = None, end_s: 
     if isinstance(result, AudioError):
         raise result
     return result
+
+
+def load_array(samples: np.ndarray, sample_rate: int, *, name: str = "array",
+               max_duration_s: float = DEFAULT_MAX_DURATION_S) -> Decoded:
+    """Samples in memory, (frames,) or (frames, channels), integer PCM or float, at `sample_rate`,
+    to mono float32 at SAMPLE_RATE exactly as a file of them decodes (the same blocks, downmix,
+    checks and streaming resampler); AudioError naming `name` if they cannot be embedded."""
+    sink = _Collect()
+    span = _Span(0, None, None, 0, None)
+    try:
+        for _ in _decode_spans(_ArraySource(samples, sample_rate, name), [span], sink, _max_samples(max_duration_s), max_duration_s):
+            pass
+    except AudioError:
+        raise
+    _report([span], sink, name)
+    result = sink.results[0]
+    if isinstance(result, AudioError):
+        raise result
+    return result
+
+
+def has_output_frame(samples: int) -> bool:
+    """Audio of `samples` at SAMPLE_RATE gives the encoder at least one output frame (its first
+    window is its longest)."""
+    return output_frames(encoder_tokens(mel_frames(min(samples, N_SAMPLES)))) >= 1
+
+
+def too_short(name: str, samples: int) -> TooShort:
+    return TooShort(f"{name} is too short ({samples / SAMPLE_RATE * 1000:.1f} ms) for one output frame")
 
 
 def load_segments(path: str | os.PathLike, segments: Sequence[Segment], *, max_duration_s: float = DEFAULT_MAX_DURATION_S,
@@ -431,11 +469,12 @@ def _clusters(spans: list[_Span], gap: int) -> list[list[_Span]]:
 # --- decoding -------------------------------------------------------------------------------
 
 
-def _decode_spans(src: Source, spans: list[_Span], sink, max_samples: int | None, max_duration_s: float) -> Iterator[None]:
+def _decode_spans(src: Source | _ArraySource, spans: list[_Span], sink, max_samples: int | None,
+                  max_duration_s: float) -> Iterator[None]:
     """Cut every span's windows into `sink`; raise AudioError for problems of the whole file."""
     path = src.name
     try:
-        source = _open(src)
+        source = _open(src) if isinstance(src, Source) else src
         try:
             spans = _refuse_declared_too_long(source, path, spans, max_samples, max_duration_s)
             if not spans:
@@ -826,6 +865,31 @@ class _AvSource:
 
     def close(self) -> None:
         self._container.close()
+
+
+class _ArraySource:
+    """Samples in memory (the Python API's arrays), read as a file is: blocks of the same size
+    as libsndfile's, each scaled and downmixed by audio.pcm, from any frame."""
+
+    seekable = True
+
+    def __init__(self, samples: np.ndarray, rate: int, name: str):
+        self.name = self._path = name
+        self._data = samples if samples.ndim == 2 else samples.reshape(-1, 1)
+        self.rate, self.channels = rate, self._data.shape[1]
+        _check_format(name, rate, self.channels)
+        self.frames = self.declared_frames = len(self._data)
+
+    def blocks(self, start: int) -> Iterator[np.ndarray]:
+        n = _block_frames(self.rate, self.channels)
+        for at in range(start, self.frames, n):
+            yield downmix(to_float32(self._data[at : at + n]), self._path, at, self.rate)
+
+    def check_complete(self, frames_read: int) -> None:
+        pass  # nothing is missing from an array
+
+    def close(self) -> None:
+        pass
 
 
 def _capture_ffmpeg_errors(av) -> None:
