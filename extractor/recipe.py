@@ -30,6 +30,7 @@ class Recipe:
     windowing: str = f"{CHUNK_SECONDS}s-consecutive-from-0"
     frame_pooling: str = "mean-of-valid-frames-over-all-windows"
     sample_rate: int = SAMPLE_RATE
+    downmix: str = "channel-mean"  # of every channel of a file or a lhotse cut, as every output before the field
     # How Opus becomes samples (audio.decode.OPUS_DECODER): FFmpeg's libopus wrapper; outputs from
     # before this field decoded Ogg Opus with libsndfile (the same codec, another build: ~1 ulp apart).
     opus_decoder: str = "ffmpeg-libopus"
