@@ -68,9 +68,10 @@ SEGMENT_GAP_S = 30.0
 FLUSH_SAMPLES = 1 << 19
 # How Opus is decoded, whatever its container (Ogg, WebM, Matroska, MP4): PyAV demuxes, FFmpeg's
 # wrapper of libopus (the reference decoder) decodes at 48 kHz, soxr HQ resamples as for any other
-# file. libsndfile runs the same libopus on Ogg Opus, about 1.6x slower per core, and FFmpeg's
-# own Opus decoder is faster still but resamples SILK frames with another filter: at speech
-# bitrates it is not the same signal (bench/RESULTS.md). The recipe records this choice.
+# file. libsndfile runs another build of the same libopus on Ogg Opus, slower, and read in blocks
+# it leaves the pre-skip in some streams; FFmpeg's own Opus decoder upsamples SILK frames with
+# another filter, so at speech bitrates it is not the same signal (bench/RESULTS.md, "Opus
+# decoders"). The recipe records this choice (Recipe.opus_decoder).
 OPUS_DECODER = "ffmpeg-libopus"
 # RFC 7845: an Ogg Opus stream's first page holds its OpusHead packet alone. Bytes read to see it:
 # the page header (27), its segment table (at most 255) and the packet's magic.
