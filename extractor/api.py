@@ -49,6 +49,15 @@ class Embedder:
         self.model = load_model(Path(model), Path(adapter) if adapter else None, dev, resolve_dtype(dtype, dev))
         self.padding_mask = padding_mask
         self.max_duration_s = max_duration_s
+        self._args = (str(model), str(adapter) if adapter else None, device, dtype, padding_mask, max_duration_s)
+
+    def __reduce__(self):
+        # datasets.map pickles its function (a bound method of this) to fingerprint the result for
+        # its cache, and to send it to num_proc workers: where the weights come from and their
+        # fingerprints stand for the tensors (a 7B checkpoint's tower is 1.3 GB), and a worker
+        # loads them again.
+        fingerprints = (self.model.model_fingerprint, self.model.adapter.fingerprint if self.model.adapter else None)
+        return _reload, (self._args, fingerprints)
 
     @property
     def d_model(self) -> int:
@@ -115,6 +124,11 @@ class Embedder:
             decoded = load_segments(name, [(None, None)], max_duration_s=self.max_duration_s, data=bytes(data) if data is not None else None)
             return name, _decoded(decoded)
         raise ValueError(f"input {i}: a dict must hold 'array' and 'sampling_rate', or 'bytes' or 'path'; it has {sorted(x)}")
+
+
+def _reload(args: tuple, fingerprints: tuple) -> Embedder:
+    model, adapter, device, dtype, padding_mask, max_duration_s = args
+    return Embedder(model, adapter, device=device, dtype=dtype, padding_mask=padding_mask, max_duration_s=max_duration_s)
 
 
 def _is_one_input(inputs) -> bool:

@@ -157,3 +157,18 @@ def test_what_the_job_refuses_is_refused_naming_the_input(capped, tmp_path, case
     with pytest.raises(kind) as info:
         capped.embed(inputs, **kwargs)
     assert words in str(info.value), str(info.value)
+
+
+def test_datasets_fingerprints_the_map_by_the_weights_not_by_pickling_them(embedder, tiny_model, tiny_adapter, adapter_factory):
+    """datasets hashes map's function (and pickles it for num_proc workers): the Embedder pickles
+    as where its weights are and their fingerprints, and loads them again when unpickled."""
+    import pickle
+
+    hasher = pytest.importorskip("datasets.fingerprint").Hasher
+    assert len(pickle.dumps(embedder)) < 10_000
+    again = pickle.loads(pickle.dumps(embedder))
+    x = speechlike(0.7, 16_000, seed=20)
+    np.testing.assert_array_equal(again.embed(x, sample_rate=16_000), embedder.embed(x, sample_rate=16_000))
+    assert hasher.hash(again.map_batch) == hasher.hash(embedder.map_batch)
+    other = Embedder(tiny_model, adapter_factory("tf5_full", seed=1), device="cpu", dtype="float32")
+    assert hasher.hash(other.map_batch) != hasher.hash(embedder.map_batch)
