@@ -516,9 +516,9 @@ def _refuse_declared_too_long(source, path: str, spans: list[_Span], max_samples
     for sp in spans:
         end = total if sp.b is None else min(sp.b, total)
         if end - sp.a > max_samples + slack:
+            # The message the cutter would give: a row's record does not depend on when it was judged.
             what = path if sp.whole else f"{sp.describe()} of {path}"
-            sp.error = TooLongError(f"{what} is longer than max_duration_s={max_duration_s:g} "
-                                    f"(its header declares {declared / source.rate:.1f} s)")
+            sp.error = TooLongError(f"{what} is longer than max_duration_s={max_duration_s:g}")
             sp.finished = True
         else:
             keep.append(sp)
