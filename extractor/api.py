@@ -127,6 +127,7 @@ class Embedder:
 
 
 def _reload(args: tuple, fingerprints: tuple) -> Embedder:
+    """An Embedder unpickled; `fingerprints` are pickled only for what datasets hashes."""
     model, adapter, device, dtype, padding_mask, max_duration_s = args
     return Embedder(model, adapter, device=device, dtype=dtype, padding_mask=padding_mask, max_duration_s=max_duration_s)
 
