@@ -1,4 +1,4 @@
-"""Issue 10's benchmark: the job on the four corpus shapes users run it on, nightly runs, several GPUs.
+"""Issue 10's benchmark: the job on the corpus shapes users run it on, nightly runs, several GPUs.
 
     bash bench/device.sh --shapes                   # one GPU, 16 cores: every shape + nightly (~6 min)
     bash bench/device.sh --shapes --devices all     # a 2-GPU machine: 61 h on one GPU, then on all
@@ -65,6 +65,8 @@ SHAPES = {
     "flac44k_stereo_10_14min": Shape(CorpusSpec(100, 2, 600.0, 840.0, 44_100, 2, "flac"), 1,
                                      "44.1 kHz stereo FLAC, 10-14 min (podcast-like, 20 h)"),
     "wav16k_0p4_2s": Shape(CorpusSpec(60_000, 3, 0.4, 2.0, 16_000, 1, "wav"), 80, "16 kHz mono WAV, 0.4-2 s (utterance-like, 20 h)"),
+    "opus_48k_1_9s": Shape(CorpusSpec(14_400, 4, 1.0, 9.0, 48_000, 1, "opus"), 24,
+                           "48 kHz mono Ogg Opus at 24 kbit/s, 1-9 s (voice-note-like, 20 h)"),
 }
 NIGHTLY = "nightly"
 BASE_SHAPE = "flac16k_2_20s"  # the nightly output, the naive baseline and the multi-GPU figure use it

@@ -1,5 +1,5 @@
-"""Seeded speech-like corpora (FLAC, WAV or MP3; any rate; mono or stereo) and their Parquet
-manifests (columns id, path).
+"""Seeded speech-like corpora (FLAC, WAV, MP3 or Ogg Opus; any rate; mono or stereo) and their
+Parquet manifests (columns id, path).
 
 Cheap on purpose: every process builds the same small bank of voiced "syllables" (a gliding
 harmonic source with a vowel-like spectral peak under a smooth envelope) once per sample rate, and
@@ -12,8 +12,8 @@ The bank is drawn from the same seeded stream at every rate, so a 48 kHz corpus 
 "voice" as a 16 kHz one; at 16 kHz mono FLAC the signal is bit for bit the one the benchmark of
 issue 3 used (FORMAT_VERSION 1).
 
-Only numpy, soundfile and pyarrow are imported here (PyAV lazily, for MP3): the pool's worker
-processes are spawned and must not pay for torch.
+Only numpy, soundfile and pyarrow are imported here (PyAV lazily, for MP3 and Opus): the pool's
+worker processes are spawned and must not pay for torch.
 """
 
 from __future__ import annotations
@@ -39,7 +39,11 @@ TASK_AUDIO_S = 240.0  # audio per pool task: short clips go in dozens, a podcast
 # vs 39x realtime for 6 s at 48 kHz); the decoder's cost does not depend on it.
 MP3_BITRATE = 64_000
 MP3_LAME_QUALITY = 7
-CONTAINERS = ("flac", "wav", "mp3")
+# Opus as voice notes and WebRTC recordings carry it: Ogg, 48 kHz, 24 kbit/s (SILK and hybrid
+# frames on speech), FFmpeg's libopus at its default complexity.
+OPUS_BITRATE = 24_000
+OPUS_ENCODER = f"pyav-libopus-{OPUS_BITRATE // 1000}k"
+CONTAINERS = ("flac", "wav", "mp3", "opus")
 
 _banks: dict[int, list[np.ndarray]] = {}
 
@@ -147,6 +151,23 @@ def _write_mp3_pyav(path: Path, x: np.ndarray, sample_rate: int) -> None:
             container.mux(packet)
 
 
+def write_opus(path: Path, x: np.ndarray, sample_rate: int, bitrate: int = OPUS_BITRATE) -> None:
+    """Ogg Opus through PyAV's libopus; `x` at 48 kHz (the rate Opus streams declare)."""
+    import av
+
+    planar = np.ascontiguousarray(x.reshape(len(x), -1).T, dtype=np.float32)  # (channels, n)
+    layout = "mono" if planar.shape[0] == 1 else "stereo"
+    with av.open(str(path), "w", format="ogg") as container:
+        stream = container.add_stream("libopus", rate=sample_rate, layout=layout)
+        stream.bit_rate = bitrate
+        frame = av.AudioFrame.from_ndarray(planar, format="fltp", layout=layout)
+        frame.sample_rate = sample_rate
+        for packet in stream.encode(frame):  # PyAV cuts the signal into Opus's 20 ms frames
+            container.mux(packet)
+        for packet in stream.encode(None):
+            container.mux(packet)
+
+
 def write_audio(path: Path, x: np.ndarray, sample_rate: int, container: str, encoder: str | None = None) -> None:
     import soundfile as sf
 
@@ -154,6 +175,8 @@ def write_audio(path: Path, x: np.ndarray, sample_rate: int, container: str, enc
         sf.write(str(path), x, sample_rate, format="FLAC", subtype="PCM_16")
     elif container == "wav":
         sf.write(str(path), x, sample_rate, format="WAV", subtype="PCM_16")
+    elif container == "opus":
+        write_opus(path, x, sample_rate)
     elif (encoder or mp3_encoder()).startswith("pyav"):
         _write_mp3_pyav(path, x, sample_rate)
     else:
@@ -183,8 +206,13 @@ def plan(clips: int, seed: int, min_s: float, max_s: float, sample_rate: int = S
     return np.round(rng.uniform(min_s, max_s, clips) * sample_rate).astype(np.int64)
 
 
+def encoder_of(spec: CorpusSpec, mp3: str | None) -> str | None:
+    """The lossy encoder a corpus's files come from (None for FLAC and WAV)."""
+    return {"mp3": mp3, "opus": OPUS_ENCODER}.get(spec.container)
+
+
 def _params(spec: CorpusSpec, encoder: str | None) -> dict:
-    return {**asdict(spec), "encoder": encoder if spec.container == "mp3" else None, "version": FORMAT_VERSION}
+    return {**asdict(spec), "encoder": encoder_of(spec, encoder), "version": FORMAT_VERSION}
 
 
 def _cached(root: Path, params: dict) -> dict | None:
@@ -222,7 +250,7 @@ def build_corpora(corpora: list[tuple[Path, CorpusSpec]], workers: int | None = 
             old.unlink()
         per_task = max(1, int(TASK_AUDIO_S * spec.sample_rate // max(1, int(samples.mean()))))
         items = list(enumerate(samples.tolist()))
-        cost = spec.channels * spec.sample_rate * (8 if spec.container == "mp3" else 1)  # rough CPU per clip-second
+        cost = spec.channels * spec.sample_rate * {"mp3": 8, "opus": 8}.get(spec.container, 1)  # rough CPU per clip-second
         for i in range(0, len(items), per_task):
             chunk = items[i:i + per_task]
             tasks.append((cost * sum(n for _, n in chunk), (str(root), asdict(spec), encoder, chunk)))
@@ -251,7 +279,7 @@ def build_corpora(corpora: list[tuple[Path, CorpusSpec]], workers: int | None = 
         durations = samples / spec.sample_rate
         stats = {
             "root": str(root), "manifest": str(manifest), **asdict(spec),
-            "encoder": encoder if spec.container == "mp3" else None,
+            "encoder": encoder_of(spec, encoder),
             "audio_seconds": float(durations.sum()), "audio_hours": float(durations.sum() / 3600),
             "mean_s": float(durations.mean()), "shortest_s": float(durations.min()), "longest_s": float(durations.max()),
             "bytes": int(written.get(str(root), 0)),

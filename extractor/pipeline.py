@@ -34,6 +34,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from .audio.decode import OPUS_DECODER
 from .audio.pool import DecodePool
 from .audio.requests import Limits, Requests
 from .batching.policy import BatchPolicy
@@ -280,10 +281,10 @@ class Pipeline:
     leaving the `with` stops it all."""
 
     def __init__(self, rows: Pending, opts: JobOptions, cfg: EncoderConfig, stop: threading.Event,
-                 audio: EmbeddedAudio | None = None, decode_fn=None):
+                 audio: EmbeddedAudio | None = None, decode_fn=None, opus_decoder: str = OPUS_DECODER):
         self.rows, self.opts, self.cfg, self.stop = rows, opts, cfg, stop
         self._halt = threading.Event()  # stops the producer: set on the way out, or with `stop`
-        requests = Requests(rows, Limits(opts.max_duration_s, opts.storage_options, opts.read_timeout_s), audio)
+        requests = Requests(rows, Limits(opts.max_duration_s, opts.storage_options, opts.read_timeout_s, opus_decoder), audio)
         policy = BatchPolicy((cfg.d_model, cfg.encoder_layers, cfg.num_mel_bins), padding_mask=opts.padding_mask)
         workers = opts.decode_workers if opts.decode_workers is not None else default_decode_workers()
         self.producer = Producer(requests, policy, workers=workers, timeout_s=opts.decode_timeout_s, decode_fn=decode_fn, stop=self._halt)

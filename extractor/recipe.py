@@ -14,6 +14,10 @@ METADATA_KEY = b"qwen2_audio_embeddings.recipe"
 # Fields that change the numbers: a resume into an output written with other values is refused.
 # package_version is recorded but not compared, so a bug-fix release can finish a run.
 NOT_COMPARED = ("package_version",)
+# What an output written before a field existed computed, where that differs from the field's
+# default: its recipe reads as that value, and a resume of it computes the same (an older output
+# keeps decoding Ogg Opus with libsndfile: engines/local.py hands its decoder to the requests).
+BEFORE_FIELD = {"opus_decoder": "libsndfile"}
 
 
 @dataclass(frozen=True)
@@ -29,6 +33,10 @@ class Recipe:
     windowing: str = f"{CHUNK_SECONDS}s-consecutive-from-0"
     frame_pooling: str = "mean-of-valid-frames-over-all-windows"
     sample_rate: int = SAMPLE_RATE
+    downmix: str = "channel-mean"  # of every channel of a file or a lhotse cut, as every output before the field
+    # How Opus becomes samples (audio.decode.OPUS_DECODER): FFmpeg's libopus wrapper; outputs from
+    # before this field decoded Ogg Opus with libsndfile (the same codec, another build: ~1 ulp apart).
+    opus_decoder: str = "ffmpeg-libopus"
     recipe_version: int = RECIPE_VERSION
     package_version: str = ""
 
@@ -38,7 +46,7 @@ class Recipe:
     @classmethod
     def from_dict(cls, d: dict) -> "Recipe":
         names = {f.name for f in fields(cls)}
-        return cls(**{k: v for k, v in d.items() if k in names})
+        return cls(**{**BEFORE_FIELD, **{k: v for k, v in d.items() if k in names}})
 
     def differences(self, other: "Recipe") -> list[str]:
         """Human-readable 'field: old → new' for each compared field that differs from `other`
@@ -51,8 +59,9 @@ class Recipe:
         return [f"{k}: {getattr(self, k)!r} (existing output) → {v!r} (this run)" for k, v in values.items() if getattr(self, k) != v]
 
 
-def build_recipe(model, opts) -> Recipe:
-    """The recipe of a loaded model (model.load.LoadedModel) run with these options."""
+def build_recipe(model, opts, *, opus_decoder: str | None = None) -> Recipe:
+    """The recipe of a loaded model (model.load.LoadedModel) run with these options (and the Opus
+    decoder its output keeps, where an older output's differs from today's)."""
     return Recipe(
         model_fingerprint=model.model_fingerprint,
         adapter_fingerprint=model.adapter.fingerprint if model.adapter else None,
@@ -63,5 +72,6 @@ def build_recipe(model, opts) -> Recipe:
         output_dtype=opts.output_dtype,
         gelu="tanh-epilogue" if model.encoder.fused_gelu else "erf",
         frame_pooling=POOLINGS[opts.pooling].recipe,
+        **({"opus_decoder": opus_decoder} if opus_decoder else {}),
         package_version=__version__,
     )

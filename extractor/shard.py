@@ -260,6 +260,7 @@ class Work:
     sources: dict  # the model's and adapter's readable names (_run.json, the parts' metadata)
     first_seq: int  # the first part number to write
     seq_step: int = 1  # part numbers go first_seq, + seq_step, ...
+    opus_decoder: str | None = None  # the output's recipe's (an older output's decoder); None: today's
     t0: float = field(default_factory=launch_clock)
 
 
@@ -322,7 +323,8 @@ class ShardRun:
                     logger.info("%d rows to embed (%d already embedded, %d failed earlier) → %s", len(pending), n_done, n_failed, out.root)
                     logger.debug("planned %.2f s after launch", process_age_s())
                     work = Work(plan.opts, shard, plan.cfg, out, pending, plan.manifest.arrow_types, plan.manifest.audio,
-                                plan.identity.sources(), out.next_seq(shard), t0=plan.t0)
+                                plan.identity.sources(), out.next_seq(shard), t0=plan.t0,
+                                opus_decoder=plan.existing.recipe.opus_decoder if plan.existing else None)
                     with Progress(len(pending), enabled=plan.opts.progress, on_update=self.on_progress) as progress:
                         control = Control(lock, self.stop, progress, lambda: self._begin(lock, work.first_seq), self.seams, model)
                         ran = embed(work, control)

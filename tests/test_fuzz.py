@@ -179,7 +179,7 @@ def embed_like_the_job(embedder: Embedder, path: Path, segment=(None, None)) -> 
     assert samples.dtype == np.float32 and samples.ndim == 1 and len(samples) > 0
     assert np.isfinite(samples).all(), "the decoder let a non-finite sample through"
     assert split_windows(samples), "a row reported done has no window with an output frame (TooShort is a failure)"
-    (emb,) = embedder.embed([samples])
+    (emb,) = embedder.embed([samples], sample_rate=16_000)  # the job's decode gives 16 kHz
     # Finite but huge samples (1e20) overflow float32 in the STFT power: the job's writer records
     # such a row as a failure instead of writing NaNs; judge the outcome the same way.
     if nonfinite(Rows(np.zeros(1, np.int64), emb[None], np.array([duration]))).any():

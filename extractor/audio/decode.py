@@ -1,8 +1,9 @@
 """Decode audio into the encoder's input: mono float32 at SAMPLE_RATE, cut into 30 s windows.
 
-libsndfile (via soundfile) reads what it can open (wav, flac, ogg, mp3, aiff, ...); PyAV (FFmpeg)
-reads the rest (m4a/aac, opus, webm, video containers). Every per-file problem is an AudioError
-(audio.errors) whose message names the problem and the file.
+libsndfile (via soundfile) reads what it can open (wav, flac, ogg vorbis, mp3, aiff, ...); PyAV
+(FFmpeg) reads the rest (m4a/aac, webm, video containers), and every Opus stream, which it decodes
+with libopus (see OPUS_DECODER). Every per-file problem is an AudioError (audio.errors) whose
+message names the problem and the file.
 
 Memory is bounded by a window, never by a file or by what a header claims. The source is read in
 blocks of BLOCK_SECONDS, each block is downmixed at once and fed to a streaming resampler, and the
@@ -37,22 +38,26 @@ from ..constants import N_SAMPLES, SAMPLE_RATE, encoder_tokens, mel_frames, outp
 from ..options import DEFAULT_MAX_DURATION_S, DEFAULT_READ_TIMEOUT_S
 from . import mp3
 from .errors import AudioError, DecodeError, SegmentError, TooLongError, TooShort
+from .pcm import downmix, to_float32
 from .sources import Source, open_source
 
 logger = logging.getLogger(__name__)
 
 __all__ = ["AudioError", "DecodeError", "Decoded", "DecodeRequest", "FileJob", "SegmentError", "TooLongError", "TooShort",
-           "WindowBlock", "decode_request", "load_audio", "load_segments"]
+           "WindowBlock", "decode_request", "has_output_frame", "load_array", "load_audio", "load_segments", "too_short"]
 
 BLOCK_SECONDS = 2.0  # source audio read per step; 96 kHz x 8 ch float32 is 6 MB
 MAX_BLOCK_VALUES = 1 << 22  # frames x channels per block (16 MB float32), for absurd channel counts
-MIN_SAMPLE_RATE = 1  # Hz; below or above these a header is broken or hostile, not audio
+# Hz; below or above these a header is broken or hostile, not audio. Telephone audio is 8 kHz; a
+# header that claims 1 Hz makes the resampler produce 16,000 samples of each one.
+MIN_SAMPLE_RATE = 1_000
 MAX_SAMPLE_RATE = 1_000_000
 RESAMPLE_QUALITY = "HQ"
 MAX_SEGMENT_TIME_S = 1e9  # ~32 years: larger start/end values are data errors
-# Float WAV/FLAC samples are nominally within [-1, 1]. Far beyond it (1e20 was seen in fuzzing)
-# the STFT power overflows float32 and the embedding becomes NaN; such a file is not audio.
-MAX_ABS_SAMPLE = 1e4
+# A length a header or container declares is trusted to this much when it refuses a row before
+# decoding: codecs' priming and padding make the decoded length differ by tens of ms. A row
+# declared within it of max_duration_s is decoded, and refused if it is too long.
+DECLARED_SLACK_S = 1.0
 # Audio read before a segment so the resampler's filter is warmed up when the segment begins.
 # soxr HQ needs well under 10 ms at any rate (measured: 50 ms already gives < 1e-6 difference).
 RESAMPLE_MARGIN_S = 0.1
@@ -61,9 +66,16 @@ SEGMENT_GAP_S = 30.0
 # A worker sends what it has cut once it holds this many samples (2 MB, about half a minute of audio),
 # and at the end of each request: few messages for short clips, little latency for long files.
 FLUSH_SAMPLES = 1 << 19
-# numpy's mean over 8 or more channels sums pairwise; below that it adds them in order, which the
-# column loop in _downmix reproduces bit for bit, 17 times faster for stereo (measured).
-_ORDERED_MEAN_CHANNELS = 7
+# How Opus is decoded, whatever its container (Ogg, WebM, Matroska, MP4): PyAV demuxes, FFmpeg's
+# wrapper of libopus (the reference decoder) decodes at 48 kHz, soxr HQ resamples as for any other
+# file. libsndfile runs another build of the same libopus on Ogg Opus, slower, and read in blocks
+# it leaves the pre-skip in some streams; FFmpeg's own Opus decoder upsamples SILK frames with
+# another filter, so at speech bitrates it is not the same signal (bench/RESULTS.md, "Opus
+# decoders"). The recipe records this choice (Recipe.opus_decoder).
+OPUS_DECODER = "ffmpeg-libopus"
+# RFC 7845: an Ogg Opus stream's first page holds its OpusHead packet alone. Bytes read to see it:
+# the page header (27), its segment table (at most 255) and the packet's magic.
+_OGG_OPUS_SNIFF_BYTES = 27 + 255 + 8
 # A WAV/AIFF data chunk that declares this many bytes or more is a streaming writer's
 # "length unknown" placeholder (0xFFFFFFFF, 0x7FFFFFFF, ...), not a truncated file.
 _UNKNOWN_LENGTH_BYTES = 0x7FFF0000
@@ -94,6 +106,9 @@ class DecodeRequest:
     max_duration_s: float = DEFAULT_MAX_DURATION_S
     storage_options: Mapping | None = None  # fsspec options for a "://" path
     read_timeout_s: float = DEFAULT_READ_TIMEOUT_S  # a remote read that stalls this long fails
+    # OPUS_DECODER, or "libsndfile" for an output whose recipe was computed with it: a resume keeps
+    # what its output computed (recipe.Recipe.opus_decoder).
+    opus_decoder: str = OPUS_DECODER
 
 
 @dataclass
@@ -128,7 +143,7 @@ def decode_request(request: DecodeRequest) -> Iterator[WindowBlock]:
     the pool streams to the job as they fill."""
     out = _Blocks()
     for job in request.files:
-        for _ in _decode_job(job, out, request.max_duration_s, request.storage_options, request.read_timeout_s):
+        for _ in _decode_job(job, out, request.max_duration_s, request.storage_options, request.read_timeout_s, request.opus_decoder):
             yield from out.ready()  # a long file streams: its first windows go while it decodes
         yield from out.ready()
     if not out.empty:
@@ -156,7 +171,7 @@ class _Blocks:
 
     def window(self, item: int, index: int, samples: np.ndarray) -> bool:
         """Add a window; False when it is too short to count (and is dropped)."""
-        if output_frames(encoder_tokens(mel_frames(len(samples)))) < 1:
+        if not has_output_frame(len(samples)):
             return False
         self.parts.append(samples)
         self.meta.append((item, index, len(samples)))
@@ -167,7 +182,7 @@ class _Blocks:
 
     def row_done(self, item: int, windows: int, duration_s: float, name: str) -> None:
         if windows == 0:
-            self.row_failed(item, Failure("TooShort", f"{name} is too short ({duration_s * 1000:.1f} ms) for one output frame"))
+            self.row_failed(item, Failure.of(too_short(name, round(duration_s * SAMPLE_RATE))))
         else:
             self.done.append((item, windows, duration_s))
 
@@ -211,13 +226,11 @@ class _Collect:
 
 
 def _decode_job(job: FileJob, sink, max_duration_s: float, storage_options: Mapping | None,
-                read_timeout_s: float = DEFAULT_READ_TIMEOUT_S) -> Iterator[None]:
+                read_timeout_s: float = DEFAULT_READ_TIMEOUT_S, opus_decoder: str = OPUS_DECODER) -> Iterator[None]:
     """Decode one file's rows into `sink` (window / row_done / row_failed); never raises AudioError.
 
     A generator that yields after each decoded block, so the caller can pass on what is cut."""
-    if not max_duration_s > 0:
-        raise ValueError(f"max_duration_s must be > 0, got {max_duration_s!r}")
-    max_samples = math.floor(max_duration_s * SAMPLE_RATE) if math.isfinite(max_duration_s) else None
+    max_samples = _max_samples(max_duration_s)
     spans: list[_Span] = []
     for item, (start_s, end_s) in zip(job.items, job.segments):
         try:
@@ -231,20 +244,31 @@ def _decode_job(job: FileJob, sink, max_duration_s: float, storage_options: Mapp
         extent = max(sp.b if sp.b is not None else sp.a + (max_samples if max_samples is not None else math.inf) for sp in spans)
         source = open_source(job.name, data=job.data, max_duration_s=max_duration_s, extent_s=extent / SAMPLE_RATE,
                              storage_options=storage_options, read_timeout_s=read_timeout_s)
-        yield from _decode_spans(source, spans, sink, max_samples, max_duration_s)
+        yield from _decode_spans(source, spans, sink, max_samples, max_duration_s, opus_decoder)
     except AudioError as e:
         for sp in spans:
             if not sp.reported:
                 sp.reported = True
                 _fail(sink, sp.item, e)
         return
+    _report(spans, sink, job.name)
+
+
+def _max_samples(max_duration_s: float) -> int | None:
+    if not max_duration_s > 0:
+        raise ValueError(f"max_duration_s must be > 0, got {max_duration_s!r}")
+    return math.floor(max_duration_s * SAMPLE_RATE) if math.isfinite(max_duration_s) else None
+
+
+def _report(spans: list[_Span], sink, name: str) -> None:
+    """Each span's row, done or failed, once."""
     for sp in spans:
         if not sp.reported:
             sp.reported = True
             if sp.error is not None:
                 _fail(sink, sp.item, sp.error)
             else:
-                sink.row_done(sp.item, sp.windows, sp.n / SAMPLE_RATE, job.name if sp.whole else f"{sp.describe()} of {job.name}")
+                sink.row_done(sp.item, sp.windows, sp.n / SAMPLE_RATE, name if sp.whole else f"{sp.describe()} of {name}")
 
 
 def _fail(sink, item: int, error: AudioError) -> None:
@@ -258,6 +282,35 @@ def load_audio(path: str | os.PathLike, *, start_s: float | None = None, end_s: 
     if isinstance(result, AudioError):
         raise result
     return result
+
+
+def load_array(samples: np.ndarray, sample_rate: int, *, name: str = "array",
+               max_duration_s: float = DEFAULT_MAX_DURATION_S) -> Decoded:
+    """Samples in memory, (frames,) or (frames, channels), integer PCM or float, at `sample_rate`,
+    to mono float32 at SAMPLE_RATE exactly as a file of them decodes (the same blocks, downmix,
+    checks and streaming resampler); AudioError naming `name` if they cannot be embedded."""
+    sink = _Collect()
+    span = _Span(0, None, None, 0, None)
+    try:
+        for _ in _decode_spans(_ArraySource(samples, sample_rate, name), [span], sink, _max_samples(max_duration_s), max_duration_s):
+            pass
+    except AudioError:
+        raise
+    _report([span], sink, name)
+    result = sink.results[0]
+    if isinstance(result, AudioError):
+        raise result
+    return result
+
+
+def has_output_frame(samples: int) -> bool:
+    """Audio of `samples` at SAMPLE_RATE gives the encoder at least one output frame (its first
+    window is its longest)."""
+    return output_frames(encoder_tokens(mel_frames(min(samples, N_SAMPLES)))) >= 1
+
+
+def too_short(name: str, samples: int) -> TooShort:
+    return TooShort(f"{name} is too short ({samples / SAMPLE_RATE * 1000:.1f} ms) for one output frame")
 
 
 def load_segments(path: str | os.PathLike, segments: Sequence[Segment], *, max_duration_s: float = DEFAULT_MAX_DURATION_S,
@@ -420,13 +473,17 @@ def _clusters(spans: list[_Span], gap: int) -> list[list[_Span]]:
 # --- decoding -------------------------------------------------------------------------------
 
 
-def _decode_spans(src: Source, spans: list[_Span], sink, max_samples: int | None, max_duration_s: float) -> Iterator[None]:
+def _decode_spans(src: Source | _ArraySource, spans: list[_Span], sink, max_samples: int | None,
+                  max_duration_s: float, opus_decoder: str = OPUS_DECODER) -> Iterator[None]:
     """Cut every span's windows into `sink`; raise AudioError for problems of the whole file."""
     path = src.name
     try:
-        source = _open(src)
+        source = _open(src, opus_decoder) if isinstance(src, Source) else src
         try:
-            if source.seekable:
+            spans = _refuse_declared_too_long(source, path, spans, max_samples, max_duration_s)
+            if not spans:
+                groups = []
+            elif source.seekable:
                 groups = _clusters(spans, round(SEGMENT_GAP_S * SAMPLE_RATE))
             else:
                 groups = [spans]  # PyAV is read once from the start (see _AvSource)
@@ -445,6 +502,32 @@ def _decode_spans(src: Source, spans: list[_Span], sink, max_samples: int | None
         raise DecodeError(f"cannot decode {path}: {type(e).__name__}: {e}") from e
 
 
+def _refuse_declared_too_long(source, path: str, spans: list[_Span], max_samples: int | None,
+                              max_duration_s: float) -> list[_Span]:
+    """Fail, before anything is decoded, the spans that the file's declared length makes longer
+    than max_duration_s (a 3 h file is not decoded for 2 h to learn that); the others, to decode.
+
+    A declared length that is wrong makes no row wrong: one that claims too much fails a file
+    that is broken anyway (its decode would end short), and one that claims too little is checked
+    by the decode (check_complete) and by the cutter, which counts what it cuts."""
+    declared = source.declared_frames
+    if declared is None or max_samples is None:
+        return spans
+    total = _resampled_length(declared, source.rate)
+    slack = round(DECLARED_SLACK_S * SAMPLE_RATE)
+    keep = []
+    for sp in spans:
+        end = total if sp.b is None else min(sp.b, total)
+        if end - sp.a > max_samples + slack:
+            # The message the cutter would give: a row's record does not depend on when it was judged.
+            what = path if sp.whole else f"{sp.describe()} of {path}"
+            sp.error = TooLongError(f"{what} is longer than max_duration_s={max_duration_s:g}")
+            sp.finished = True
+        else:
+            keep.append(sp)
+    return keep
+
+
 def _out_of_memory(e: Exception) -> bool:
     """This process ran out of memory: a resource problem, not a verdict on the file.
 
@@ -454,11 +537,14 @@ def _out_of_memory(e: Exception) -> bool:
     return isinstance(e, MemoryError) and not type(e).__module__.startswith("av.")
 
 
-def _open(src: Source) -> _SndFileSource | _AvSource:
-    """Open a source with libsndfile, or with FFmpeg what libsndfile cannot read."""
+def _open(src: Source, opus_decoder: str = OPUS_DECODER) -> _SndFileSource | _AvSource:
+    """Open a source with libsndfile, or with FFmpeg what libsndfile cannot read (and Ogg Opus,
+    unless `opus_decoder` is "libsndfile")."""
     path = src.name
     if not src.seekable:
         return _open_av(src, "libsndfile must seek and this source reads forward only (a server without byte ranges)")
+    if opus_decoder == OPUS_DECODER and _is_ogg_opus(src.read_at(0, _OGG_OPUS_SNIFF_BYTES)):
+        return _open_av(src, f"Ogg Opus is decoded by {OPUS_DECODER}")
     try:
         fd = src.descriptor()
         handle = sf.SoundFile(src.fileobj() if fd is None else fd, closefd=False)
@@ -496,6 +582,14 @@ def _open(src: Source) -> _SndFileSource | _AvSource:
         source.close()
         return _open_av(src, "libsndfile finds no audio frames")
     return source
+
+
+def _is_ogg_opus(head: bytes) -> bool:
+    """`head` (the file's first bytes) starts an Ogg stream whose first packet is an OpusHead."""
+    if len(head) < 27 or head[:4] != b"OggS":
+        return False
+    start = 27 + head[26]  # the first packet follows the page's segment table
+    return head[start : start + 8] == b"OpusHead"
 
 
 def _open_av(src: Source, why_not_libsndfile: str) -> _AvSource:
@@ -560,6 +654,9 @@ class _SndFileSource:
         # does not change: the header is checked on its own (mp3.py). Elsewhere it is exact.
         self._claimed_frames = None if handle.format == "MP3" else self.frames
         self._mp3 = mp3_length if mp3_length is not None and mp3_length.sample_rate == self.rate else None
+        # What the header declares: libsndfile's count, but for an MP3 only its info header's
+        # (without one, libsndfile's count is a guess from the file's size).
+        self.declared_frames = self._mp3.samples if self._mp3 is not None else self._claimed_frames
 
     def blocks(self, start: int) -> Iterator[np.ndarray]:
         f = self._f
@@ -580,7 +677,7 @@ class _SndFileSource:
             self._src.check()  # a failed read looks like the end of the file to libsndfile
             if len(data) == 0:
                 return
-            yield _downmix(data, self._path, at, self.rate)
+            yield downmix(data, self._path, at, self.rate)
             at += len(data)
 
     def _broken_at(self, frame: int) -> str:
@@ -643,9 +740,10 @@ class _AvSource:
             if not audio:
                 raise DecodeError(f"cannot decode {path}: no audio stream in {self._container.format.name} container")
             self._stream = audio[0]
-            self._frames = self._container.decode(self._stream)
+            self._frames = self._decoded(self._stream)
             self.rate = 0  # until the first frame says
             self._pos = 0
+            self._packed: tuple[str, np.dtype | None] = ("", None)  # a packed sample format and its dtype
             # The stream header's rate and layout may be missing or wrong; the first frame is not.
             self._first = self._next()
             if self._first is None:
@@ -659,10 +757,40 @@ class _AvSource:
                 length = mp3.declared_length(src.read_at)
                 src.check()
                 self._mp3 = length if length is not None and length.sample_rate == self.rate else None
+            self.declared_frames = self._declared_frames()
         except BaseException:
             self._container.close()
             raise
         self._used = False
+
+    def _declared_frames(self) -> int | None:
+        """The length the container declares, where it is exact: an Ogg stream's last granule
+        position (less its start and an Opus stream's pre-skip), an MP3's info header. Elsewhere
+        FFmpeg may have estimated it from the bitrate: None."""
+        if self._mp3 is not None:
+            return self._mp3.samples
+        stream = self._stream
+        if self._container.format.name != "ogg" or not stream.duration or not self._src.seekable:
+            return None
+        ticks = stream.duration - (stream.start_time or 0)
+        if stream.codec_context.codec.canonical_name == "opus":
+            ticks -= int.from_bytes(bytes(stream.codec_context.extradata)[10:12], "little")  # OpusHead's pre-skip
+        return max(0, round(ticks * stream.time_base * self.rate))
+
+    def _decoded(self, stream) -> Iterator:
+        """The stream's frames: Opus through libopus (OPUS_DECODER), the rest through FFmpeg's
+        default decoder."""
+        if stream.codec_context.codec.canonical_name != "opus":
+            return self._container.decode(stream)
+        try:
+            codec = self._av.CodecContext.create("libopus", "r")
+        except self._av.codec.codec.UnknownCodecError as e:
+            raise DecodeError(f"cannot decode {self._path}: Opus is decoded by {OPUS_DECODER}, and this FFmpeg build has no libopus") from e
+        codec.extradata = stream.codec_context.extradata  # the OpusHead: channels, mapping, gain
+        codec.options = {"request_sample_fmt": "flt"}  # libopus's float output; else it rounds to 16 bits
+        # The demuxer puts the pre-skip and the end trimming on the packets (skip-samples side
+        # data), and libavcodec trims them off for any decoder, this one included.
+        return (frame for packet in self._container.demux(stream) for frame in codec.decode(packet))
 
     def _next(self):
         """The next decoded frame, or None at the end; DecodeError if FFmpeg logs an error."""
@@ -688,10 +816,11 @@ class _AvSource:
         return self._batched()
 
     def _batched(self) -> Iterator[np.ndarray]:
-        # Codec frames are ~1000 samples; batching them into blocks keeps per-block overhead low.
+        # Codec frames are 2.5-60 ms; their samples are gathered into blocks and each block
+        # downmixed at once, as libsndfile's are (per frame, the checks cost as much as decoding).
         target = _block_frames(self.rate, self.channels)
         batch: list[np.ndarray] = []
-        count = 0
+        count = start = 0
         frame = self._first
         while frame is not None:
             if frame.sample_rate != self.rate:
@@ -699,33 +828,38 @@ class _AvSource:
                     f"cannot decode {self._path}: sample rate changes mid-stream "
                     f"({self.rate} -> {frame.sample_rate} Hz)"
                 )
-            mono = self._to_mono(frame, self._pos)
-            self._pos += len(mono)
-            batch.append(mono)
-            count += len(mono)
+            data = self._samples(frame)
+            if batch and data.shape[1] != batch[0].shape[1]:  # the layout changed: a block has one
+                yield self._mono(batch, start)
+                batch, count = [], 0
+            if not batch:
+                start = self._pos
+            batch.append(data)
+            count += len(data)
+            self._pos += len(data)
             if count >= target:
-                yield np.concatenate(batch)
+                yield self._mono(batch, start)
                 batch, count = [], 0
             frame = self._next()
         if batch:
-            yield np.concatenate(batch)
+            yield self._mono(batch, start)
 
-    def _to_mono(self, frame, pos: int) -> np.ndarray:
+    def _samples(self, frame) -> np.ndarray:
+        """(samples, channels) float32 of a decoded frame."""
         channels = frame.layout.nb_channels
         if channels < 1:
             raise DecodeError(f"cannot decode {self._path}: audio frame has {channels} channels")
-        data = frame.to_ndarray()
-        # Planar formats come as (channels, samples), packed ones as (1, samples * channels).
-        data = data.T if frame.format.is_planar else data.reshape(-1, channels)
-        if data.dtype.kind in "iu":
-            info = np.iinfo(data.dtype)
-            # Integer PCM to [-1, 1) the way libsndfile does it: divide by 2^(bits-1).
-            offset = 0 if data.dtype.kind == "i" else -(1 << (info.bits - 1))
-            scale = np.float32(1.0 / (1 << (info.bits - 1)))
-            data = (data.astype(np.float32) + np.float32(offset)) * scale
-        else:
-            data = data.astype(np.float32, copy=False)
-        return _downmix(data, self._path, pos, self.rate)
+        if frame.format.is_planar:
+            return to_float32(frame.to_ndarray().T)  # (channels, samples)
+        if frame.format.name != self._packed[0]:  # the dtype PyAV gives this format, asked once
+            self._packed = (frame.format.name, frame.to_ndarray().dtype)
+        # One plane, read in place: to_ndarray stacks a list of planes into a copy, which costs
+        # as much as decoding a 20 ms Opus frame.
+        data = np.frombuffer(frame.planes[0], self._packed[1], count=frame.samples * channels)
+        return to_float32(data.reshape(-1, channels))
+
+    def _mono(self, batch: list[np.ndarray], start: int) -> np.ndarray:
+        return downmix(np.concatenate(batch) if len(batch) > 1 else batch[0], self._path, start, self.rate)
 
     def check_complete(self, frames_read: int) -> None:
         # Container durations are estimates for many formats; FFmpeg's own errors (see _next) are
@@ -738,6 +872,31 @@ class _AvSource:
         self._container.close()
 
 
+class _ArraySource:
+    """Samples in memory (the Python API's arrays), read as a file is: blocks of the same size
+    as libsndfile's, each scaled and downmixed by audio.pcm, from any frame."""
+
+    seekable = True
+
+    def __init__(self, samples: np.ndarray, rate: int, name: str):
+        self.name = self._path = name
+        self._data = samples if samples.ndim == 2 else samples.reshape(-1, 1)
+        self.rate, self.channels = rate, self._data.shape[1]
+        _check_format(name, rate, self.channels)
+        self.frames = self.declared_frames = len(self._data)
+
+    def blocks(self, start: int) -> Iterator[np.ndarray]:
+        n = _block_frames(self.rate, self.channels)
+        for at in range(start, self.frames, n):
+            yield downmix(to_float32(self._data[at : at + n]), self._path, at, self.rate)
+
+    def check_complete(self, frames_read: int) -> None:
+        pass  # nothing is missing from an array
+
+    def close(self) -> None:
+        pass
+
+
 def _capture_ffmpeg_errors(av) -> None:
     """Let FFmpeg's error logs reach PyAV, which drops every log unless told otherwise, so that
     _AvSource can capture them. Left alone if the application configured PyAV's logging."""
@@ -746,39 +905,6 @@ def _capture_ffmpeg_errors(av) -> None:
         # By default a log equal to the previous one is dropped: the same error in two files in
         # a row must fail both.
         av.logging.set_skip_repeated(False)
-
-
-def _downmix(data: np.ndarray, path: str, pos: int, rate: int) -> np.ndarray:
-    """(frames, channels) -> mono float32 by the channels' mean; reject NaN/Inf."""
-    channels = data.shape[1]
-    if channels == 1:
-        mono = data[:, 0]  # a view: for a 16 kHz mono file the output is soundfile's read, bit for bit
-    else:
-        with np.errstate(over="ignore"):  # an overflowing sum is reported below, as a failure record
-            if channels <= _ORDERED_MEAN_CHANNELS:
-                mono = data[:, 0] + data[:, 1]  # == data.mean(axis=1, dtype=float32), bit for bit (tests/audio)
-                for c in range(2, channels):
-                    mono += data[:, c]
-                mono /= np.float32(channels)
-            else:
-                mono = data.mean(axis=1, dtype=np.float32)
-    # Two reductions and no temporaries: min and max are NaN when any sample is, and their
-    # magnitudes give the peak (isfinite().all() and abs().max() took twice as long).
-    lo, hi = (float(mono.min()), float(mono.max())) if len(mono) else (0.0, 0.0)
-    if not (math.isfinite(lo) and math.isfinite(hi)):
-        bad = ~np.isfinite(data).all(axis=1)
-        if bad.any():
-            first = int(np.argmax(bad))
-            kind = "NaN" if np.isnan(data[first]).any() else "Inf"
-        else:  # finite but so large that the mean overflows float32
-            first = int(np.argmax(~np.isfinite(mono)))
-            kind = "overflowing"
-        raise DecodeError(f"cannot decode {path}: {kind} samples (first at {(pos + first) / rate:.3f} s)")
-    peak = max(-lo, hi)
-    if peak > MAX_ABS_SAMPLE:
-        first = int(np.argmax(np.abs(mono) > MAX_ABS_SAMPLE))
-        raise DecodeError(f"cannot decode {path}: implausible sample value {peak:.3g} (first at {(pos + first) / rate:.3f} s; audio is within ±1)")
-    return mono
 
 
 def _run_pass(source, path: str, spans: list[_Span], sink, max_samples: int | None, max_duration_s: float) -> Iterator[None]:

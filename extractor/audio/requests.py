@@ -33,7 +33,7 @@ from itertools import count
 
 from ..ledger import Failure
 from ..pending import Pending
-from .decode import DecodeRequest, FileJob, WindowBlock
+from .decode import OPUS_DECODER, DecodeRequest, FileJob, WindowBlock
 from .pool import END, WorkerFailure
 from .sources import byte_cap
 
@@ -52,11 +52,12 @@ def files_per_request(mean_audio_s: float) -> int:
 
 @dataclass(frozen=True)
 class Limits:
-    """What every request carries: the duration cap, and how remote sources are read."""
+    """What every request carries: the duration cap, how remote sources are read, and the Opus decoder."""
 
     max_duration_s: float
     storage_options: Mapping | None = None
     read_timeout_s: float = 30.0
+    opus_decoder: str = OPUS_DECODER  # what the output's recipe decodes Ogg Opus with
 
 
 @dataclass
@@ -147,7 +148,7 @@ class Requests:
         key = next(self._keys)
         self._outstanding[key] = _Request(files, {i for f in files for i in f.items})
         lim = self.limits
-        return key, DecodeRequest(tuple(files), lim.max_duration_s, lim.storage_options, lim.read_timeout_s)
+        return key, DecodeRequest(tuple(files), lim.max_duration_s, lim.storage_options, lim.read_timeout_s, lim.opus_decoder)
 
     # -- answers ----------------------------------------------------------------------------
     def answer(self, key: int, message) -> Answer:

@@ -20,7 +20,9 @@ How each source is read:
   a longer one streams to FFmpeg, which reads forward (libsndfile needs to seek). Not fsspec's
   http filesystem, which reports a refused connection as "no such file", reads a whole range
   response into memory however much the server sends, and needs aiohttp.
-- other URLs (s3://, gs://, ...): fsspec's buffered file (ranged GETs of FSSPEC_BLOCK_BYTES).
+- other URLs (s3://, gs://, ftp://, ...): fsspec's buffered file (ranged GETs of
+  FSSPEC_BLOCK_BYTES). Every one has a read timeout: s3 and ftp get their library's own (botocore's,
+  ftplib's socket timeout), any other scheme a deadline on each call into fsspec (`_Deadline`).
 - bytes from the manifest: read in place.
 
 The byte cap counts the bytes the decoder reads from the source, and the read that passes it
@@ -42,9 +44,11 @@ import http.client
 import io
 import math
 import os
+import queue
 import socket
 import ssl
 import stat
+import threading
 import urllib.error
 import urllib.request
 from typing import BinaryIO, Mapping
@@ -391,19 +395,29 @@ class _Http:
             return len(chunk)
         if self._resp is None or pos != self._at:
             if self._resp is not None and 0 < pos - self._at <= HTTP_SKIP_BYTES:
-                self._skip(self._resp, pos - self._at)
+                # Read on to pos, keeping what is read: a decoder that looked at the file's end
+                # steps back to its start (libsndfile does, after a header check's first bytes).
+                scratch = bytearray(min(pos - self._at, READ_BUFFER_BYTES))
+                while self._at < pos:
+                    self._next_bytes(memoryview(scratch)[: pos - self._at])
             else:
                 if not self.seekable:
                     raise io.UnsupportedOperation("the server serves no byte ranges")
                 self._close_response()
                 self._resp = self._request(pos)
-            self._at = pos
-            self._back.clear()
+                self._at = pos
+                self._back.clear()
+        return self._next_bytes(buffer)
+
+    def _next_bytes(self, buffer: memoryview) -> int:
+        """Read the response's next bytes into `buffer`, keeping them in _back."""
         n = self._resp.readinto(buffer)
         if n == 0 and len(buffer) and self._resp.length:
             # http.client reports a body that ends before its Content-Length as a plain end of
             # file; a decoder would take the part for the whole.
             raise http.client.IncompleteRead(b"", self._resp.length)
+        if n == 0 and len(buffer) and self._at < (self.size or 0):
+            raise http.client.IncompleteRead(b"", self.size - self._at)
         self._at += n
         self._back += buffer[:n]
         del self._back[: max(0, len(self._back) - HTTP_BACK_BYTES)]
@@ -436,42 +450,121 @@ def _open_http(url: str, timeout_s: float) -> _Http:
 
 
 class _Fsspec:
-    """A file of an fsspec filesystem (s3fs, gcsfs, ...): ranged reads of FSSPEC_BLOCK_BYTES."""
+    """A file of an fsspec filesystem (s3fs, gcsfs, ...): ranged reads of FSSPEC_BLOCK_BYTES, each
+    through `deadline` when the filesystem's library has no timeout of its own."""
 
-    def __init__(self, f):
+    def __init__(self, f, deadline: _Deadline | None):
         self._f = f
+        self._deadline = deadline
         self.size = getattr(f, "size", None)
         self.seekable = self.size is not None and f.seekable()
 
     def readinto(self, pos: int, buffer: memoryview) -> int:
-        if self.seekable and self._f.tell() != pos:
-            self._f.seek(pos)
-        data = self._f.read(len(buffer))
+        data = self._read(pos, len(buffer)) if self._deadline is None else self._deadline.call(self._read, pos, len(buffer))
         buffer[: len(data)] = data
         return len(data)
 
+    def _read(self, pos: int, size: int) -> bytes:
+        if self.seekable and self._f.tell() != pos:
+            self._f.seek(pos)
+        return self._f.read(size)
+
     def close(self) -> None:
-        self._f.close()
+        if self._deadline is None:
+            self._f.close()
+        else:
+            self._deadline.close(self._f.close)
+
+
+class _Deadline:
+    """Calls into a library that takes no timeout, made on one daemon thread and waited for at most
+    `timeout_s` each. A call that does not return in time is abandoned: TimeoutError here, no more
+    calls, and the thread ends whenever the library returns (a thread cannot be interrupted)."""
+
+    def __init__(self, timeout_s: float):
+        self._timeout_s = timeout_s
+        self._calls: queue.SimpleQueue = queue.SimpleQueue()
+        self._abandoned = False
+        threading.Thread(target=self._serve, name="source-deadline", daemon=True).start()
+
+    def _serve(self) -> None:
+        while (item := self._calls.get()) is not None:
+            fn, args, result, done = item
+            try:
+                result.append((True, fn(*args)))
+            except BaseException as e:  # raised in the caller's thread
+                result.append((False, e))
+            done.set()
+
+    def call(self, fn, *args):
+        if self._abandoned:
+            raise TimeoutError(f"an earlier read got no answer within {self._timeout_s:g} s")
+        result: list = []
+        done = threading.Event()
+        self._calls.put((fn, args, result, done))
+        if not done.wait(self._timeout_s):
+            self._abandoned = True
+            self._calls.put(None)  # the thread's last item, after the call that hangs
+            raise TimeoutError(f"no answer within {self._timeout_s:g} s")
+        ok, value = result[0]
+        if ok:
+            return value
+        raise value
+
+    def close(self, fn=None) -> None:
+        """Run `fn` (closing what the calls used), then end the thread; neither after a call was
+        abandoned, which may still hold what `fn` would close."""
+        if self._abandoned:
+            return
+        if fn is not None:
+            try:
+                self.call(fn)
+            except TimeoutError:
+                return
+        self._calls.put(None)
+        self._abandoned = True
+
+
+# fsspec protocols whose library enforces a read timeout when given one, and how it is given.
+# Any other protocol reads through a _Deadline. The user's own storage_options win.
+def _s3_timeouts(options: dict, timeout_s: float) -> None:
+    # botocore waits 60 s per attempt by default; a stalled store should fail like a stalled server.
+    options["config_kwargs"] = {"connect_timeout": timeout_s, "read_timeout": timeout_s, **options.get("config_kwargs", {})}
+
+
+def _ftp_timeouts(options: dict, timeout_s: float) -> None:
+    options.setdefault("timeout", timeout_s)  # ftplib: every read of the control and data connections
+
+
+_LIBRARY_TIMEOUTS = {"s3": _s3_timeouts, "s3a": _s3_timeouts, "ftp": _ftp_timeouts}
 
 
 def _open_fsspec(url: str, storage_options: Mapping | None, timeout_s: float) -> _Fsspec:
     import fsspec
 
     options = dict(storage_options or {})
-    if url.startswith(("s3://", "s3a://")):
-        # botocore waits 60 s per attempt by default; a stalled store should fail like a stalled
-        # server. The user's own config_kwargs win.
-        options["config_kwargs"] = {"connect_timeout": timeout_s, "read_timeout": timeout_s, **options.get("config_kwargs", {})}
-    try:
+    library_timeout = _LIBRARY_TIMEOUTS.get(url.partition("://")[0].lower())
+    deadline = None
+    if library_timeout is not None:
+        library_timeout(options, timeout_s)
+    else:
+        deadline = _Deadline(timeout_s)
+
+    def open_file():
         fs, key = fsspec.core.url_to_fs(url, **options)
-        f = fs.open(key, "rb", block_size=FSSPEC_BLOCK_BYTES)
+        return fs.open(key, "rb", block_size=FSSPEC_BLOCK_BYTES)
+
+    try:
+        f = open_file() if deadline is None else deadline.call(open_file)
     except Exception as e:
+        if deadline is not None:
+            deadline.close()
         if isinstance(e, MemoryError):
             raise
         raise _read_error(url, e, timeout_s) from e
-    backend = _Fsspec(f)
+    backend = _Fsspec(f, deadline)
     if backend.size == 0:
-        f.close()
+        backend.close()
         raise DecodeError(f"cannot decode {url}: empty file (0 bytes)")
     return backend
 

@@ -36,6 +36,7 @@ __all__ = ["embed", "graceful_signals", "run_local", "run_shard"]
 
 def embed(work: Work, control: Control) -> Summary:
     """Embed `work.rows` (and what `control.more` hands on) in this process, under the held lock."""
+    from ..audio.decode import OPUS_DECODER
     from ..output.writer import PartWriter
     from ..pipeline import Pipeline
     from ..pooling import POOLINGS
@@ -46,7 +47,8 @@ def embed(work: Work, control: Control) -> Summary:
     rows = Pending(work.rows, control.more)
     # Decoding starts now, while torch is imported and the model loads; nothing is written until
     # the model is loaded and the recipe checked.
-    with Pipeline(rows, opts, work.cfg, stop, work.audio, control.seams.decode_fn) as pipe:
+    opus_decoder = work.opus_decoder or OPUS_DECODER
+    with Pipeline(rows, opts, work.cfg, stop, work.audio, control.seams.decode_fn, opus_decoder) as pipe:
         from ..model.load import load_model, resolve_device, resolve_dtype  # torch: only when there is work
 
         logger.debug("torch imported %.2f s after launch", process_age_s())
@@ -67,7 +69,7 @@ def embed(work: Work, control: Control) -> Summary:
         if stop.is_set():
             summary.interrupted = signal_name(stop)
             return summary
-        recipe = build_recipe(model, opts)
+        recipe = build_recipe(model, opts, opus_decoder=opus_decoder)
         run_info = out.create_run(RunInfo(recipe, work.shard.count, work.sources, id_type=str(work.types["id"])))  # the first write
         out.forget_created()
         control.begin()

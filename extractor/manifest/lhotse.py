@@ -1,8 +1,8 @@
 """lhotse cut manifests (`cuts.jsonl.gz`) as manifest rows, without lhotse.
 
-One JSON object per line, as lhotse's `CutSet.to_file` writes it: a MonoCut with `id`, `start`,
-`duration`, `channel` and its `recording` (`id`, `sources` [{type, channels, source}],
-`sampling_rate`, `num_samples`, `duration`). Each cut becomes one row:
+One JSON object per line, as lhotse's `CutSet.to_file` writes it: a MonoCut or a MultiCut with
+`id`, `start`, `duration`, `channel` (one, or a list) and its `recording` (`id`, `sources`
+[{type, channels, source}], `sampling_rate`, `num_samples`, `duration`). Each cut becomes one row:
 
     id        the cut's id
     path      its recording's one source (a local path, or a URL for `"type": "url"`)
@@ -11,11 +11,13 @@ One JSON object per line, as lhotse's `CutSet.to_file` writes it: a MonoCut with
     duration, recording_id, sampling_rate, text (its supervisions' texts, joined by a space)
               columns that --keep-columns can copy to the output
 
-What the job cannot reproduce is refused, naming the cut, rather than embedded as something else:
-several sources for one recording, one channel of a multi-channel recording (the job averages
-every channel), audio held in memory or produced by a command, recordings with transforms (speed,
-volume, resampling: the job would embed the untransformed audio), and every cut type but MonoCut
-(a MultiCut keeps channels apart, a MixedCut mixes tracks, a PaddingCut has no audio).
+A cut of every channel of a multi-channel recording (lhotse makes a MultiCut of a stereo file) is
+embedded as a stereo file is: the mean of its channels (the recipe's `downmix`). What the job
+cannot reproduce is refused, naming the cut, rather than embedded as something else: several
+sources for one recording, some channels of a multi-channel recording (the job averages every
+channel of a file), audio held in memory or produced by a command, recordings with transforms
+(speed, volume, resampling: the job would embed the untransformed audio), a MixedCut (it mixes
+tracks) and a PaddingCut (it has no audio).
 """
 
 from __future__ import annotations
@@ -65,10 +67,9 @@ def _row(cut: dict, where: str) -> tuple:
     if not isinstance(cid, str) or not cid:
         raise ManifestError(f"{where}: a cut without an id (expected a non-empty string, got {cid!r})")
     at = f"{where}, cut {cid!r}"
-    if kind != "MonoCut":
-        why = {"MultiCut": "it keeps several channels apart, and the job embeds one mono signal per row",
-               "MixedCut": "it mixes several tracks, and the job reads one source per row",
-               "PaddingCut": "it is silence with no recording"}.get(kind, "only MonoCuts are read")
+    if kind not in ("MonoCut", "MultiCut"):
+        why = {"MixedCut": "it mixes several tracks, and the job reads one source per row",
+               "PaddingCut": "it is silence with no recording"}.get(kind, "only MonoCuts and MultiCuts are read")
         raise ManifestError(f"{at} is a {kind}: {why}")
     rec = cut.get("recording")
     if not isinstance(rec, dict):
@@ -90,7 +91,8 @@ def _row(cut: dict, where: str) -> tuple:
     wanted = cut.get("channel", 0)
     wanted = wanted if isinstance(wanted, list) else [wanted]
     if len(channels) > 1 and sorted(wanted) != sorted(channels):
-        raise ManifestError(f"{at} takes channel(s) {wanted} of a recording with channels {channels}; the job averages every channel")
+        raise ManifestError(f"{at} takes channel(s) {wanted} of a recording with channels {channels}; "
+                            f"the job averages every channel of a file")
     start, duration = cut.get("start"), cut.get("duration")
     for field, v in (("start", start), ("duration", duration)):
         if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0:

@@ -25,9 +25,9 @@ from extractor.audio.decode import (
     TooLongError,
     decode_request,
     load_audio,
-    _downmix,
     load_segments,
 )
+from extractor.audio.pcm import downmix
 
 
 # --- helpers --------------------------------------------------------------------------------
@@ -255,7 +255,7 @@ def test_header_claiming_2_to_31_frames_is_cheap(tmp_path):
         assert str(path) in str(result)
 
 
-@pytest.mark.parametrize("rate", [0, 2_000_000_000])
+@pytest.mark.parametrize("rate", [0, 1, 999, 2_000_000_000])
 def test_absurd_sample_rate_is_rejected(tmp_path, rate):
     path = tmp_path / "rate.wav"
     sf.write(path, tone(440.0, SAMPLE_RATE, 0.5), SAMPLE_RATE, subtype="PCM_16")
@@ -296,6 +296,114 @@ def test_too_long(tmp_path):
     results = load_segments(path, [(0.0, 1.0), (0.0, 5.0)], max_duration_s=2.0)
     assert isinstance(results[0], Decoded)
     assert isinstance(results[1], TooLongError)
+
+
+THREE_HOURS = 3 * 3600
+
+
+def _wav_of_silence(path, seconds: int, rate: int = SAMPLE_RATE) -> None:
+    """A valid 16-bit mono WAV of `seconds` of silence, written sparse: a true header, no cost."""
+    data = seconds * rate * 2
+    header = b"RIFF" + struct.pack("<I", 36 + data) + b"WAVE" + b"fmt " + struct.pack("<IHHIIHH", 16, 1, 1, rate, rate * 2, 2, 16)
+    with open(path, "wb") as f:
+        f.write(header + b"data" + struct.pack("<I", data))
+        f.truncate(len(header) + 8 + data)
+
+
+def _flac_claiming(path, seconds: int) -> None:
+    """A 1 s FLAC whose STREAMINFO claims `seconds` (its total-samples field)."""
+    sf.write(path, tone(440.0, SAMPLE_RATE, 1.0), SAMPLE_RATE)
+    data = bytearray(path.read_bytes())
+    assert data[:4] == b"fLaC"
+    data[21] &= 0xF0  # STREAMINFO's 36-bit sample count: the low nibble of byte 13, then 4 bytes
+    data[22:26] = struct.pack(">I", seconds * SAMPLE_RATE)
+    path.write_bytes(bytes(data))
+
+
+def _ogg_crc(page: bytes) -> int:
+    crc = 0
+    for byte in page:  # CRC-32, polynomial 0x04C11DB7, not reflected (RFC 3533)
+        crc ^= byte << 24
+        for _ in range(8):
+            crc = ((crc << 1) ^ 0x04C11DB7) & 0xFFFFFFFF if crc & 0x80000000 else (crc << 1) & 0xFFFFFFFF
+    return crc
+
+
+def _opus_claiming(path, seconds: int) -> None:
+    """A 1 s Ogg Opus whose last page's granule position claims `seconds` (CRC kept valid)."""
+    write_av(path.with_suffix(".webm"), tone(440.0, 48000, 1.0), 48000, codec="libopus")
+    import av
+
+    with av.open(str(path.with_suffix(".webm"))) as src, av.open(str(path), "w", format="ogg") as out:
+        stream = out.add_stream_from_template(src.streams.audio[0])
+        for packet in src.demux(src.streams.audio[0]):
+            if packet.dts is not None:
+                packet.stream = stream
+                out.mux(packet)
+    data = bytearray(path.read_bytes())
+    last = data.rindex(b"OggS")
+    data[last + 6 : last + 14] = struct.pack("<q", seconds * 48000 + 312)
+    data[last + 22 : last + 26] = b"\0\0\0\0"
+    data[last + 22 : last + 26] = struct.pack("<I", _ogg_crc(bytes(data[last:])))
+    path.write_bytes(bytes(data))
+
+
+@pytest.mark.parametrize("kind", ["wav", "flac_claiming", "opus_claiming"])
+def test_a_3_hour_header_is_too_long_before_decoding(tmp_path, kind):
+    """Refused at the header, in the job's worker and through load_audio: today's cap (2 h) is not
+    decoded first. A real 3 h WAV, and 1 s files whose headers claim 3 h."""
+    path = tmp_path / {"wav": "long.wav", "flac_claiming": "liar.flac", "opus_claiming": "liar.opus"}[kind]
+    {"wav": _wav_of_silence, "flac_claiming": _flac_claiming, "opus_claiming": _opus_claiming}[kind](path, THREE_HOURS)
+    t0 = time.perf_counter()
+    (block,) = decode_request(DecodeRequest((FileJob(str(path), (0,), ((None, None),)),)))
+    with pytest.raises(TooLongError) as info:
+        load_audio(path)
+    assert time.perf_counter() - t0 < 2
+    assert block.done == [] and [(i, f.kind) for i, f in block.failed] == [(0, "TooLongError")]
+    message = block.failed[0][1].message
+    assert message == str(info.value) == f"{path} is longer than max_duration_s=7200"
+
+
+def test_segments_of_a_long_file_are_refused_by_what_they_need(tmp_path):
+    """A segment is too long by its own extent, the file's declared end clipping it: a short
+    segment of a 3 h file decodes, an open-ended one or one reaching 2.5 h in fails at once."""
+    path = tmp_path / "long.wav"
+    _wav_of_silence(path, THREE_HOURS)
+    t0 = time.perf_counter()
+    short, to_end, late = load_segments(path, [(10.0, 20.0), (1.0, None), (5.0, 9000.0)])
+    assert time.perf_counter() - t0 < 2
+    assert isinstance(short, Decoded) and short.duration_s == 10.0
+    assert isinstance(to_end, TooLongError) and str(to_end).startswith(f"segment start_s=1.0, end_s=None of {path} is longer")
+    assert isinstance(late, TooLongError) and str(late) == f"segment start_s=5.0, end_s=9000.0 of {path} is longer than max_duration_s=7200"
+    # An end past a short file's end is clipped first: no refusal for what is not there.
+    small = tmp_path / "small.wav"
+    _wav_of_silence(small, 3)
+    assert load_audio(small, start_s=1.0, end_s=9000.0, max_duration_s=5.0).duration_s == 2.0
+
+
+def test_a_declared_length_within_its_slack_of_the_cap_is_decoded_then_judged(tmp_path):
+    """Refused at the header only beyond DECLARED_SLACK_S: declared 0.7 s over the cap, the file is
+    decoded (its first two windows go out) and fails by what was cut; 9.5 s over, nothing is
+    decoded. The record is the same either way."""
+    path = tmp_path / "a.wav"
+    sf.write(path, noisy_tone(SAMPLE_RATE, 61.2), SAMPLE_RATE)
+    for cap, windows in ((60.5, 2), (51.7, 0)):
+        blocks = list(decode_request(DecodeRequest((FileJob(str(path), (0,), ((None, None),)),), cap)))
+        assert sum(len(b.lengths) for b in blocks) == windows, cap
+        assert [str(f) for b in blocks for _, f in b.failed] == [f"TooLongError: {path} is longer than max_duration_s={cap:g}"]
+
+
+def test_a_1_hz_header_fails_at_once(tmp_path):
+    """A 180 KB WAV that claims 1 Hz: the resampler would make 16,000 samples of each one."""
+    path = tmp_path / "slow.wav"
+    sf.write(path, noisy_tone(SAMPLE_RATE, 5.6), SAMPLE_RATE, subtype="PCM_16")
+    _patch_wav(path, rate=1)
+    assert 170_000 < path.stat().st_size < 190_000
+    t0 = time.perf_counter()
+    (block,) = decode_request(DecodeRequest((FileJob(str(path), (0,), ((None, None),)),)))
+    assert time.perf_counter() - t0 < 1
+    assert [f.kind for _, f in block.failed] == ["DecodeError"]
+    assert block.failed[0][1].message == f"cannot decode {path}: implausible sample rate 1 Hz (accepted: 1000..1000000 Hz)"
 
 
 # --- segments -------------------------------------------------------------------------------
@@ -489,7 +597,7 @@ def test_fuzz_truncated_and_damaged_real_files(fuzz_dir, real_files, data):
 def test_downmix_is_numpys_float32_mean_bit_for_bit(channels):
     data = np.random.default_rng(channels).standard_normal((4001, channels)).astype(np.float32)
     want = data[:, 0] if channels == 1 else data.mean(axis=1, dtype=np.float32)
-    np.testing.assert_array_equal(_downmix(data, "x.wav", 0, 8000), want)
+    np.testing.assert_array_equal(downmix(data, "x.wav", 0, 8000), want)
 
 
 @pytest.mark.parametrize("value, channels, message", [
@@ -502,5 +610,5 @@ def test_downmix_refuses_what_is_not_audio(value, channels, message):
     data = np.full((8000, channels), 0.25, np.float32)
     data[2000:2002] = value
     with pytest.raises(DecodeError) as info:
-        _downmix(data, "x.wav", 0, 8000)
+        downmix(data, "x.wav", 0, 8000)
     assert str(info.value) == f"cannot decode x.wav: {message}"

@@ -384,3 +384,44 @@ def test_s3_reads_the_object_and_names_a_missing_key(s3, audio):
     missing = f"s3://{BUCKET}/missing.flac"
     failed, _, _ = failures([missing], storage_options=s3.options)
     assert failed[missing] == f"AudioError: cannot read {missing}: not found (no such file)"
+
+
+# --- schemes without a timeout of their own: a server that accepts and never answers -----------
+
+
+@pytest.fixture
+def mute_server():
+    """A TCP port on 127.0.0.1 that accepts every connection and never sends a byte (a hung FTP
+    or web server): its URL prefix host:port."""
+    listener = socket.create_server(("127.0.0.1", 0))
+    held, stop = [], threading.Event()
+
+    def accept():
+        listener.settimeout(0.1)
+        while not stop.is_set():
+            try:
+                held.append(listener.accept()[0])
+            except TimeoutError:
+                pass
+
+    thread = threading.Thread(target=accept, daemon=True)
+    thread.start()
+    yield f"127.0.0.1:{listener.getsockname()[1]}"
+    stop.set()
+    thread.join()
+    for conn in held:
+        conn.close()
+    listener.close()
+
+
+@pytest.mark.parametrize("scheme", [
+    "ftp",  # fsspec's ftplib, given the read timeout
+    "webhdfs",  # fsspec's requests session, which has none: the deadline on each call
+])
+def test_a_stalled_server_of_any_scheme_fails_within_the_read_timeout(mute_server, scheme):
+    url = f"{scheme}://{mute_server}/a.wav"
+    t0 = time.perf_counter()
+    failed, done, _ = failures([url], read_timeout_s=STALL_S)
+    elapsed = time.perf_counter() - t0
+    assert not done and failed[url] == f"AudioError: cannot read {url}: timed out (no data for {STALL_S:g} s)"
+    assert elapsed < STALL_S + 1.5, elapsed

@@ -17,6 +17,7 @@ KINDS = {
     "mp3_48k": sc.CorpusSpec(2, 1, 1.0, 2.0, 48_000, 1, "mp3"),
     "flac44k_stereo": sc.CorpusSpec(1, 2, 1.0, 2.0, 44_100, 2, "flac"),
     "wav16k": sc.CorpusSpec(4, 3, 0.4, 0.8, 16_000, 1, "wav"),
+    "opus_48k": sc.CorpusSpec(2, 4, 1.0, 2.0, 48_000, 1, "opus"),
 }
 
 
@@ -37,7 +38,8 @@ def test_every_kind_has_the_format_and_lengths_asked_for(corpora):
             assert path.endswith(f".{spec.container}") and path.startswith(str(root / name))
             info = sf.info(path)
             assert (info.samplerate, info.channels) == (spec.sample_rate, spec.channels), name
-            # MP3 through libsndfile (mpg123) is gapless thanks to the LAME/Info header.
+            # MP3 through libsndfile (mpg123) is gapless thanks to the LAME/Info header; Ogg Opus
+            # declares its length (last granule, pre-skip).
             assert info.frames == frames, (name, info.frames, frames)
         assert st["audio_seconds"] == pytest.approx(planned.sum() / spec.sample_rate)
         assert st["reused"] is False and st["bytes"] > 0
@@ -82,6 +84,22 @@ def test_the_same_clip_whoever_generates_it(corpora, tmp_path):
     theirs = pq.read_table(st["manifest"])["path"].to_pylist()
     for a, b in zip(ours, theirs):
         assert open(a, "rb").read() == open(b, "rb").read()
+
+
+def test_the_tiny_opus_shape_is_generated_and_decodes_through_the_job(tmp_path):
+    """bench/shapes.py's Ogg Opus shape at --tiny: every clip as long as planned, through the job's
+    own decoder (libopus via PyAV), at 16 kHz to the sample."""
+    import shapes
+    from extractor.audio.decode import load_audio
+
+    spec = shapes.corpus_of("opus_48k_1_9s", shapes.parse_args(["--tiny"]))
+    assert (spec.container, spec.sample_rate, spec.channels, spec.min_s, spec.max_s) == ("opus", 48_000, 1, 1.0, 9.0)
+    st = sc.build_corpora([(tmp_path / "opus", spec)])[0]
+    assert st["encoder"] == sc.OPUS_ENCODER and st["clips"] == spec.clips
+    planned = sc.plan(spec.clips, spec.seed, spec.min_s, spec.max_s, spec.sample_rate)
+    for path, frames in zip(pq.read_table(st["manifest"])["path"].to_pylist(), planned):
+        assert path.endswith(".opus")
+        assert len(load_audio(path).samples) == round(frames / 3)  # 48 kHz to 16 kHz
 
 
 def test_bad_specs_are_refused():

@@ -13,6 +13,7 @@ import pytest
 
 from builders import speechlike, write_audio
 from extractor.manifest import ManifestError, ManifestSpec, read_manifest
+from extractor.recipe import METADATA_KEY
 
 from .runs import embeddings, run_job
 
@@ -67,10 +68,12 @@ def _lhotse_made(tmp_path) -> dict[str, dict]:
     lhotse = pytest.importorskip("lhotse")
     mono = write_audio(tmp_path / "mono.wav", speechlike(1.0, SR, seed=1), SR)
     stereo = write_audio(tmp_path / "stereo.wav", np.stack([speechlike(1.0, SR, seed=2), speechlike(1.0, SR, seed=3)], 1), SR)
+    quad = write_audio(tmp_path / "quad.wav", np.stack([speechlike(1.0, SR, seed=c) for c in range(4)], 1), SR)
     cut = lhotse.Recording.from_file(str(mono), recording_id="m").to_cut()
     stereo_rec = lhotse.Recording.from_file(str(stereo), recording_id="s")
+    quad_rec = lhotse.Recording.from_file(str(quad), recording_id="q")
     return {
-        "MultiCut": stereo_rec.to_cut().to_dict(),
+        "MultiCut_of_two_of_four": lhotse.MultiCut("two", 0.0, 1.0, channel=[0, 1], recording=quad_rec).to_dict(),
         "MixedCut": cut.pad(duration=2.0).to_dict(),
         "one_channel": lhotse.MonoCut("left", 0.0, 1.0, channel=0, recording=stereo_rec).to_dict(),
         "speed": cut.perturb_speed(1.1).to_dict(),
@@ -78,7 +81,7 @@ def _lhotse_made(tmp_path) -> dict[str, dict]:
 
 
 @pytest.mark.parametrize("case,says", [
-    ("MultiCut", "is a MultiCut: it keeps several channels apart"),
+    ("MultiCut_of_two_of_four", "takes channel(s) [0, 1] of a recording with channels [0, 1, 2, 3]; the job averages every channel of a file"),
     ("MixedCut", "is a MixedCut: it mixes several tracks"),
     ("one_channel", "takes channel(s) [0] of a recording with channels [0, 1]; the job averages every channel"),
     ("speed", "its recording has transforms ['Speed']"),
@@ -89,6 +92,66 @@ def test_cuts_lhotse_makes_that_cannot_be_honoured_are_refused_naming_the_cut(ca
     with pytest.raises(ManifestError) as e:
         read_manifest(ManifestSpec(str(cuts)))
     assert says in str(e.value) and f"line 2, cut {cut['id']!r}" in str(e.value)
+
+
+def test_multichannel_cuts_embed_as_their_files_downmixed_and_the_recipe_says_so(model, tmp_path):
+    """A MultiCut of every channel of a stereo recording (what lhotse makes of a stereo file), whole
+    or a segment of it: the same vector, bit for bit, as the file and the segment given by path."""
+    lhotse = pytest.importorskip("lhotse")
+    stereo = write_audio(tmp_path / "stereo.wav", np.stack([speechlike(1.5, SR, seed=7), 0.3 * speechlike(1.5, SR, seed=8)], 1), SR)
+    whole = lhotse.Recording.from_file(str(stereo), recording_id="st").to_cut()
+    assert type(whole).__name__ == "MultiCut" and whole.channel == [0, 1]
+    part = whole.truncate(offset=0.25, duration=0.75).with_id("st-part")
+    cuts = tmp_path / "cuts.jsonl.gz"
+    lhotse.CutSet.from_cuts([whole, part]).to_file(cuts)
+    code, log = run_job(cuts, tmp_path / "out", model)
+    assert code == 0 and "2 embedded, 0 failed" in log, log
+
+    pq.write_table(pa.table({"id": ["st", "st-part"], "path": [str(stereo)] * 2, "start": [None, 0.25], "end": [None, 1.0]}),
+                   tmp_path / "paths.parquet")
+    code, log = run_job(tmp_path / "paths.parquet", tmp_path / "paths", model, "--id-column", "id", "--start-column", "start",
+                        "--end-column", "end")
+    assert code == 0, log
+    got, want = embeddings(tmp_path / "out"), embeddings(tmp_path / "paths")
+    assert got.column("id").to_pylist() == ["st", "st-part"]
+    assert got.column("embedding").equals(want.column("embedding"))
+    assert json.loads((tmp_path / "out" / "_run.json").read_text())["recipe"]["downmix"] == "channel-mean"
+
+
+def test_an_output_from_before_the_downmix_field_resumes(model, clips, tmp_path):
+    """Its recipe lacks `downmix` and reads as the channel mean it computed: new rows are added.
+    One that also lacks `opus_decoder` decoded Ogg Opus with libsndfile, and a resume keeps
+    decoding it so: its new parts say so, and nothing is refused."""
+    out = tmp_path / "out"
+    write_cuts(tmp_path / "one-cuts.jsonl.gz", [mono_cut("a", str(clips[0]), duration=0.4)])
+    assert run_job(tmp_path / "one-cuts.jsonl.gz", out, model)[0] == 0
+    run_file = out / "_run.json"
+    run = json.loads(run_file.read_text())
+    del run["recipe"]["downmix"]
+    run_file.write_text(json.dumps(run))
+    write_cuts(tmp_path / "two-cuts.jsonl.gz", [mono_cut("a", str(clips[0]), duration=0.4), mono_cut("b", str(clips[1]), duration=0.5)])
+    code, log = run_job(tmp_path / "two-cuts.jsonl.gz", out, model)
+    assert code == 0 and "1 embedded, 0 failed" in log, log
+
+    old = tmp_path / "old"  # an output from before both fields: its _run.json and its parts' recipes lack them
+    assert run_job(tmp_path / "one-cuts.jsonl.gz", old, model)[0] == 0
+    for path in [old / "_run.json", *(old / "embeddings").glob("*.parquet"), *(old / "_failures").glob("*.parquet")]:
+        if path.suffix == ".json":
+            run = json.loads(path.read_text())
+            for field in ("downmix", "opus_decoder"):
+                del run["recipe"][field]
+            path.write_text(json.dumps(run))
+        else:
+            table = pq.read_table(path)
+            recipe = json.loads(table.schema.metadata[METADATA_KEY])
+            for field in ("downmix", "opus_decoder"):
+                del recipe[field]
+            pq.write_table(table.replace_schema_metadata({**table.schema.metadata, METADATA_KEY: json.dumps(recipe).encode()}), path)
+    write_cuts(tmp_path / "three-cuts.jsonl.gz", [mono_cut(c, str(clips[i]), duration=0.4) for i, c in enumerate("abc")])
+    code, log = run_job(tmp_path / "three-cuts.jsonl.gz", old, model)
+    assert code == 0 and "2 embedded, 0 failed" in log, log
+    recipes = [json.loads(pq.read_schema(p).metadata[METADATA_KEY]) for p in (old / "embeddings").glob("*.parquet")]
+    assert [r.get("opus_decoder") for r in recipes].count("libsndfile") == 1 and len(recipes) == 2  # the old part, and the resume's
 
 
 @pytest.mark.parametrize("case,says", [
