@@ -672,8 +672,14 @@ def _wait_for_instant(kind: str, run: Run, out: Path, before: int, pending: int,
     return kind
 
 
-@pytest.fixture(scope="module")
-def torture(corpus, reference, zygote, tiny_model, tiny_adapter, tmp_path_factory) -> Torture:
+# The engines the torture runs: the local one, and a test-only engine (tests/engines/halves.py: the
+# pending rows in two halves, one after the other) to show that an engine written as one file gets
+# the shard's whole lifecycle, and with it the same exactly-once, bit-identical output.
+ENGINES = {"local": [], "halves": ["--engine", "tests.engines.halves:run"]}
+
+
+@pytest.fixture(scope="module", params=list(ENGINES))
+def torture(request, corpus, reference, zygote, tiny_model, tiny_adapter, tmp_path_factory) -> Torture:
     """Send SIGKILL, SIGTERM or SIGINT at seeded random instants, rerun, repeat; then run the job
     to completion. One chain over one output, so graceful stops and kills follow each other in
     every order (a run after a kill must take over the stale lock; a run after a stop finds none)."""
@@ -687,7 +693,7 @@ def torture(corpus, reference, zygote, tiny_model, tiny_adapter, tmp_path_factor
     plan += [("late-4", signal.SIGTERM), ("at-end", signal.SIGKILL), ("late-1", signal.SIGINT)]
     root = tmp_path_factory.mktemp("tortured")
     out = root / "out"
-    args = torture_args(corpus, out, tiny_model, tiny_adapter)
+    args = torture_args(corpus, out, tiny_model, tiny_adapter, *ENGINES[request.param])
     clock = {"warm_first_commit": 1.5}  # s from fork to first commit, as last measured
     flags = root / "flags"
     flags.mkdir()
